@@ -1,0 +1,59 @@
+"""Triton backend (fastalign.kernels), exposed as torch.library custom ops so torch.compile can trace through."""
+from typing import List, Optional
+
+import torch
+
+from fastalign.kernels.linear_logprobs_bwd import linear_logprobs_backward
+from fastalign.kernels.linear_logprobs_fwd import linear_logprobs_forward
+
+
+def _softcap(value):
+    return None if value <= 0 else value
+
+
+@torch.library.custom_op("fastalign::triton_linear_logprobs_fwd", mutates_args=())
+def _fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+         temperature: float, softcap: float) -> List[torch.Tensor]:
+    return list(linear_logprobs_forward(hidden, weight, bias, targets, temperature, _softcap(softcap)))
+
+
+@_fwd.register_fake
+def _(hidden, weight, bias, targets, temperature, softcap):
+    n = hidden.shape[0]
+    return [hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)]
+
+
+@torch.library.custom_op("fastalign::triton_linear_logprobs_bwd", mutates_args=())
+def _bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+         targets: torch.Tensor, lse: torch.Tensor, temperature: float, softcap: float, need_hidden: bool,
+         need_weight: bool, need_bias: bool) -> List[torch.Tensor]:
+    d_h, d_w, d_b = linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, temperature,
+                                             _softcap(softcap), need_hidden, need_weight, need_bias)
+    # each missing gradient gets its own empty tensor: custom op outputs may not alias each other
+    return [hidden.new_empty(0, dtype=torch.float32) if x is None else x for x in (d_h, d_w, d_b)]
+
+
+@_bwd.register_fake
+def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias):
+    f32 = dict(dtype=torch.float32)
+    return [hidden.new_empty(hidden.shape if need_hidden else (0,), **f32),
+            weight.new_empty(weight.shape if need_weight else (0,), **f32),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,), **f32)]
+
+
+def _softcap_arg(opts):
+    return -1.0 if opts.softcap is None else opts.softcap
+
+
+def forward(hidden, weight, bias, targets, opts, save_for_hidden=False):
+    logp, lse = _fwd(hidden, weight, bias, targets, opts.temperature, _softcap_arg(opts))
+    return logp, lse, None
+
+
+def backward(grad, hidden, weight, bias, targets, lse, basis, opts, need_hidden, need_weight, need_bias):
+    g = torch.where(targets >= 0, grad, torch.zeros_like(grad)).contiguous()
+    d_h, d_w, d_b = _bwd(g, hidden, weight, bias, targets, lse, opts.temperature, _softcap_arg(opts),
+                         need_hidden, need_weight, need_bias)
+    return (d_h.to(hidden.dtype) if need_hidden else None,
+            d_w.to(weight.dtype) if need_weight else None,
+            d_b.to(bias.dtype) if need_bias else None)

@@ -1,0 +1,157 @@
+"""The fused op: per-token log-probabilities of targets straight from hidden states and the lm_head weight.
+
+logits = (hidden @ weight.T + bias) / temperature, then softcap * tanh(logits / softcap) when softcap is set;
+result[t] = log_softmax(logits[t])[targets[t]]. The [N, V] logits never exist in memory.
+"""
+import numbers
+
+import torch
+
+from fastalign.backends import get_backend, resolve_backend
+from fastalign.options import LogprobOptions
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """Autograd for the fused op; the chosen backend does the work, both directions."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, opts: LogprobOptions):
+        impl = get_backend(opts.backend)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        logp, lse, basis = impl.forward(hidden, weight, bias, targets, opts, save_for_hidden=need_hidden)
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, basis)
+        ctx.mark_non_differentiable(lse)
+        return logp, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, _grad_lse):
+        hidden, weight, bias, targets, lse, basis = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        impl = get_backend(ctx.opts.backend)
+        grad = grad_logp.to(lse.dtype)
+        # Ignored rows and rows with zero upstream gradient contribute nothing: drop them before the
+        # O(N*H*V) work (prompt tokens are often half of all rows).
+        active = (targets >= 0) & (grad != 0)
+        n_active = int(active.sum())
+        n = hidden.shape[0]
+        if n_active == 0:
+            return (torch.zeros_like(hidden) if need_hidden else None,
+                    torch.zeros_like(weight) if need_weight else None,
+                    torch.zeros_like(bias) if need_bias else None, None, None)
+        if n_active < n:
+            idx = active.nonzero().squeeze(1)
+            d_h, d_w, d_b = impl.backward(
+                grad.index_select(0, idx), hidden.index_select(0, idx), weight, bias, targets.index_select(0, idx),
+                lse.index_select(0, idx), None if basis is None else basis.index_select(0, idx), ctx.opts,
+                need_hidden, need_weight, need_bias)
+            if d_h is not None:
+                d_h = torch.zeros_like(hidden).index_copy_(0, idx, d_h)
+        else:
+            d_h, d_w, d_b = impl.backward(grad, hidden, weight, bias, targets, lse, basis, ctx.opts,
+                                          need_hidden, need_weight, need_bias)
+        return d_h, d_w, d_b, None, None
+
+
+def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16, float16 (or float64 on the cpp/torch backends), "
+                        f"got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] disagree on H: hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0)")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (int64 token ids), got {targets.dtype}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets must be 1-D [N] with N = hidden.shape[0] = {hidden.shape[0]}, "
+                         f"got shape {tuple(targets.shape)}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be 1-D [V] with V = weight.shape[0] = {weight.shape[0]}, "
+                             f"got shape {tuple(bias.shape)}")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
+    devices = {t.device for t in (hidden, weight, targets) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap > 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+
+
+def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
+                    backend="auto"):
+    """Log-probability of each target token, fused from hidden states and the output projection.
+
+    hidden [N, H] (fp32/bf16/fp16), weight [V, H] (same dtype), targets [N] int, bias [V] or None.
+    Returns float32 [N] (float64 for float64 inputs, cpp/torch only); rows whose target is ``ignore_index`` give 0 and receive no gradient.
+    Gradients reach hidden, weight and bias in their own dtypes (accumulated in fp32). Under
+    ``torch.no_grad()`` a forward-only path runs and nothing is saved.
+    backend: "auto" (CUDA -> triton, CPU -> cpp when built, else torch), "triton", "cpp" or "torch".
+    """
+    _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap)
+    n, v = hidden.shape[0], weight.shape[0]
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    opts = LogprobOptions(backend=name, temperature=float(temperature),
+                          softcap=None if softcap is None else float(softcap))
+    targets = targets.long()
+    ignored = targets == ignore_index
+    bad = ~ignored & ((targets < 0) | (targets >= v))
+    if n and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not ignore_index={ignore_index}; "
+                         f"{int(bad.sum())} such target(s) in all")
+    targets = torch.where(ignored, torch.full_like(targets, -1), targets)
+    if n == 0:
+        # Empty input: an empty result still connected to hidden so that .backward() works.
+        return hidden[:, 0].to(torch.float64 if hidden.dtype == torch.float64 else torch.float32) * 0.0
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad:
+        logp, _, _ = get_backend(name).forward(hidden, weight, bias, targets, opts, save_for_hidden=False)
+        return logp
+    logp, _ = LinearLogprobsFunction.apply(hidden, weight, bias, targets, opts)
+    return logp
+
+
+def sequence_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
+                      backend="auto"):
+    """Summed log-probability of each sequence's labelled tokens.
+
+    hidden [B, T, H], labels [B, T] already aligned (hidden[b, t] predicts labels[b, t]; shift before calling).
+    Returns (seq_logps float32 [B], n_tokens int64 [B]); divide for length-normalized losses.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be a 3-D tensor [B, T, H], got "
+                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])} to match hidden, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    b, t, h = hidden.shape
+    token_logps = linear_logprobs(hidden.reshape(b * t, h), weight, labels.reshape(b * t), bias,
+                                  ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                                  backend=backend)
+    n_tokens = (labels != ignore_index).sum(-1)
+    return token_logps.view(b, t).sum(-1), n_tokens

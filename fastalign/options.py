@@ -1,0 +1,14 @@
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    """Non-tensor options of the fused op, passed to autograd and backends as one frozen value.
+
+    softcap=None means no capping (Gemma-2's final_logit_softcapping when set).
+    """
+
+    backend: str
+    temperature: float = 1.0
+    softcap: Optional[float] = None

@@ -1,0 +1,73 @@
+"""Timing and peak-memory measurement shared by the demo and the benchmarks."""
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, *, warmup=1, repeats=3, device=None):
+    """Median wall time in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in bytes, of what runs inside the block.
+
+    CUDA: the caching allocator's own peak statistic (exact). CPU: resident set size sampled every
+    millisecond by a thread (large tensors are mmap'd and returned to the OS when freed, so RSS follows
+    them); short spikes below ~1 ms can be missed, which only favours the baseline.
+    """
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = _rss_bytes()
+            self._peak = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._peak = max(self._peak, _rss_bytes())
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(0, self._peak - self._base)
+        return False

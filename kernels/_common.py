@@ -1,0 +1,49 @@
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting():
+    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1): no autotuning there."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def upcast_dot(dtype):
+    """Triton's CPU interpreter computes tl.dot on bfloat16 operands wrongly (loads and casts are fine):
+    there, and only there, bf16 operands are widened to fp32 before the dot."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def dot_precision(dtype):
+    # On a GPU, tl.dot on fp32 inputs runs in TF32 unless told otherwise: fp32 callers asked for fp32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """fp32 logits l[BLOCK_N, BLOCK_V] for rows x cols, after bias, temperature and softcap."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        if UPCAST_DOT:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * inv_temp
+    if HAS_SOFTCAP:
+        # c * tanh(z / c), with tanh written through exp so it runs in the interpreter too
+        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+    return acc

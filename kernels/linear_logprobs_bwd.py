@@ -1,0 +1,110 @@
+"""Backward kernel: recompute each logits tile, form D = g (onehot - softmax) c' / tau in registers and
+accumulate d_hidden += D @ W, d_weight += D^T @ h, d_bias += sum D with fp32 atomics.
+
+One program per [BLOCK_N, BLOCK_V] tile, all on grid axis 0 (CUDA's y/z axes stop at 65535). Programs are
+ordered row-block-major inside groups of GROUP_N row blocks so that concurrently running programs share
+weight tiles in L2. Atomics make the result run-to-run nondeterministic in the last bits.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, interpreting, logits_tile, upcast_dot
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr, N, V, H,
+                                stride_h, stride_w, inv_temp, softcap, HAS_BIAS: tl.constexpr,
+                                HAS_SOFTCAP: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                                COMPUTE_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                                BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    n_v_blocks = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * n_v_blocks
+    group = pid // per_group
+    first_n = group * GROUP_N
+    group_size = tl.minimum(n_row_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+
+    l = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp, softcap,
+                    HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    p = tl.exp(l - lse[:, None])
+    d = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p
+    d = d * g[:, None]
+    if HAS_SOFTCAP:
+        r = l / softcap
+        d = d * (1.0 - r * r)
+    d = d * inv_temp
+    # padded rows/cols may hold inf * 0 = nan: zero them explicitly
+    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(d, axis=0), mask=col_mask)
+    d_in = d.to(h_ptr.dtype.element_ty)
+    if UPCAST_DOT:
+        d_in = d_in.to(tl.float32)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        if COMPUTE_DH:
+            w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+            dh = tl.dot(d_in, w, input_precision=DOT_PRECISION)
+            tl.atomic_add(dh_ptr + rows64[:, None] * H + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :])
+        if COMPUTE_DW:
+            h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            if UPCAST_DOT:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(d_in), h, input_precision=DOT_PRECISION)
+            tl.atomic_add(dw_ptr + cols64[:, None] * H + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "GROUP_N": 8}, num_warps=w, num_stages=st)
+    for bn, bv, bk, w, st in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
+                              (128, 256, 64, 8, 3)]
+]
+_autotuned = triton.autotune(_CONFIGS, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP", "COMPUTE_DH", "COMPUTE_DW"],
+                             reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])(_linear_logprobs_bwd_kernel)
+
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2}
+
+
+def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden,
+                             need_weight, need_bias):
+    """grad fp32 [N] (0 where ignored), the forward's inputs and lse fp32 [N]
+    -> (d_hidden fp32 [N, H] | None, d_weight fp32 [V, H] | None, d_bias fp32 [V] | None)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dh = torch.zeros((n, h), **f32) if need_hidden else torch.empty(0, **f32)
+    dw = torch.zeros((v, h), **f32) if need_weight else torch.empty(0, **f32)
+    db = torch.zeros(v, **f32) if need_bias else torch.empty(0, **f32)
+    args = (hidden, weight, bias if bias is not None else hidden, targets, lse, grad, dh, dw, db, n, v, h,
+            hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap if softcap is not None else 1.0)
+    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_DH=need_hidden,
+                COMPUTE_DW=need_weight, COMPUTE_DB=need_bias, DOT_PRECISION=dot_precision(hidden.dtype),
+                UPCAST_DOT=upcast_dot(hidden.dtype))
+
+    def grid(meta_):
+        return (triton.cdiv(n, meta_["BLOCK_N"]) * triton.cdiv(v, meta_["BLOCK_V"]),)
+
+    if interpreting():
+        _linear_logprobs_bwd_kernel[grid(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
+    else:
+        _autotuned[grid](*args, **meta)
+    return (dh if need_hidden else None, dw if need_weight else None, db if need_bias else None)

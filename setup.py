@@ -1,0 +1,77 @@
+"""Build script. The C++ extension ``fastalign._C`` is optional: the package installs and runs without it.
+
+Environment flags (flash-attention's habits):
+  FASTALIGN_NO_EXT=1   skip building the extension entirely
+  MAX_JOBS=N           parallel compile jobs (read by torch's BuildExtension / ninja)
+"""
+import os
+import re
+import shutil
+import sys
+import warnings
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, "fastalign", "_version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def extension_modules():
+    """Return (ext_modules, cmdclass); both empty, with a warning, when the toolchain is missing."""
+    if os.environ.get("FASTALIGN_NO_EXT", "0") == "1":
+        print("fastalign: FASTALIGN_NO_EXT=1, skipping the C++ extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # torch absent at build time: the pure-Python package still works
+        warnings.warn(f"fastalign: torch is not importable at build time ({exc}); "
+                      "building without the C++ extension (backend 'cpp' unavailable). "
+                      "Install torch first and use `pip install --no-build-isolation` to get it.")
+        return [], {}
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        warnings.warn(f"fastalign: no C++ compiler found ({cxx!r}); building without the C++ extension.")
+        return [], {}
+    # CUDA sources only where CUDA is: none yet; csrc/*.cu will be added with torch.version.cuda checks.
+    ext = CppExtension(
+        name="fastalign._C",
+        sources=[os.path.join("csrc", "linear_logprobs.cpp")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+    )
+
+    class TolerantBuildExtension(BuildExtension):
+        """A compile failure becomes a warning: the package must install without its extension."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                warnings.warn(f"fastalign: building the C++ extension failed ({exc}); "
+                              "continuing without it (backend 'cpp' unavailable).")
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                warnings.warn(f"fastalign: building {ext.name} failed ({exc}); continuing without it.")
+
+    return [ext], {"build_ext": TolerantBuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    version=read_version(),
+    packages=["fastalign", "fastalign.backends", "fastalign.integrations", "fastalign.data", "fastalign.kernels"],
+    # The Triton kernels live in kernels/ but install as fastalign.kernels: a top-level `kernels`
+    # module would collide with an unrelated PyPI project.
+    package_dir={"fastalign.kernels": "kernels"},
+    package_data={"fastalign.data": ["*.json", "*.jsonl"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

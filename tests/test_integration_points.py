@@ -1,0 +1,75 @@
+"""The op as other tools see it: custom ops with fake kernels, torch.compile, the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastalign as fa
+from tests.reference import reference_linear_logprobs
+
+
+def _args(n=9, h=16, v=70):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, h, generator=g), torch.randn(v, h, generator=g), torch.randn(v, generator=g),
+            torch.randint(0, v, (n,), generator=g))
+
+
+@pytest.mark.skipif("cpp" not in fa.available_backends(), reason="extension not built")
+def test_cpp_custom_ops_pass_opcheck():
+    from fastalign.backends import cpp_backend
+    h, w, b, t = _args()
+    torch.library.opcheck(cpp_backend._fwd, (h, w, b, t, 1.0, -1.0, True))
+    lse = torch.logsumexp(h @ w.t() + b, -1)
+    torch.library.opcheck(cpp_backend._bwd_weight, (torch.randn(9), h, w, b, t, lse, 1.0, -1.0, True, True))
+
+
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="triton unavailable")
+def test_triton_custom_op_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastalign.backends import triton_backend
+    with FakeTensorMode():
+        h, w, b, t = (torch.empty(9, 16), torch.empty(70, 16), torch.empty(70), torch.zeros(9, dtype=torch.long))
+        logp, lse = triton_backend._fwd(h, w, b, t, 1.0, -1.0)
+        d_h, d_w, d_b = triton_backend._bwd(torch.empty(9), h, w, b, t, lse, 1.0, -1.0, True, False, True)
+    assert logp.shape == (9,) and d_h.shape == (9, 16) and d_w.shape == (0,) and d_b.shape == (70,)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "torch") if b in fa.available_backends()])
+def test_torch_compile_traces_through(backend):
+    h, w, b, t = _args()
+    h.requires_grad_()
+    w.requires_grad_()
+
+    def loss(h, w, b, t):
+        return -(fa.linear_logprobs(h, w, t, b, backend=backend) * 2.0).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=False)
+    out = compiled(h, w, b, t)
+    out.backward()
+    h2 = h.detach().double().requires_grad_()
+    w2 = w.detach().double().requires_grad_()
+    ref = -(reference_linear_logprobs(h2, w2, t, b) * 2.0).sum()
+    ref.backward()
+    assert abs(out.item() - ref.item()) < 1e-3
+    assert (h.grad.double() - h2.grad).abs().max() < 1e-4
+    assert (w.grad.double() - w2.grad).abs().max() < 1e-4
+
+
+def test_cli_info_json():
+    out = subprocess.run([sys.executable, "-m", "fastalign.cli", "info", "--json"], capture_output=True, text=True,
+                         check=True)
+    d = json.loads(out.stdout)
+    assert d["torch"] == torch.__version__
+    assert "torch" in d["backends"]
+    assert d["extension_built"] == ("cpp" in fa.available_backends())
+
+
+def test_kernels_installed_as_subpackage_only(tmp_path):
+    """Outside the checkout, `fastalign.kernels` imports and a top-level `kernels` does not."""
+    code = ("import importlib.util, fastalign.kernels as k; "
+            "print(k.__name__, importlib.util.find_spec('kernels') is None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fastalign.kernels", "True"]

@@ -1,0 +1,238 @@
+"""Every backend of the fused op against the float64 reference: values and gradients."""
+import pytest
+import torch
+
+import fastalign as fa
+from tests.reference import naive_linear_logprobs, reference_linear_logprobs
+
+CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if b in fa.available_backends()]
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+# (N, H, V): ragged on purpose; no dimension is a multiple of any block size used by any backend
+SHAPES = [(37, 48, 1003), (5, 17, 131), (1, 32, 50), (130, 40, 257)]
+
+
+def make_case(n, h, v, *, dtype=torch.float32, bias=False, ignore_every=4, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=gen) * scale).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5 * 3).to(dtype)
+    b = (torch.randn(v, generator=gen) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, v, (n,), generator=gen)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    grad = torch.randn(n, generator=gen)
+    return hidden, weight, b, targets, grad
+
+
+def run(fn, hidden, weight, bias, targets, grad, **kw):
+    """Value and gradients of sum(grad * fn(...)) with fresh leaves."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = fn(h, w, targets, b, **kw)
+    (out.double() * grad.double()).sum().backward()
+    return out.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_reference(got, ref, tol, what=("logp", "d_hidden", "d_weight", "d_bias")):
+    for name, g, r in zip(what, got, ref):
+        if r is None:
+            assert g is None, name
+            continue
+        err = max_err(g, r)
+        scale = max(1.0, r.abs().max().item())
+        assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.1e} * {scale:.2f}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "bias", "temperature", "softcap", "all"])
+def test_fp32_matches_reference(backend, shape, variant):
+    kw = {"plain": {}, "bias": {}, "temperature": {"temperature": 0.7}, "softcap": {"softcap": 4.0},
+          "all": {"temperature": 1.3, "softcap": 2.5}}[variant]
+    hidden, weight, bias, targets, grad = make_case(*shape, bias=variant in ("bias", "all"))
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, **kw)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
+    assert got[0].dtype == torch.float32
+    assert_close_to_reference(got, ref, ATOL[torch.float32])
+    # ignored positions give exactly 0 and no gradient
+    ignored = targets == -100
+    assert torch.all(got[0][ignored] == 0)
+    assert torch.all(got[1][ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_naive_error(backend, dtype):
+    """err(kernel) <= 2 * err(plain PyTorch in the same dtype) + atol, against float64."""
+    hidden, weight, bias, targets, grad = make_case(29, 40, 777, dtype=dtype, bias=True)
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, softcap=6.0)
+    naive = run(naive_linear_logprobs, hidden, weight, bias, targets, grad, softcap=6.0)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, softcap=6.0)
+    for name, g, n, r in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, ref):
+        if name != "logp":
+            assert g.dtype == dtype, f"{name} should come back in {dtype}, got {g.dtype}"
+        assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype], (name, max_err(g, r), max_err(n, r))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_rows_ignored_and_zero_grad_rows(backend):
+    hidden, weight, bias, targets, grad = make_case(9, 20, 70, bias=True)
+    targets[:] = -100
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend)
+    assert torch.all(got[0] == 0)
+    assert all(torch.all(g == 0) for g in got[1:])
+    # a zero upstream gradient on some valid rows: they are skipped in backward, still exact
+    hidden, weight, bias, targets, grad = make_case(33, 20, 70, bias=True, ignore_every=0)
+    grad[::3] = 0
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad)
+    assert_close_to_reference(got, ref, ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_custom_ignore_index_inside_vocab(backend):
+    hidden, weight, _, targets, grad = make_case(21, 16, 40, ignore_every=0)
+    targets[::3] = 0  # 0 is the ignore_index here: a pad id inside the vocabulary
+    got = run(fa.linear_logprobs, hidden, weight, None, targets, grad, backend=backend, ignore_index=0)
+    ref = run(reference_linear_logprobs, hidden, weight, None, targets, grad, ignore_index=0)
+    assert_close_to_reference(got, ref, ATOL[torch.float32])
+    assert torch.all(got[0][targets == 0] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_partial_requires_grad(backend, frozen):
+    """A frozen lm_head (LoRA) skips d_weight; a frozen trunk skips d_hidden; the rest stays exact."""
+    hidden, weight, bias, targets, grad = make_case(19, 24, 300, bias=True)
+    h = hidden.clone().requires_grad_(frozen != "hidden")
+    w = weight.clone().requires_grad_(frozen != "weight")
+    out = fa.linear_logprobs(h, w, targets, bias, backend=backend)
+    (out * grad).sum().backward()
+    h2 = hidden.double().requires_grad_()
+    w2 = weight.double().requires_grad_()
+    (reference_linear_logprobs(h2, w2, targets, bias) * grad.double()).sum().backward()
+    if frozen == "weight":
+        assert w.grad is None and max_err(h.grad, h2.grad) < ATOL[torch.float32]
+    else:
+        assert h.grad is None and max_err(w.grad, w2.grad) < ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_grad_forward_only(backend):
+    hidden, weight, bias, targets, _ = make_case(17, 24, 99, bias=True)
+    with torch.no_grad():
+        out = fa.linear_logprobs(hidden.requires_grad_(), weight, targets, bias, backend=backend)
+    assert out.grad_fn is None and not out.requires_grad
+    ref = reference_linear_logprobs(hidden.detach(), weight, targets, bias)
+    assert max_err(out, ref) < ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_extreme_logits_are_stable(backend):
+    """Logits up to +-1e4 in fp32: finite, and equal to the reference."""
+    n, h, v = 12, 16, 90
+    hidden = torch.zeros(n, h)
+    hidden[:, 0] = 1.0
+    weight = torch.zeros(v, h)
+    weight[:, 0] = torch.linspace(-1e4, 1e4, v)
+    targets = torch.randint(0, v, (n,))
+    targets[0] = v - 1
+    grad = torch.ones(n)
+    got = run(fa.linear_logprobs, hidden, weight, None, targets, grad, backend=backend)
+    ref = run(reference_linear_logprobs, hidden, weight, None, targets, grad)
+    for g in got[:3]:
+        assert torch.isfinite(g).all()
+    assert max_err(got[0], ref[0]) < 1e-2  # 1e4-sized logits: fp32 rounding of the logits is ~1e-3
+    assert got[0][0].abs().item() < 1e-3  # the top logit carries all the mass
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_input(backend):
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    out = fa.linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), backend=backend)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    out.sum().backward()
+    assert hidden.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if b in fa.available_backends()])
+def test_gradcheck_float64(backend):
+    hidden, weight, bias, targets, _ = make_case(6, 5, 23, dtype=torch.float64, bias=True, ignore_every=3)
+    for kw in ({}, {"temperature": 0.8, "softcap": 2.0}):
+        def f(h, w, b):
+            return fa.linear_logprobs(h, w, targets, b, backend=backend, **kw)
+        assert torch.autograd.gradcheck(f, (hidden.requires_grad_(), weight.requires_grad_(),
+                                            bias.requires_grad_()), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    hidden, weight, _, targets, grad = make_case(16, 32, 64)
+    h_nc = hidden.t().contiguous().t()  # same values, column-major
+    w_nc = torch.cat([weight, weight], 1)[:, :32]  # strided view, same values
+    assert not h_nc.is_contiguous() and not w_nc.is_contiguous()
+    got = fa.linear_logprobs(h_nc, w_nc, targets, backend=backend)
+    assert max_err(got, reference_linear_logprobs(hidden, weight, targets)) < ATOL[torch.float32]
+
+
+def test_sequence_logprobs_matches_reference():
+    from tests.reference import reference_sequence_logprobs
+    gen = torch.Generator().manual_seed(3)
+    b, t, h, v = 3, 11, 16, 61
+    hidden = torch.randn(b, t, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen, requires_grad=True)
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[:, :4] = -100   # prompt
+    labels[1, 8:] = -100   # padding
+    labels[2, :] = -100    # a whole row ignored
+    for backend in CPU_BACKENDS:
+        seq, n_tok = fa.sequence_logprobs(hidden, weight, labels, backend=backend)
+        ref, ref_n = reference_sequence_logprobs(hidden.detach(), weight.detach(), labels)
+        assert seq.shape == (b,) and torch.equal(n_tok, ref_n)
+        assert max_err(seq, ref) < 1e-4
+        assert seq[2].item() == 0.0 and n_tok[2].item() == 0
+
+
+def test_backends_agree_on_auto_dispatch():
+    hidden, weight, bias, targets, _ = make_case(10, 16, 40, bias=True)
+    auto = fa.linear_logprobs(hidden, weight, targets, bias)
+    expected = "cpp" if "cpp" in fa.available_backends() else "torch"
+    forced = fa.linear_logprobs(hidden, weight, targets, bias, backend=expected)
+    assert torch.equal(auto, forced)
+
+
+def test_torch_backend_chunks_over_rows(monkeypatch):
+    """The torch backend's memory bound: several chunks must give the same answer as one."""
+    from fastalign.backends import torch_backend
+    hidden, weight, bias, targets, grad = make_case(50, 16, 100, bias=True)
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 700)  # 7 rows per chunk
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="torch")
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad)
+    assert_close_to_reference(got, ref, ATOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_triton_matches_reference(dtype):
+    hidden, weight, bias, targets, grad = make_case(1000, 256, 32003, dtype=dtype, bias=True)
+    cuda = [x.cuda() if x is not None else None for x in (hidden, weight, bias, targets, grad)]
+    got = run(fa.linear_logprobs, *cuda, backend="triton", softcap=30.0)
+    naive = run(naive_linear_logprobs, *cuda, softcap=30.0)
+    ref = run(reference_linear_logprobs, *cuda, softcap=30.0)
+    for g, n, r in zip(got, naive, ref):
+        assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_large_token_count_grid():
+    """More than 65535 row blocks x vocab blocks must not hit CUDA's grid y/z limits."""
+    hidden, weight, _, targets, _ = make_case(70000, 64, 1000, dtype=torch.bfloat16)
+    out = fa.linear_logprobs(hidden.cuda(), weight.cuda(), targets.cuda(), backend="triton")
+    ref = reference_linear_logprobs(hidden.cuda(), weight.cuda(), targets.cuda())
+    assert max_err(out, ref) < 5e-2
