@@ -1,0 +1,3 @@
+from fastalign.integrations.hf import HeadInputs, head_inputs, lm_head_config, trunk_and_head
+
+__all__ = ["HeadInputs", "head_inputs", "lm_head_config", "trunk_and_head"]

@@ -1,0 +1,333 @@
+"""Preference and demonstration losses on sequence log-probabilities.
+
+Functional losses take [B]-sized log-probabilities and return per-pair losses [B] (reduce as you like),
+except ``weighted_bt_loss`` and ``sft_loss`` which return scalars. They are plain differentiable PyTorch.
+The fused modules (``FusedDPOLoss`` ...) take hidden states and the lm_head weight and run the fused op.
+"""
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastalign.ops import sequence_logprobs
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_same_shape(**tensors):
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    first = next(iter(shapes.values()))
+    if any(len(s) != 1 for s in shapes.values()) or any(s != first for s in shapes.values()):
+        raise ValueError(f"expected 1-D tensors of one shape [B], got {shapes}")
+
+
+def _check_label_smoothing(eps, loss_type):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps!r}")
+    if eps > 0 and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing={eps} has no meaning for loss_type={loss_type!r}; "
+                         "it applies to 'sigmoid' (cDPO) and 'robust'")
+
+
+def check_dpo_options(beta, loss_type, label_smoothing):
+    _check_positive("beta", beta)
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
+    _check_label_smoothing(label_smoothing, loss_type)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Direct Preference Optimization and its variants; per-pair losses [B].
+
+    h = (pc - rc) - (pr - rr), eps = label_smoothing:
+      sigmoid  -(1 - eps) logsig(beta h) - eps logsig(-beta h)         (Rafailov et al. 2023; cDPO for eps > 0)
+      robust   (-(1 - eps) logsig(beta h) + eps logsig(-beta h)) / (1 - 2 eps)     (Chowdhury et al. 2024)
+      hinge    relu(1 - beta h)                                              (SLiC, Zhao et al. 2023)
+      ipo      (h - 1 / (2 beta))^2, on length-averaged log-probs        (Azar et al. 2023)
+    """
+    check_dpo_options(beta, loss_type, label_smoothing)
+    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                      ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, *, beta=2.0, gamma=0.5, label_smoothing=0.0):
+    """SimPO (Meng et al. 2024), reference-free with a target margin; per-pair losses [B].
+
+    m = beta * (avg_logp(chosen) - avg_logp(rejected)) - gamma;  -(1 - eps) logsig(m) - eps logsig(-m)
+    """
+    _check_positive("beta", beta)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or math.isnan(gamma):
+        raise ValueError(f"gamma must be a number, got {gamma!r}")
+    _check_label_smoothing(label_smoothing, "sigmoid")
+    _check_same_shape(policy_chosen_avg_logps=policy_chosen_avg_logps,
+                      policy_rejected_avg_logps=policy_rejected_avg_logps)
+    m = beta * (policy_chosen_avg_logps - policy_rejected_avg_logps) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(m) - label_smoothing * F.logsigmoid(-m)
+
+
+def orpo_log_odds_ratio(chosen_avg_logps, rejected_avg_logps):
+    """log odds(chosen) - log odds(rejected), odds(y) = P(y) / (1 - P(y)) with P from avg token log-probs."""
+    def log_odds(a):
+        # a <= 0; log(1 - exp(a)) is -inf at a = 0: clamp just below so a certain answer stays finite
+        a = a.clamp(max=-1e-6)
+        return a - torch.log(-torch.expm1(a))
+    return log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps)
+
+
+def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, *, lam=0.1):
+    """ORPO (Hong et al. 2024); per-pair losses [B].
+
+    NLL(chosen) + lam * -logsig(log odds(chosen) - log odds(rejected)),  NLL = -avg_logp(chosen)
+    """
+    _check_positive("lam", lam)
+    _check_same_shape(policy_chosen_avg_logps=policy_chosen_avg_logps,
+                      policy_rejected_avg_logps=policy_rejected_avg_logps)
+    ratio = orpo_log_odds_ratio(policy_chosen_avg_logps, policy_rejected_avg_logps)
+    return -policy_chosen_avg_logps - lam * F.logsigmoid(ratio)
+
+
+def weighted_bt_loss(chosen_scores, rejected_scores, weights=None):
+    """Weighted Bradley-Terry MLE (Clone-Robust AI Alignment); a scalar.
+
+    -sum_i w_i logsig(c_i - r_i) / sum_i w_i; weights=None is the plain mean. A pair's weight is
+    w(chosen) * w(rejected), each alternative weighted by how unique it is among its near-duplicates.
+    """
+    _check_same_shape(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    losses = -F.logsigmoid(chosen_scores - rejected_scores)
+    return weighted_mean(losses, weights)
+
+
+def sft_loss(sequence_logps, n_tokens):
+    """Mean token negative log-likelihood of demonstrations; a scalar.
+
+    -sum_b logp(y_b) / sum_b |y_b|: minimizing it minimizes the forward KL(p_demo || pi) up to a constant
+    (alignment from demonstrations).
+    """
+    _check_same_shape(sequence_logps=sequence_logps, n_tokens=n_tokens)
+    total = n_tokens.sum()
+    if int(total) == 0:
+        raise ValueError("sft_loss: no labelled tokens in the batch (every label is ignore_index)")
+    return -sequence_logps.sum() / total
+
+
+def weighted_mean(losses, weights=None):
+    """Mean of per-pair losses [B], or sum w_i l_i / sum w_i with non-negative weights [B]."""
+    if weights is None:
+        return losses.mean()
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
+    if weights.shape != losses.shape:
+        raise ValueError(f"weights must have shape {tuple(losses.shape)} (one per pair), got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all() or bool((weights < 0).any()):
+        raise ValueError(f"weights must be finite and non-negative, got min {weights.min().item()}")
+    total = weights.sum()
+    if not total > 0:
+        raise ValueError("weights are all zero: the weighted mean is undefined")
+    return (weights.to(losses.dtype) * losses).sum() / total.to(losses.dtype)
+
+
+@dataclass
+class PreferenceLossOutput:
+    """loss: scalar; per pair [B]: losses, chosen/rejected log-probs (summed over tokens), rewards (detached),
+    reward_margins = chosen - rejected rewards, reward_accuracies = 1.0 where chosen reward > rejected."""
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_margins: torch.Tensor
+    reward_accuracies: torch.Tensor
+    chosen_n_tokens: Optional[torch.Tensor] = None
+    rejected_n_tokens: Optional[torch.Tensor] = None
+    nll_loss: Optional[torch.Tensor] = None
+
+
+@dataclass
+class SFTLossOutput:
+    loss: torch.Tensor
+    sequence_logps: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+class _FusedLogprobs(torch.nn.Module):
+    """Shared base: runs the fused op from hidden states and the lm_head to per-sequence log-probs."""
+
+    def __init__(self, *, ignore_index=-100, temperature=1.0, softcap=None, backend="auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.temperature = temperature
+        self.softcap = softcap
+        self.backend = backend
+
+    def sequence_logps(self, hidden, weight, labels, bias=None):
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValueError(f"hidden must be [rows, T, H], got "
+                             f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"labels must be [rows, T] = {tuple(hidden.shape[:2])} to match hidden, got "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        return sequence_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index,
+                                 temperature=self.temperature, softcap=self.softcap, backend=self.backend)
+
+
+class _FusedPreferenceLoss(_FusedLogprobs):
+    """Shared base of the pairwise losses. hidden [2B, T, H]: chosen rows 0..B-1, rejected rows B..2B-1;
+    labels [2B, T] aligned with hidden, ``ignore_index`` on prompt and padding. Subclasses state
+    ``pair_losses`` and ``rewards``; ``uses_reference`` says whether reference log-probs are needed."""
+
+    uses_reference = False
+    length_normalized = False
+
+    def pair_losses(self, pc, pr, rc, rr):
+        raise NotImplementedError
+
+    def rewards(self, pc, pr, rc, rr):
+        raise NotImplementedError
+
+    def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, ref_hidden=None,
+                ref_weight=None, bias=None, ref_bias=None, pair_weights=None):
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] % 2:
+            raise ValueError(f"hidden must hold 2B rows (B chosen, then B rejected), got an odd number: "
+                             f"{hidden.shape[0]}")
+        seq, n_tok = self.sequence_logps(hidden, weight, labels, bias)
+        if bool((n_tok == 0).any()):
+            i = int((n_tok == 0).nonzero()[0, 0])
+            raise ValueError(f"row {i} of labels has no labelled token (all ignore_index): every chosen and "
+                             "rejected answer needs at least one token")
+        b = seq.shape[0] // 2
+        n_tok = n_tok.to(seq.dtype)
+        pc, pr = seq[:b], seq[b:]
+        nc, nr = n_tok[:b], n_tok[b:]
+        rc = rr = None
+        if self.uses_reference:
+            rc, rr = self._reference(labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
+        if self.length_normalized:
+            pc_n, pr_n = pc / nc, pr / nr
+            rc_n, rr_n = (rc / nc, rr / nr) if rc is not None else (None, None)
+        else:
+            pc_n, pr_n, rc_n, rr_n = pc, pr, rc, rr
+        losses = self.pair_losses(pc_n, pr_n, rc_n, rr_n)
+        nll = None
+        if getattr(self, "rpo_alpha", None):
+            nll = -pc / nc  # mean token NLL of each chosen answer (RPO)
+            losses = losses + self.rpo_alpha * nll
+        loss = weighted_mean(losses, pair_weights)
+        with torch.no_grad():
+            cr, rj = self.rewards(pc_n.detach(), pr_n.detach(), None if rc_n is None else rc_n.detach(),
+                                  None if rr_n is None else rr_n.detach())
+        return PreferenceLossOutput(loss=loss, losses=losses, chosen_logps=pc, rejected_logps=pr, chosen_rewards=cr,
+                                    rejected_rewards=rj, reward_margins=cr - rj, reward_accuracies=(cr > rj).float(),
+                                    chosen_n_tokens=nc, rejected_n_tokens=nr,
+                                    nll_loss=None if nll is None else nll.mean())
+
+    def _reference(self, labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias):
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            if ref_chosen_logps is None or ref_rejected_logps is None:
+                raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+            if ref_hidden is not None:
+                raise ValueError("pass reference log-probs or ref_hidden/ref_weight, not both")
+            for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b,):
+                    raise ValueError(f"{name} must be a tensor of shape [B] = ({b},), got "
+                                     f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            return ref_chosen_logps.detach().float(), ref_rejected_logps.detach().float()
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError(f"{type(self).__name__} needs reference log-probs: pass ref_chosen_logps and "
+                             "ref_rejected_logps, or ref_hidden and ref_weight")
+        if tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
+            raise ValueError(f"ref_hidden must be [2B, T, H'] with [2B, T] = {tuple(labels.shape)}, got "
+                             f"{tuple(ref_hidden.shape)}")
+        with torch.no_grad():  # forward-only fused path: nothing saved for the frozen reference
+            seq, _ = self.sequence_logps(ref_hidden, ref_weight, labels, ref_bias)
+        return seq[:b], seq[b:]
+
+
+class FusedDPOLoss(_FusedPreferenceLoss):
+    """DPO family on the fused op: ``dpo_loss`` (sigmoid, robust, hinge, ipo) + optional RPO NLL term.
+
+    loss = mean_or_weighted_mean( dpo_loss(...) + rpo_alpha * NLL(chosen) );  rewards = beta (policy - reference).
+    IPO uses length-averaged log-probs (Azar et al. 2023).
+    """
+
+    uses_reference = True
+
+    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=None, **kw):
+        super().__init__(**kw)
+        check_dpo_options(beta, loss_type, label_smoothing)
+        if rpo_alpha is not None:
+            _check_positive("rpo_alpha", rpo_alpha)
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
+        self.length_normalized = loss_type == "ipo"
+
+    def pair_losses(self, pc, pr, rc, rr):
+        return dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type,
+                        label_smoothing=self.label_smoothing)
+
+    def rewards(self, pc, pr, rc, rr):
+        return self.beta * (pc - rc), self.beta * (pr - rr)
+
+
+class FusedSimPOLoss(_FusedPreferenceLoss):
+    """SimPO (Meng et al. 2024): ``simpo_loss`` on length-averaged log-probs; rewards = beta * avg log-prob."""
+
+    length_normalized = True
+
+    def __init__(self, beta=2.0, gamma=0.5, label_smoothing=0.0, **kw):
+        super().__init__(**kw)
+        _check_positive("beta", beta)
+        _check_label_smoothing(label_smoothing, "sigmoid")
+        self.beta, self.gamma, self.label_smoothing = beta, gamma, label_smoothing
+
+    def pair_losses(self, pc, pr, rc, rr):
+        return simpo_loss(pc, pr, beta=self.beta, gamma=self.gamma, label_smoothing=self.label_smoothing)
+
+    def rewards(self, pc, pr, rc, rr):
+        return self.beta * pc, self.beta * pr
+
+
+class FusedORPOLoss(_FusedPreferenceLoss):
+    """ORPO (Hong et al. 2024): ``orpo_loss`` on length-averaged log-probs; rewards = beta * avg log-prob."""
+
+    length_normalized = True
+
+    def __init__(self, lam=0.1, beta=0.1, **kw):
+        super().__init__(**kw)
+        _check_positive("lam", lam)
+        _check_positive("beta", beta)
+        self.lam, self.beta = lam, beta
+
+    def pair_losses(self, pc, pr, rc, rr):
+        return orpo_loss(pc, pr, lam=self.lam)
+
+    def rewards(self, pc, pr, rc, rr):
+        return self.beta * pc, self.beta * pr
+
+
+class FusedSFTLoss(_FusedLogprobs):
+    """Supervised fine-tuning on demonstrations: ``sft_loss``, the mean token NLL (forward KL to the data).
+
+    hidden [B, T, H], labels [B, T] aligned, ``ignore_index`` on prompt and padding.
+    """
+
+    def forward(self, hidden, weight, labels, *, bias=None):
+        seq, n_tok = self.sequence_logps(hidden, weight, labels, bias)
+        return SFTLossOutput(loss=sft_loss(seq, n_tok), sequence_logps=seq, n_tokens=n_tok)
