@@ -38,13 +38,10 @@ at::Tensor logits_tile(const at::Tensor& h, const at::Tensor& w, const at::Tenso
   return z;
 }
 
-// d l / d z of the softcap, times 1 / tau: the factor applied to (onehot - p).
-at::Tensor chain_factor(const at::Tensor& l, const Transform& tr) {
-  if (tr.softcap > 0) {
-    at::Tensor r = l.mul(1.0 / tr.softcap);
-    return r.mul_(r).neg_().add_(1.0).mul_(tr.inv_temp);
-  }
-  return at::full_like(l, tr.inv_temp);
+// d l / d z of the softcap, times 1 / tau: the factor applied to (onehot - p). Softcap only.
+at::Tensor softcap_chain_factor(const at::Tensor& l, const Transform& tr) {
+  at::Tensor r = l.mul(1.0 / tr.softcap);
+  return r.mul_(r).neg_().add_(1.0).mul_(tr.inv_temp);
 }
 
 at::ScalarType compute_type(const at::Tensor& t) {
@@ -100,12 +97,12 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, con
         const int64_t cols = std::min(block_v, V - v0);
         const at::Tensor w = weight.narrow(0, v0, cols).to(ct).contiguous();
         at::Tensor l = logits_tile(h, w, maybe_slice_bias(bias, v0, cols, ct), tr);
-        at::Tensor new_m = at::maximum(m, std::get<0>(l.max(1)));
+        at::Tensor new_m = at::maximum(m, l.amax(1));
         at::Tensor scale = (m - new_m).exp_();
         at::Tensor p = (l - new_m.unsqueeze(1)).exp_();
         s.mul_(scale).add_(p.sum(1));
         if (with_basis) {
-          if (tr.softcap > 0) p.mul_(chain_factor(l, Transform{1.0, tr.softcap}));
+          if (tr.softcap > 0) p.mul_(softcap_chain_factor(l, Transform{1.0, tr.softcap}));
           acc.mul_(scale.unsqueeze(1)).addmm_(p, w);
         }
         m = new_m;
@@ -123,7 +120,8 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, con
       logp.narrow(0, r0, rows).copy_(at::where(valid, zy - block_lse, at::zeros_like(zy)));
 
       if (with_basis) {
-        const at::Tensor cy = chain_factor(zy, tr).unsqueeze(1);
+        const at::Tensor cy =
+            (tr.softcap > 0 ? softcap_chain_factor(zy, tr) : at::full_like(zy, tr.inv_temp)).unsqueeze(1);
         at::Tensor b = wy.mul(cy).sub_(acc.div_(s.unsqueeze(1)).mul_(tr.inv_temp));
         b.mul_(valid.unsqueeze(1).to(ct));
         basis.narrow(0, r0, rows).copy_(b);
@@ -177,7 +175,11 @@ std::vector<at::Tensor> linear_logprobs_backward_weight(const at::Tensor& grad_i
           const at::Tensor r_idx = inside.nonzero().squeeze(1);
           d.index_put_({r_idx, local.index_select(0, r_idx)}, at::ones({r_idx.size(0)}, acc_opts), /*accumulate=*/true);
         }
-        d.mul_(g.unsqueeze(1)).mul_(chain_factor(l, tr));
+        if (tr.softcap > 0) {
+          d.mul_(g.unsqueeze(1)).mul_(softcap_chain_factor(l, tr));
+        } else {
+          d.mul_((tr.inv_temp == 1.0 ? g : g * tr.inv_temp).unsqueeze(1));
+        }
         if (need_weight) dw_blk.addmm_(d.t(), h);
         if (need_bias) db_blk.add_(d.sum(0));
       }
