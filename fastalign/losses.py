@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastalign.ops import sequence_logprobs
+from fastalign.ops import linear_logprobs, sequence_logprobs
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -178,15 +178,35 @@ class _FusedLogprobs(torch.nn.Module):
         self.softcap = softcap
         self.backend = backend
 
-    def sequence_logps(self, hidden, weight, labels, bias=None):
+    def sequence_logps(self, hidden, weight, labels, bias=None, sequence_index=None, n_sequences=None):
+        """Per-sequence summed log-probs and token counts.
+
+        Padded: hidden [S, T, H], labels [S, T], one sequence per row. Packed (padding-free): also
+        sequence_index [R, T] naming each token's sequence in [0, n_sequences) (-1 for padding).
+        """
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError(f"hidden must be [rows, T, H], got "
                              f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
             raise ValueError(f"labels must be [rows, T] = {tuple(hidden.shape[:2])} to match hidden, got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        return sequence_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index,
-                                 temperature=self.temperature, softcap=self.softcap, backend=self.backend)
+        kw = dict(ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
+                  backend=self.backend)
+        if sequence_index is None:
+            return sequence_logprobs(hidden, weight, labels, bias, **kw)
+        if tuple(sequence_index.shape) != tuple(labels.shape):
+            raise ValueError(f"sequence_index must be [rows, T] = {tuple(labels.shape)}, got "
+                             f"{tuple(sequence_index.shape)}")
+        if n_sequences is None:
+            n_sequences = int(sequence_index.max()) + 1
+        r, t, h = hidden.shape
+        tok = linear_logprobs(hidden.reshape(r * t, h), weight, labels.reshape(-1), bias, **kw)
+        seq = sequence_index.reshape(-1)
+        keep = (seq >= 0) & (labels.reshape(-1) != self.ignore_index)
+        idx = torch.where(keep, seq, 0)
+        sums = tok.new_zeros(n_sequences).index_add(0, idx, torch.where(keep, tok, tok.new_zeros(())))
+        counts = torch.zeros(n_sequences, dtype=torch.long, device=seq.device).index_add_(0, idx, keep.long())
+        return sums, counts
 
 
 class _FusedPreferenceLoss(_FusedLogprobs):
@@ -204,11 +224,15 @@ class _FusedPreferenceLoss(_FusedLogprobs):
         raise NotImplementedError
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, ref_hidden=None,
-                ref_weight=None, bias=None, ref_bias=None, pair_weights=None):
-        if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] % 2:
+                ref_weight=None, bias=None, ref_bias=None, pair_weights=None, sequence_index=None, n_sequences=None):
+        """Padded input: hidden [2B, T, H], labels [2B, T]. Packed input (padding-free): hidden [R, T, H] with
+        sequence_index [R, T] naming sequences 0..2B-1 (chosen first) and n_sequences = 2B."""
+        if sequence_index is None and isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] % 2:
             raise ValueError(f"hidden must hold 2B rows (B chosen, then B rejected), got an odd number: "
                              f"{hidden.shape[0]}")
-        seq, n_tok = self.sequence_logps(hidden, weight, labels, bias)
+        if sequence_index is not None and n_sequences is not None and n_sequences % 2:
+            raise ValueError(f"n_sequences must be even (B chosen, then B rejected), got {n_sequences}")
+        seq, n_tok = self.sequence_logps(hidden, weight, labels, bias, sequence_index, n_sequences)
         if bool((n_tok == 0).any()):
             i = int((n_tok == 0).nonzero()[0, 0])
             raise ValueError(f"row {i} of labels has no labelled token (all ignore_index): every chosen and "
@@ -219,7 +243,8 @@ class _FusedPreferenceLoss(_FusedLogprobs):
         nc, nr = n_tok[:b], n_tok[b:]
         rc = rr = None
         if self.uses_reference:
-            rc, rr = self._reference(labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
+            rc, rr = self._reference(labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
+                                     sequence_index, n_sequences)
         if self.length_normalized:
             pc_n, pr_n = pc / nc, pr / nr
             rc_n, rr_n = (rc / nc, rr / nr) if rc is not None else (None, None)
@@ -239,7 +264,8 @@ class _FusedPreferenceLoss(_FusedLogprobs):
                                     chosen_n_tokens=nc, rejected_n_tokens=nr,
                                     nll_loss=None if nll is None else nll.mean())
 
-    def _reference(self, labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias):
+    def _reference(self, labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
+                   sequence_index=None, n_sequences=None):
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             if ref_chosen_logps is None or ref_rejected_logps is None:
                 raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
@@ -254,10 +280,10 @@ class _FusedPreferenceLoss(_FusedLogprobs):
             raise ValueError(f"{type(self).__name__} needs reference log-probs: pass ref_chosen_logps and "
                              "ref_rejected_logps, or ref_hidden and ref_weight")
         if tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
-            raise ValueError(f"ref_hidden must be [2B, T, H'] with [2B, T] = {tuple(labels.shape)}, got "
+            raise ValueError(f"ref_hidden must be [rows, T, H'] with [rows, T] = {tuple(labels.shape)}, got "
                              f"{tuple(ref_hidden.shape)}")
         with torch.no_grad():  # forward-only fused path: nothing saved for the frozen reference
-            seq, _ = self.sequence_logps(ref_hidden, ref_weight, labels, ref_bias)
+            seq, _ = self.sequence_logps(ref_hidden, ref_weight, labels, ref_bias, sequence_index, 2 * b)
         return seq[:b], seq[b:]
 
 
@@ -328,6 +354,6 @@ class FusedSFTLoss(_FusedLogprobs):
     hidden [B, T, H], labels [B, T] aligned, ``ignore_index`` on prompt and padding.
     """
 
-    def forward(self, hidden, weight, labels, *, bias=None):
-        seq, n_tok = self.sequence_logps(hidden, weight, labels, bias)
+    def forward(self, hidden, weight, labels, *, bias=None, sequence_index=None, n_sequences=None):
+        seq, n_tok = self.sequence_logps(hidden, weight, labels, bias, sequence_index, n_sequences)
         return SFTLossOutput(loss=sft_loss(seq, n_tok), sequence_logps=seq, n_tokens=n_tok)

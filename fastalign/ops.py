@@ -98,6 +98,16 @@ def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, soft
         raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
 
 
+def _autocast_inputs(hidden, weight, bias):
+    device = hidden.device.type
+    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
                     backend="auto"):
     """Log-probability of each target token, fused from hidden states and the output projection.
@@ -105,9 +115,12 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
     hidden [N, H] (fp32/bf16/fp16), weight [V, H] (same dtype), targets [N] int, bias [V] or None.
     Returns float32 [N] (float64 for float64 inputs, cpp/torch only); rows whose target is ``ignore_index`` give 0 and receive no gradient.
     Gradients reach hidden, weight and bias in their own dtypes (accumulated in fp32). Under
-    ``torch.no_grad()`` a forward-only path runs and nothing is saved.
+    ``torch.no_grad()`` a forward-only path runs and nothing is saved. Under autocast, hidden, weight and
+    bias are cast to the autocast dtype first, as ``F.linear`` would.
     backend: "auto" (CUDA -> triton, CPU -> cpp when built, else torch), "triton", "cpp" or "torch".
     """
+    if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
+        hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap)
     n, v = hidden.shape[0], weight.shape[0]
     name = resolve_backend(backend, hidden.device, hidden.dtype)

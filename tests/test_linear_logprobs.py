@@ -236,3 +236,15 @@ def test_gpu_large_token_count_grid():
     out = fa.linear_logprobs(hidden.cuda(), weight.cuda(), targets.cuda(), backend="triton")
     ref = reference_linear_logprobs(hidden.cuda(), weight.cuda(), targets.cuda())
     assert max_err(out, ref) < 5e-2
+
+
+def test_autocast_casts_inputs_like_linear():
+    hidden, weight, bias, targets, grad = make_case(13, 16, 60, bias=True)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fa.linear_logprobs(h, w, targets, bias)
+    (out * grad).sum().backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32  # grads land in the params' dtype
+    ref = reference_linear_logprobs(hidden.bfloat16(), weight.bfloat16(), targets, bias.bfloat16())
+    assert max_err(out, ref) < ATOL[torch.bfloat16]
