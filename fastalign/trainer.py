@@ -22,7 +22,15 @@ from fastalign.integrations.hf import _unwrap, lm_head_config, trunk_and_head
 from fastalign.losses import FusedDPOLoss, FusedORPOLoss, FusedSFTLoss, FusedSimPOLoss, weighted_bt_loss
 
 
+def _strip_parallel(model):
+    """The module inside DDP/FSDP wrappers, keeping a peft wrapper (unlike integrations.hf._unwrap)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
 def _is_peft(model):
+    model = _strip_parallel(model)
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
@@ -65,8 +73,12 @@ class _BaseTrainer:
         self._setup_distributed()
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
-            _unwrap(self.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            _unwrap(self.model).config.use_cache = False
+            inner = _unwrap(self.model)
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.config.use_cache = False
         if ref_model is not None:
             self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
         if train_dataset is None:
@@ -322,22 +334,26 @@ class _BaseTrainer:
             for k, v in self._metrics_of(out).items():
                 sums[k] = sums.get(k, 0.0) + v * len(chunk)
             count += len(chunk)
-            for name, acc in self._per_example_accuracy(out, chunk):
-                s = per_behaviour.setdefault(name, [0.0, 0])
-                s[0] += acc
-                s[1] += 1
+            for name, stats in self._per_example_stats(out, chunk):
+                acc = per_behaviour.setdefault(name, {"n": 0})
+                acc["n"] += 1
+                for k, v in stats.items():
+                    acc[k] = acc.get(k, 0.0) + v
         self.model.train(was_training)
         result = {k: v / count for k, v in sums.items()}
-        for name, (s, n) in sorted(per_behaviour.items()):
-            result[f"accuracy/{name}"] = s / n
+        for name, acc in sorted(per_behaviour.items()):
+            for k, v in acc.items():
+                if k != "n":
+                    result[f"{k}/{name}"] = v / acc["n"]
         return result
 
-    def _per_example_accuracy(self, out, examples):
+    def _per_example_stats(self, out, examples):
+        """(behaviour, {stat: value}) for examples that carry a behaviour label; averaged per behaviour."""
         return []
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def _checkpoint_payload(self, tmp):
-        _unwrap(self.model).save_pretrained(tmp, safe_serialization=True)
+        _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -359,7 +375,7 @@ class _BaseTrainer:
 
     def _load_checkpoint(self, path):
         state = ckpt.read_state(path)
-        ckpt.load_model_weights(_unwrap(self.model), path)
+        ckpt.load_model_weights(_strip_parallel(self.model), path)
         self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device,
                                                   weights_only=False))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
@@ -374,7 +390,7 @@ class _BaseTrainer:
             os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".tmp-{os.path.basename(out)}-{os.getpid()}")
             try:
-                _unwrap(self.model).save_pretrained(tmp, safe_serialization=True)
+                _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 ckpt._fsync_tree(tmp)
                 if os.path.exists(out):
@@ -431,8 +447,8 @@ class DPOTrainer(_BaseTrainer):
             # peft: the model itself with its adapters disabled; otherwise (precompute before training) the
             # policy as it is at the start, which is the reference
             ref = self.model
-            if _is_peft(_unwrap(self.model)):
-                ctx = _unwrap(self.model).disable_adapter()
+            if _is_peft(self.model):
+                ctx = _strip_parallel(self.model).disable_adapter()
         with ctx, self._autocast():
             hidden, head = self._hidden(ref, batch)
             h, labels, seq = self._shifted(hidden, batch)
@@ -520,8 +536,9 @@ class DPOTrainer(_BaseTrainer):
             m["nll_loss"] = out.nll_loss.item()
         return m
 
-    def _per_example_accuracy(self, out, examples):
-        return [(e["behaviour"], float(a)) for e, a in zip(examples, out.reward_accuracies.tolist())
+    def _per_example_stats(self, out, examples):
+        return [(e["behaviour"], {"accuracy": a, "margin": m})
+                for e, a, m in zip(examples, out.reward_accuracies.tolist(), out.reward_margins.tolist())
                 if e.get("behaviour")]
 
 
@@ -573,9 +590,10 @@ class RewardTrainer(_BaseTrainer):
                 "rewards/margins": (out.chosen_scores - out.rejected_scores).mean().item(),
                 "rewards/accuracies": out.reward_accuracies.mean().item()}
 
-    def _per_example_accuracy(self, out, examples):
-        return [(e["behaviour"], float(a)) for e, a in zip(examples, out.reward_accuracies.tolist())
-                if e.get("behaviour")]
+    def _per_example_stats(self, out, examples):
+        margins = (out.chosen_scores - out.rejected_scores).tolist()
+        return [(e["behaviour"], {"accuracy": a, "margin": m})
+                for e, a, m in zip(examples, out.reward_accuracies.tolist(), margins) if e.get("behaviour")]
 
 
 class SFTTrainer(_BaseTrainer):
@@ -596,5 +614,4 @@ class SFTTrainer(_BaseTrainer):
                                 n_sequences=batch.n_sequences if seq is not None else None)
 
     def _metrics_of(self, out):
-        return {"loss": out.loss.item(), "perplexity": math.exp(min(out.loss.item(), 50.0)),
-                "tokens": float(out.n_tokens.sum())}
+        return {"loss": out.loss.item(), "perplexity": math.exp(min(out.loss.item(), 50.0))}

@@ -1,0 +1,308 @@
+"""Trainers end to end on the embedded tiny model and data (CPU, a few steps each)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastalign as fa
+from fastalign import checkpoint as ckpt
+from fastalign.config import ConfigError, DPOConfig, RewardConfig, SFTConfig
+from fastalign.data import DEFAULT_PREFERENCES, DataError, default_model_and_tokenizer, load_rows
+from fastalign.trainer import DPOTrainer, RewardTrainer, SFTTrainer
+
+ROWS = load_rows(DEFAULT_PREFERENCES, "train")[:32]
+EVAL = load_rows(DEFAULT_PREFERENCES, "test")[:12]
+
+
+def cfg(cls=DPOConfig, tmp=None, **kw):
+    base = dict(output_dir=str(tmp or "runs/test"), learning_rate=1e-3, max_steps=3, per_device_train_batch_size=4,
+                max_length=96, max_prompt_length=64, logging_steps=1, disable_tqdm=True, seed=1)
+    if cls is DPOConfig:
+        base["beta"] = 0.5
+    base.update(kw)
+    return cls(**base)
+
+
+def dpo(tmp, rows=ROWS, model=None, **kw):
+    m, tok = default_model_and_tokenizer(seed=0)
+    return DPOTrainer(model or m, tokenizer=tok, train_dataset=rows, eval_dataset=EVAL, config=cfg(tmp=tmp, **kw))
+
+
+@pytest.mark.parametrize("loss_type, extra", [("sigmoid", {}), ("robust", {"label_smoothing": 0.1}), ("hinge", {}),
+                                              ("ipo", {}), ("sigmoid", {"rpo_alpha": 0.5}), ("simpo", {}),
+                                              ("orpo", {})])
+def test_dpo_trainer_runs_every_loss_type(tmp_path, loss_type, extra):
+    t = dpo(tmp_path, loss_type=loss_type, **extra)
+    history = t.train()
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert "rewards/accuracies" in history[-1]
+    metrics = t.evaluate()
+    assert 0.0 <= metrics["rewards/accuracies"] <= 1.0 and any(k.startswith("accuracy/") for k in metrics)
+    lines = open(tmp_path / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1])["step"] == 3
+
+
+def test_reward_and_sft_trainers_run(tmp_path):
+    m, tok = default_model_and_tokenizer("reward", seed=0)
+    rows = [dict(r, weight=0.5 if i % 3 else 1.0) for i, r in enumerate(ROWS)]  # the weighted MLE path
+    t = RewardTrainer(m, tokenizer=tok, train_dataset=rows, eval_dataset=EVAL, config=cfg(RewardConfig, tmp_path / "rm"))
+    history = t.train()
+    assert len(history) == 3 and history[-1]["loss"] > 0
+    metrics = t.evaluate()
+    assert 0 <= metrics["rewards/accuracies"] <= 1 and any(k.startswith("accuracy/") for k in metrics)
+    scores_moved = [h["rewards/margins"] for h in history]
+    assert scores_moved[-1] != scores_moved[0]
+    m, tok = default_model_and_tokenizer(seed=0)
+    t = SFTTrainer(m, tokenizer=tok, train_dataset=ROWS, config=cfg(SFTConfig, tmp_path / "sft", max_steps=8))
+    losses = [h["loss"] for h in t.train()]
+    assert losses[-1] < losses[0]
+
+
+def _naive_dpo_loss(policy, ref, batch, beta):
+    """Logits-based DPO exactly as a user would write it from the full models."""
+    def seq_logps(model):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].double()
+        labels = batch.labels[:, 1:]
+        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(labels != -100, lp, 0).sum(-1)
+    pol = seq_logps(policy)
+    with torch.no_grad():
+        r = seq_logps(ref)
+    b = pol.shape[0] // 2
+    h = (pol[:b] - r[:b]) - (pol[b:] - r[b:])
+    return -torch.nn.functional.logsigmoid(beta * h).mean()
+
+
+def test_fused_trainer_loss_equals_naive_logits_dpo(tmp_path):
+    t = dpo(tmp_path)
+    with torch.no_grad():  # make policy and reference differ
+        for p in t.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = t._collate(t.train_examples[:4])
+    out = t.step_module(batch, t._extra(batch))
+    out.loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in t.model.named_parameters()}
+    t.model.zero_grad()
+    naive = _naive_dpo_loss(t.model, t.ref_model, batch, 0.5)
+    naive.backward()
+    assert abs(out.loss.item() - naive.item()) < 1e-5
+    for n, p in t.model.named_parameters():
+        torch.testing.assert_close(fused_grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_resume_continues_exactly(tmp_path):
+    a = dpo(tmp_path / "a", max_steps=6, save_steps=3)
+    full = [h["loss"] for h in a.train()]
+    assert os.path.isdir(tmp_path / "a" / "checkpoint-3") and os.path.isdir(tmp_path / "a" / "checkpoint-6")
+    b = dpo(tmp_path / "b", max_steps=6)
+    resumed = [h["loss"] for h in b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))]
+    assert len(resumed) == 3
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[3:]), rtol=0, atol=1e-6)
+    for (_, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    t = dpo(tmp_path, max_steps=2, save_steps=1)
+    calls = {"n": 0}
+    real = t._checkpoint_payload
+
+    def flaky(tmp):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second save dies half-way, after the model is written
+            t.model.save_pretrained(tmp, safe_serialization=True)
+            raise KeyboardInterrupt("simulated kill during save")
+        real(tmp)
+    monkeypatch.setattr(t, "_checkpoint_payload", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+    assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path))  # partial folder cleaned up
+    assert not os.path.exists(tmp_path / "checkpoint-2")
+    fresh = dpo(tmp_path / "r", max_steps=2)
+    fresh.train(resume_from_checkpoint=ckpt.latest_checkpoint(str(tmp_path)))  # loadable
+    assert fresh.global_step == 2
+
+
+def test_save_total_limit_and_save_model(tmp_path):
+    t = dpo(tmp_path, max_steps=4, save_steps=1, save_total_limit=2)
+    t.train()
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [3, 4]
+    out = t.save_model()
+    import transformers
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert len(tok) == reloaded.config.vocab_size
+    torch.testing.assert_close(reloaded.lm_head.weight, t.model.lm_head.weight)
+
+
+def test_padding_free_equals_padded_and_isolates_sequences(tmp_path):
+    padded = dpo(tmp_path / "p")
+    packed = dpo(tmp_path / "f", padding_free=True)
+    examples = padded.train_examples[:4]
+    bp, bf = padded._collate(examples), packed._collate(examples)
+    assert bf.input_ids.shape[0] == 1 and bf.attention_mask.dim() == 4
+    lp = padded.step_module(bp, padded._extra(bp))
+    lf = packed.step_module(bf, packed._extra(bf))
+    torch.testing.assert_close(lf.loss, lp.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lf.chosen_logps, lp.chosen_logps, rtol=1e-5, atol=1e-4)
+    # no token of one sequence attends to another: each packed sequence's hidden states equal its own run
+    hidden_packed, _ = packed._hidden(packed.model, bf)
+    seq = bf.sequence_index[0]
+    for k in range(bf.n_sequences):
+        ids = bf.input_ids[0, seq == k][None]
+        alone = packed.model.model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(hidden_packed[0, seq == k], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_training_matches_padded(tmp_path):
+    a = [h["loss"] for h in dpo(tmp_path / "p").train()]
+    b = [h["loss"] for h in dpo(tmp_path / "f", padding_free=True).train()]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+
+
+def test_precomputed_reference_matches_frozen_copy_and_is_cached(tmp_path):
+    a = [h["loss"] for h in dpo(tmp_path / "a").train()]
+    t = dpo(tmp_path / "b", precompute_ref_log_probs=True)
+    assert t.ref_model is None  # no reference model is held while training
+    b = [h["loss"] for h in t.train()]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    files = os.listdir(tmp_path / "b" / "ref_cache")
+    assert len(files) == 1 and files[0].endswith(".safetensors")
+    t2 = dpo(tmp_path / "b", precompute_ref_log_probs=True)
+    t2._before_training()
+    assert os.listdir(tmp_path / "b" / "ref_cache") == files and t2.ref_cache is not None
+
+
+def test_gradient_checkpointing_and_bf16_run(tmp_path):
+    a = [h["loss"] for h in dpo(tmp_path / "a").train()]
+    b = [h["loss"] for h in dpo(tmp_path / "b", gradient_checkpointing=True).train()]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    c = [h["loss"] for h in dpo(tmp_path / "c", bf16=True).train()]
+    assert all(abs(x - y) < 0.05 for x, y in zip(a, c))
+
+
+def test_lora_uses_disabled_adapters_as_reference_and_skips_frozen_head(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok = default_model_and_tokenizer(seed=0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    t = DPOTrainer(model, tokenizer=tok, train_dataset=ROWS, config=cfg(tmp=tmp_path, max_steps=4, learning_rate=5e-3))
+    assert t.ref_model is None
+    assert not model.get_base_model().lm_head.weight.requires_grad
+    history = t.train()
+    assert history[-1]["rewards/margins"] != 0.0  # the adapters moved away from the disabled-adapter reference
+    batch = t._collate(t.train_examples[:4])
+    with model.disable_adapter():
+        out = t.step_module(batch, t._extra(batch))
+    torch.testing.assert_close(out.chosen_rewards, torch.zeros_like(out.chosen_rewards), atol=1e-5, rtol=0)
+    path = t.save_checkpoint()
+    assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
+    # resuming loads the adapters back into a fresh LoRA model: same rewards on the same batch
+    m2, _ = default_model_and_tokenizer(seed=0)
+    m2 = peft.get_peft_model(m2, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ckpt.load_model_weights(m2, path)
+    t2 = DPOTrainer(m2, tokenizer=tok, train_dataset=ROWS, config=cfg(tmp=tmp_path / "2"))
+    out2 = t2.step_module(batch, t2._extra(batch))
+    out1 = t.step_module(batch, t._extra(batch))
+    torch.testing.assert_close(out2.chosen_rewards, out1.chosen_rewards, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    single, double = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, worker, str(single), "4", str(tmp_path / "o1")], check=True, env=env,
+                   capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
+                        worker, str(double), "4", str(tmp_path / "o2")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = json.load(open(single)), json.load(open(double))
+    assert one["world"] == 1 and two["world"] == 2
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be an integer >= 1, got 0"),
+    ({"beta": 0}, "beta must be > 0"),
+    ({"beta": -0.1}, "beta must be > 0"),
+    ({"loss_type": "kto"}, "unknown loss_type 'kto'; valid: sigmoid, robust, hinge, ipo, simpo, orpo"),
+    ({"learning_rate": 0}, "learning_rate must be > 0"),
+    ({"max_prompt_length": 200}, r"max_prompt_length \(200\) must be < max_length \(96\)"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1"),
+    ({"lr_scheduler_type": "exp"}, "unknown lr_scheduler_type 'exp'"),
+    ({"report_to": "wandb"}, "unknown report_to"),
+    ({"label_smoothing": 0.1, "loss_type": "hinge"}, "label_smoothing has no meaning"),
+    ({"max_steps": 0}, "max_steps must be a positive number"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(**kw)
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown option.*betta.*valid:.*beta"):
+        DPOConfig.from_dict({"betta": 0.1})
+
+
+def test_malformed_rows_reported_with_indices(tmp_path):
+    rows = [dict(r) for r in ROWS[:6]]
+    del rows[1]["chosen"]
+    rows[3]["rejected"] = "   "
+    rows[4]["rejected"] = rows[4]["chosen"]
+    rows[5]["weight"] = -1
+    with pytest.raises(DataError) as err:
+        dpo(tmp_path, rows=rows)
+    msg = str(err.value)
+    for expected in ("row 1: missing field(s) chosen", "row 3: empty rejected answer",
+                     "row 4: chosen and rejected are identical", "row 5: weight must be a finite number >= 0",
+                     "train_dataset: 4 malformed row(s)"):
+        assert expected in msg
+
+
+def test_too_little_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        dpo(tmp_path, rows=ROWS[:2])
+
+
+def test_conversational_rows_use_the_chat_template(tmp_path):
+    m, tok = default_model_and_tokenizer(seed=0)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS[:8]]
+    t = DPOTrainer(m, tokenizer=tok, train_dataset=rows,
+                   config=cfg(tmp=tmp_path, max_steps=1, max_length=192, max_prompt_length=128))
+    e = t.train_examples[0]
+    prompt_len = sum(1 for x in e["chosen_labels"] if x == -100)
+    text = tok.decode(e["chosen_ids"][:prompt_len])
+    assert text.startswith("<user>Would you say") and text.endswith("<assistant>")
+    assert t.train()[0]["loss"] > 0
+
+
+def test_truncation_keeps_the_answer(tmp_path):
+    rows = [dict(r, prompt="x" * 500 + r["prompt"]) for r in ROWS[:8]]
+    t = dpo(tmp_path, rows=rows, max_steps=1)
+    for e in t.train_examples:
+        assert len(e["chosen_ids"]) <= 96
+        answer = [x for x in e["chosen_labels"] if x != -100]
+        assert len(answer) == len(t.tokenizer(rows[e["index"]]["chosen"], add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_cli_train_with_yaml_config(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("max_steps: 2\nlogging_steps: 1\nper_device_train_batch_size: 4\ndisable_tqdm: true\n")
+    out = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "dpo", "--config", str(conf),
+                          "--output-dir", str(tmp_path / "run"), "--beta", "0.3"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert os.path.isdir(tmp_path / "run" / "final") and "| eval metric | value |" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "dpo", "--beta", "0",
+                          "--output-dir", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "beta must be > 0" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "sft", "--model", "org/some-hub-model"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "never downloads" in missing.stderr
