@@ -103,14 +103,9 @@ def read_state(path):
         return json.load(f)
 
 
-def load_model_weights(model, path):
-    """Load the weights that save_pretrained wrote into ``model`` in place (plain or peft-wrapped)."""
+def read_model_weights(path):
+    """The full state dict that save_pretrained wrote (one file or an index of shards)."""
     from safetensors.torch import load_file
-    adapter = os.path.join(path, "adapter_model.safetensors")
-    if os.path.isfile(adapter):
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(adapter))
-        return
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -123,6 +118,18 @@ def load_model_weights(model, path):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"checkpoint {path} lacks {name}")
         state.update(load_file(file))
+    return state
+
+
+def load_model_weights(model, path):
+    """Load the weights that save_pretrained wrote into ``model`` in place (plain or peft-wrapped)."""
+    from safetensors.torch import load_file
+    adapter = os.path.join(path, "adapter_model.safetensors")
+    if os.path.isfile(adapter):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    state = read_model_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained drops tied duplicates (lm_head tied to the embeddings): those share a loaded tensor
     named = model.state_dict(keep_vars=True)

@@ -90,12 +90,16 @@ class _BaseTrainer:
             raise ValueError(f"train_dataset has {len(self.train_examples)} rows, fewer than one global batch "
                              f"({config.per_device_train_batch_size} x {self.world_size} processes)")
         self._warned_packing = False
+        self._setup()  # loss module and reference, before any DDP/FSDP wrapping touches the model
         self.step_module = _StepModule(self.model, self._loss)
         self.wrapped = self._wrap(self.step_module)
         self.global_step = 0
         self.history = []
 
     # ---- setup --------------------------------------------------------------------------------------
+    def _setup(self):
+        pass
+
     def _setup_distributed(self):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
@@ -352,10 +356,26 @@ class _BaseTrainer:
         return []
 
     # ---- checkpoints ----------------------------------------------------------------------------------
-    def _checkpoint_payload(self, tmp):
-        _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True)
+    def _sharded(self):
+        return self.config.fsdp and self.distributed
+
+    def _full_states(self, with_optimizer=True):
+        """Under FSDP2 the parameters are shards: gather full (CPU) model and optimizer states on every rank
+        (a collective) so that the main process can write an ordinary checkpoint. None otherwise."""
+        if not self._sharded():
+            return None
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts) if with_optimizer else None
+        return model_sd, optim_sd
+
+    def _checkpoint_payload(self, tmp, full=None):
+        model_sd, optim_sd = full if full is not None else (None, self.optimizer.state_dict())
+        _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True, state_dict=model_sd)
         self.tokenizer.save_pretrained(tmp)
-        torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
         torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(ckpt.rng_state(), os.path.join(tmp, "rng_state.pt"))
 
@@ -363,10 +383,12 @@ class _BaseTrainer:
         """checkpoint-{step} under output_dir with model (safetensors), tokenizer, optimizer, scheduler, RNG
         states and step, written atomically. Returns its path (on the main process)."""
         path = None
+        full = self._full_states()
         if self.is_main:
             state = {"global_step": self.global_step, "config": self.config.to_dict(),
-                     "trainer": type(self).__name__}
-            path = ckpt.save_checkpoint(self.config.output_dir, self.global_step, self._checkpoint_payload, state)
+                     "trainer": type(self).__name__, "world_size": self.world_size}
+            path = ckpt.save_checkpoint(self.config.output_dir, self.global_step,
+                                        lambda tmp: self._checkpoint_payload(tmp, full), state)
             if self.config.save_total_limit:
                 ckpt.prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
         if self.distributed:
@@ -375,9 +397,16 @@ class _BaseTrainer:
 
     def _load_checkpoint(self, path):
         state = ckpt.read_state(path)
-        ckpt.load_model_weights(_strip_parallel(self.model), path)
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device,
-                                                  weights_only=False))
+        optim_sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+        if self._sharded():
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.model, ckpt.read_model_weights(path), options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, optim_sd, options=opts)
+        else:
+            ckpt.load_model_weights(_strip_parallel(self.model), path)
+            self.optimizer.load_state_dict(optim_sd)
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
         ckpt.set_rng_state(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False))
         self.global_step = int(state["global_step"])
@@ -385,12 +414,14 @@ class _BaseTrainer:
     def save_model(self, output_dir=None):
         """save_pretrained of the model (safetensors) and tokenizer, written atomically into output_dir."""
         out = output_dir or os.path.join(self.config.output_dir, "final")
+        full = self._full_states(with_optimizer=False) if hasattr(self, "optimizer") else None
         if self.is_main:
             parent = os.path.dirname(os.path.abspath(out))
             os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".tmp-{os.path.basename(out)}-{os.getpid()}")
             try:
-                _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True)
+                _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True,
+                                                            state_dict=None if full is None else full[0])
                 self.tokenizer.save_pretrained(tmp)
                 ckpt._fsync_tree(tmp)
                 if os.path.exists(out):
@@ -422,6 +453,8 @@ class DPOTrainer(_BaseTrainer):
 
     def __init__(self, model, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None, config=None):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, config, ref_model)
+
+    def _setup(self):
         cfg = self.config
         temperature, softcap = lm_head_config(self.model)
         common = dict(temperature=temperature, softcap=softcap, backend=cfg.backend)
@@ -602,8 +635,7 @@ class SFTTrainer(_BaseTrainer):
     config_class = SFTConfig
     data_kind = "sft"
 
-    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, config=None):
-        super().__init__(model, tokenizer, train_dataset, eval_dataset, config)
+    def _setup(self):
         temperature, softcap = lm_head_config(self.model)
         self.loss_module = FusedSFTLoss(temperature=temperature, softcap=softcap, backend=self.config.backend)
 
