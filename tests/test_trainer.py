@@ -110,12 +110,12 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = t._checkpoint_payload
 
-    def flaky(tmp):
+    def flaky(tmp, full=None):
         calls["n"] += 1
         if calls["n"] == 2:  # the second save dies half-way, after the model is written
             t.model.save_pretrained(tmp, safe_serialization=True)
             raise KeyboardInterrupt("simulated kill during save")
-        real(tmp)
+        real(tmp, full)
     monkeypatch.setattr(t, "_checkpoint_payload", flaky)
     with pytest.raises(KeyboardInterrupt):
         t.train()
