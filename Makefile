@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: install demo test test-gpu bench info clean
+.PHONY: install demo opdemo test test-gpu bench info clean
 
 $(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,9 +29,13 @@ test-gpu: install
 
 bench: install
 	$(PY) bench/bench_linear_logprobs.py
+	$(PY) bench/bench_dpo_loss.py
 
 info: install
 	$(VENV)/bin/fastalign info
 
 clean:
 	rm -rf build *.egg-info fastalign/_C*.so $(VENV)
+
+opdemo: install
+	$(PY) -m fastalign.opdemo
