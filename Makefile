@@ -11,6 +11,7 @@ $(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# torch only if none is importable: `torch==2.13.0` takes the local CPU build on this machine
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q numpy pybind11 ninja
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	$(PY) -c "import fastalign, sys; print('fastalign', fastalign.__version__, 'backends:', fastalign.available_backends())"
 	touch $@

@@ -3,7 +3,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 
 import torch
 

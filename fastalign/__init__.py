@@ -11,3 +11,16 @@ __all__ = [
     "dpo_loss", "simpo_loss", "orpo_loss", "sft_loss", "weighted_bt_loss", "DPO_LOSS_TYPES",
     "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss", "FusedSFTLoss", "PreferenceLossOutput", "SFTLossOutput",
 ]
+
+# Trainers and configs import transformers: load them on first use, not with `import fastalign`.
+_LAZY = {"DPOTrainer": "fastalign.trainer", "RewardTrainer": "fastalign.trainer", "SFTTrainer": "fastalign.trainer",
+         "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",
+         "TrainConfig": "fastalign.config"}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastalign' has no attribute {name!r}")

@@ -42,26 +42,24 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir, step, write_fn, state):
-    """Write checkpoint-{step} atomically. write_fn(tmp_dir) writes the payload; ``state`` (a JSON-able dict)
-    goes last into trainer_state.json, the marker of a complete checkpoint. Returns the final path."""
-    os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}")
+def write_dir_atomically(final, write_fn):
+    """Create folder ``final`` atomically: write_fn(tmp) fills a temporary sibling, which is flushed to disk and
+    renamed into place. An existing ``final`` is swapped out only once the new one is complete."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
         write_fn(tmp)
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
         _fsync_tree(tmp)
-        if os.path.exists(final):  # re-saving the same step: swap, never leave a gap without a checkpoint
-            old = final + f".old-{uuid.uuid4().hex[:8]}"
+        if os.path.exists(final):
+            old = os.path.join(parent, f".old-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        fd = os.open(output_dir, os.O_RDONLY)
+        fd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -70,6 +68,16 @@ def save_checkpoint(output_dir, step, write_fn, state):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def save_checkpoint(output_dir, step, write_fn, state):
+    """Write checkpoint-{step} atomically. write_fn(tmp_dir) writes the payload; ``state`` (a JSON-able dict)
+    goes last into trainer_state.json, the marker of a complete checkpoint. Returns the final path."""
+    def write(tmp):
+        write_fn(tmp)
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+    return write_dir_atomically(os.path.join(output_dir, f"checkpoint-{step}"), write)
 
 
 def list_checkpoints(output_dir):

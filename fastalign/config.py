@@ -55,6 +55,7 @@ class TrainConfig:
     report_to: Union[str, List[str]] = "jsonl"
     resume_from_checkpoint: Optional[str] = None
     backend: str = "auto"
+    deterministic: bool = False
     fsdp: bool = False
     disable_tqdm: bool = False
 

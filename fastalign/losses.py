@@ -171,12 +171,13 @@ class SFTLossOutput:
 class _FusedLogprobs(torch.nn.Module):
     """Shared base: runs the fused op from hidden states and the lm_head to per-sequence log-probs."""
 
-    def __init__(self, *, ignore_index=-100, temperature=1.0, softcap=None, backend="auto"):
+    def __init__(self, *, ignore_index=-100, temperature=1.0, softcap=None, backend="auto", deterministic=False):
         super().__init__()
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.softcap = softcap
         self.backend = backend
+        self.deterministic = deterministic
 
     def sequence_logps(self, hidden, weight, labels, bias=None, sequence_index=None, n_sequences=None):
         """Per-sequence summed log-probs and token counts.
@@ -191,7 +192,7 @@ class _FusedLogprobs(torch.nn.Module):
             raise ValueError(f"labels must be [rows, T] = {tuple(hidden.shape[:2])} to match hidden, got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
         kw = dict(ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
-                  backend=self.backend)
+                  backend=self.backend, deterministic=self.deterministic)
         if sequence_index is None:
             return sequence_logprobs(hidden, weight, labels, bias, **kw)
         if tuple(sequence_index.shape) != tuple(labels.shape):

@@ -109,7 +109,7 @@ def _autocast_inputs(hidden, weight, bias):
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
-                    backend="auto"):
+                    backend="auto", deterministic=False):
     """Log-probability of each target token, fused from hidden states and the output projection.
 
     hidden [N, H] (fp32/bf16/fp16), weight [V, H] (same dtype), targets [N] int, bias [V] or None.
@@ -118,6 +118,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
     ``torch.no_grad()`` a forward-only path runs and nothing is saved. Under autocast, hidden, weight and
     bias are cast to the autocast dtype first, as ``F.linear`` would.
     backend: "auto" (CUDA -> triton, CPU -> cpp when built, else torch), "triton", "cpp" or "torch".
+    deterministic: bitwise reproducible gradients; on triton this costs one more logits recompute in backward.
     """
     if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
         hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
@@ -125,14 +126,14 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
     n, v = hidden.shape[0], weight.shape[0]
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     opts = LogprobOptions(backend=name, temperature=float(temperature),
-                          softcap=None if softcap is None else float(softcap))
+                          softcap=None if softcap is None else float(softcap), deterministic=bool(deterministic))
     targets = targets.long()
     ignored = targets == ignore_index
     bad = ~ignored & ((targets < 0) | (targets >= v))
     if n and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not ignore_index={ignore_index}; "
-                         f"{int(bad.sum())} such target(s) in all")
+        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not "
+                         f"ignore_index={ignore_index}; {int(bad.sum())} such target(s) in all")
     targets = torch.where(ignored, torch.full_like(targets, -1), targets)
     if n == 0:
         # Empty input: an empty result still connected to hidden so that .backward() works.
@@ -150,7 +151,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
 
 
 def sequence_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
-                      backend="auto"):
+                      backend="auto", deterministic=False):
     """Summed log-probability of each sequence's labelled tokens.
 
     hidden [B, T, H], labels [B, T] already aligned (hidden[b, t] predicts labels[b, t]; shift before calling).
@@ -165,6 +166,6 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, t
     b, t, h = hidden.shape
     token_logps = linear_logprobs(hidden.reshape(b * t, h), weight, labels.reshape(b * t), bias,
                                   ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                                  backend=backend)
+                                  backend=backend, deterministic=deterministic)
     n_tokens = (labels != ignore_index).sum(-1)
     return token_logps.view(b, t).sum(-1), n_tokens

@@ -6,9 +6,11 @@ from typing import Optional
 class LogprobOptions:
     """Non-tensor options of the fused op, passed to autograd and backends as one frozen value.
 
-    softcap=None means no capping (Gemma-2's final_logit_softcapping when set).
+    softcap=None means no capping (Gemma-2's final_logit_softcapping when set). deterministic=True asks for
+    bitwise run-to-run reproducible gradients (the triton backend then avoids atomics; cpp and torch always are).
     """
 
     backend: str
     temperature: float = 1.0
     softcap: Optional[float] = None
+    deterministic: bool = False

@@ -118,7 +118,7 @@ class _BaseTrainer:
     def _wrap(self, module):
         if self.config.fsdp:
             if not self.distributed:
-                warnings.warn("fsdp=True outside torchrun: running unsharded on one process")
+                warnings.warn("fsdp=True outside torchrun: running unsharded on one process", stacklevel=2)
                 return module
             from torch.distributed.fsdp import fully_shard
             trunk, _ = trunk_and_head(self.model) if self.data_kind != "reward" else (None, None)
@@ -150,7 +150,7 @@ class _BaseTrainer:
         if pf and not varlen and not self._warned_packing and self.is_main:
             warnings.warn("padding_free=True without flash-attn's varlen attention (install flash-attn and load "
                           "the model with attn_implementation='flash_attention_2'): packing with a block-diagonal "
-                          "attention mask instead, exact but with O(T^2) mask memory")
+                          "attention mask instead, exact but with O(T^2) mask memory", stacklevel=2)
             self._warned_packing = True
         batch = fn(examples, self.tokenizer.pad_token_id, padding_free=pf, use_4d_mask=pf and not varlen)
         if batch.attention_mask is not None and batch.attention_mask.dim() == 4:
@@ -300,7 +300,7 @@ class _BaseTrainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             warnings.warn("report_to includes 'tensorboard' but tensorboard is not installed "
-                          "(pip install tensorboard); logging to metrics.jsonl only")
+                          "(pip install tensorboard); logging to metrics.jsonl only", stacklevel=2)
             return None
         return SummaryWriter(os.path.join(self.config.output_dir, "tensorboard"))
 
@@ -414,28 +414,13 @@ class _BaseTrainer:
     def save_model(self, output_dir=None):
         """save_pretrained of the model (safetensors) and tokenizer, written atomically into output_dir."""
         out = output_dir or os.path.join(self.config.output_dir, "final")
-        full = self._full_states(with_optimizer=False) if hasattr(self, "optimizer") else None
+        full = self._full_states(with_optimizer=False)
         if self.is_main:
-            parent = os.path.dirname(os.path.abspath(out))
-            os.makedirs(parent, exist_ok=True)
-            tmp = os.path.join(parent, f".tmp-{os.path.basename(out)}-{os.getpid()}")
-            try:
+            def write(tmp):
                 _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True,
                                                             state_dict=None if full is None else full[0])
                 self.tokenizer.save_pretrained(tmp)
-                ckpt._fsync_tree(tmp)
-                if os.path.exists(out):
-                    import shutil
-                    old = out + ".old"
-                    os.rename(out, old)
-                    os.rename(tmp, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, out)
-            except BaseException:
-                import shutil
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            ckpt.write_dir_atomically(out, write)
         if self.distributed:
             dist.barrier()
         return out
@@ -457,7 +442,7 @@ class DPOTrainer(_BaseTrainer):
     def _setup(self):
         cfg = self.config
         temperature, softcap = lm_head_config(self.model)
-        common = dict(temperature=temperature, softcap=softcap, backend=cfg.backend)
+        common = dict(temperature=temperature, softcap=softcap, backend=cfg.backend, deterministic=cfg.deterministic)
         if cfg.loss_type == "simpo":
             self.loss_module = FusedSimPOLoss(beta=cfg.beta, gamma=cfg.simpo_gamma,
                                               label_smoothing=cfg.label_smoothing, **common)
@@ -637,7 +622,8 @@ class SFTTrainer(_BaseTrainer):
 
     def _setup(self):
         temperature, softcap = lm_head_config(self.model)
-        self.loss_module = FusedSFTLoss(temperature=temperature, softcap=softcap, backend=self.config.backend)
+        self.loss_module = FusedSFTLoss(temperature=temperature, softcap=softcap, backend=self.config.backend,
+                                        deterministic=self.config.deterministic)
 
     def _loss(self, model, batch, extra):
         hidden, head = self._hidden(model, batch)

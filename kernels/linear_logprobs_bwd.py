@@ -17,7 +17,8 @@ def _linear_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh
                                 stride_h, stride_w, inv_temp, softcap, HAS_BIAS: tl.constexpr,
                                 HAS_SOFTCAP: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
                                 COMPUTE_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                                BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                                BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                UPCAST_DOT: tl.constexpr):
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(N, BLOCK_N)
     n_v_blocks = tl.cdiv(V, BLOCK_V)

@@ -65,6 +65,23 @@ def test_fp32_matches_reference(backend, shape, variant):
     assert torch.all(got[1][ignored] == 0)
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("shape", [(37, 48, 1003), (130, 40, 257)])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.8, "softcap": 3.0}])
+def test_triton_deterministic_backward(shape, kw):
+    """The atomics-free backward: same values as the reference, and bitwise equal across runs."""
+    hidden, weight, bias, targets, grad = make_case(*shape, bias=True)
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", deterministic=True, **kw)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
+    assert_close_to_reference(got, ref, ATOL[torch.float32])
+    again = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", deterministic=True, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    # frozen weight: only the d_hidden kernel runs
+    h = hidden.clone().requires_grad_()
+    (fa.linear_logprobs(h, weight, targets, bias, backend="triton", deterministic=True, **kw) * grad).sum().backward()
+    assert max_err(h.grad, ref[1]) < ATOL[torch.float32] * max(1.0, ref[1].abs().max().item())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_naive_error(backend, dtype):
@@ -227,6 +244,21 @@ def test_gpu_triton_matches_reference(dtype):
     ref = run(reference_linear_logprobs, *cuda, softcap=30.0)
     for g, n, r in zip(got, naive, ref):
         assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_backward_modes_and_reproducibility(deterministic):
+    hidden, weight, bias, targets, grad = make_case(4099, 512, 50257, dtype=torch.bfloat16, bias=True)
+    cuda = [x.cuda() if x is not None else None for x in (hidden, weight, bias, targets, grad)]
+    got = run(fa.linear_logprobs, *cuda, backend="triton", deterministic=deterministic)
+    naive = run(naive_linear_logprobs, *cuda)
+    ref = run(reference_linear_logprobs, *cuda)
+    for g, n, r in zip(got, naive, ref):
+        assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[torch.bfloat16]
+    if deterministic:
+        again = run(fa.linear_logprobs, *cuda, backend="triton", deterministic=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 @pytest.mark.gpu

@@ -1,6 +1,5 @@
 """Losses against formulas written out independently here (float64), and fused modules against a naive
 pipeline that materializes the logits."""
-import math
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import fastalign as fa
 from fastalign import checkpoint as ckpt
 from fastalign.config import ConfigError, DPOConfig, RewardConfig, SFTConfig
 from fastalign.data import DEFAULT_PREFERENCES, DataError, default_model_and_tokenizer, load_rows
@@ -48,7 +47,8 @@ def test_dpo_trainer_runs_every_loss_type(tmp_path, loss_type, extra):
 def test_reward_and_sft_trainers_run(tmp_path):
     m, tok = default_model_and_tokenizer("reward", seed=0)
     rows = [dict(r, weight=0.5 if i % 3 else 1.0) for i, r in enumerate(ROWS)]  # the weighted MLE path
-    t = RewardTrainer(m, tokenizer=tok, train_dataset=rows, eval_dataset=EVAL, config=cfg(RewardConfig, tmp_path / "rm"))
+    t = RewardTrainer(m, tokenizer=tok, train_dataset=rows, eval_dataset=EVAL,
+                      config=cfg(RewardConfig, tmp_path / "rm"))
     history = t.train()
     assert len(history) == 3 and history[-1]["loss"] > 0
     metrics = t.evaluate()
@@ -278,6 +278,20 @@ def test_malformed_rows_reported_with_indices(tmp_path):
                      "row 4: chosen and rejected are identical", "row 5: weight must be a finite number >= 0",
                      "train_dataset: 4 malformed row(s)"):
         assert expected in msg
+
+
+def test_public_names_and_tensorboard_option(tmp_path):
+    import fastalign as fa
+    assert fa.DPOTrainer is DPOTrainer and fa.DPOConfig is DPOConfig and fa.SFTTrainer is SFTTrainer
+    t = dpo(tmp_path, max_steps=2, report_to=["jsonl", "tensorboard"])
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        t.train()
+        assert os.path.isdir(tmp_path / "tensorboard") and os.listdir(tmp_path / "tensorboard")
+    except ImportError:
+        with pytest.warns(UserWarning, match="tensorboard is not installed"):
+            t.train()
+    assert len(open(tmp_path / "metrics.jsonl").read().splitlines()) == 2
 
 
 def test_too_little_data_is_a_clear_error(tmp_path):

@@ -4,6 +4,7 @@ from typing import List, Optional
 import torch
 
 from fastalign.kernels.linear_logprobs_bwd import linear_logprobs_backward
+from fastalign.kernels.linear_logprobs_bwd_deterministic import linear_logprobs_backward_deterministic
 from fastalign.kernels.linear_logprobs_fwd import linear_logprobs_forward
 
 
@@ -26,15 +27,17 @@ def _(hidden, weight, bias, targets, temperature, softcap):
 @torch.library.custom_op("fastalign::triton_linear_logprobs_bwd", mutates_args=())
 def _bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          targets: torch.Tensor, lse: torch.Tensor, temperature: float, softcap: float, need_hidden: bool,
-         need_weight: bool, need_bias: bool) -> List[torch.Tensor]:
-    d_h, d_w, d_b = linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, temperature,
-                                             _softcap(softcap), need_hidden, need_weight, need_bias)
+         need_weight: bool, need_bias: bool, deterministic: bool) -> List[torch.Tensor]:
+    impl = linear_logprobs_backward_deterministic if deterministic else linear_logprobs_backward
+    d_h, d_w, d_b = impl(grad, hidden, weight, bias, targets, lse, temperature, _softcap(softcap), need_hidden,
+                         need_weight, need_bias)
     # each missing gradient gets its own empty tensor: custom op outputs may not alias each other
     return [hidden.new_empty(0, dtype=torch.float32) if x is None else x for x in (d_h, d_w, d_b)]
 
 
 @_bwd.register_fake
-def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias):
+def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias,
+      deterministic):
     f32 = dict(dtype=torch.float32)
     return [hidden.new_empty(hidden.shape if need_hidden else (0,), **f32),
             weight.new_empty(weight.shape if need_weight else (0,), **f32),
@@ -53,7 +56,7 @@ def forward(hidden, weight, bias, targets, opts, save_for_hidden=False):
 def backward(grad, hidden, weight, bias, targets, lse, basis, opts, need_hidden, need_weight, need_bias):
     g = torch.where(targets >= 0, grad, torch.zeros_like(grad)).contiguous()
     d_h, d_w, d_b = _bwd(g, hidden, weight, bias, targets, lse, opts.temperature, _softcap_arg(opts),
-                         need_hidden, need_weight, need_bias)
+                         need_hidden, need_weight, need_bias, opts.deterministic)
     return (d_h.to(hidden.dtype) if need_hidden else None,
             d_w.to(weight.dtype) if need_weight else None,
             d_b.to(bias.dtype) if need_bias else None)
