@@ -16,6 +16,30 @@ def upcast_dot(dtype):
     return interpreting() and dtype == torch.bfloat16
 
 
+# Shared memory a config may plan for: the H100 allows 227 KiB per block; keep headroom for the compiler.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def shared_memory_estimate(config, element_size, factor=1):
+    """Bytes of shared memory one config may need: factor x (stages - 1) pipelined buffers of the h and W tiles
+    [BLOCK_N + BLOCK_V, BLOCK_K]. factor=1 is exact for the forward kernel in fp32 on sm_90 (Triton 3.9) and an
+    upper bound in bf16; the backward also stages D and the per-chunk operands and needs factor=2 to bound
+    every config measured (tests/test_kernels_compile_sm90.py compiles them all for sm_90 and checks)."""
+    kw = config.kwargs
+    return factor * (config.num_stages - 1) * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * element_size
+
+
+def shared_memory_pruner(factor):
+    """Autotuner early_config_prune hook: drop configs that may not fit in shared memory for this dtype (fp32
+    tiles are twice the bf16 ones), so the tuner never compiles a config that cannot launch."""
+    def prune(configs, named_args, **kwargs):
+        size = named_args["h_ptr"].element_size()
+        fitting = [c for c in configs if shared_memory_estimate(c, size, factor) <= SHARED_MEMORY_BUDGET]
+        return fitting or [min(configs, key=lambda c: shared_memory_estimate(c, size, factor))]
+    prune.factor = factor
+    return prune
+
+
 def dot_precision(dtype):
     # On a GPU, tl.dot on fp32 inputs runs in TF32 unless told otherwise: fp32 callers asked for fp32.
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting, logits_tile, upcast_dot
+from ._common import dot_precision, interpreting, logits_tile, shared_memory_pruner, upcast_dot
 
 
 @triton.jit
@@ -74,13 +74,16 @@ def _linear_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh
             tl.atomic_add(dw_ptr + cols64[:, None] * H + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
 
 
+PRUNE = shared_memory_pruner(factor=2)
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "GROUP_N": 8}, num_warps=w, num_stages=st)
     for bn, bv, bk, w, st in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
                               (128, 256, 64, 8, 3)]
 ]
 _autotuned = triton.autotune(_CONFIGS, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP", "COMPUTE_DH", "COMPUTE_DW"],
-                             reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])(_linear_logprobs_bwd_kernel)
+                             reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"],
+                             prune_configs_by={"early_config_prune": PRUNE})(
+    _linear_logprobs_bwd_kernel)
 
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2}
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting, logits_tile, upcast_dot
+from ._common import dot_precision, interpreting, logits_tile, shared_memory_pruner, upcast_dot
 
 
 @triton.jit
@@ -47,6 +47,7 @@ def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_pt
     tl.store(t_ptr + out, t, mask=row_mask)
 
 
+PRUNE = shared_memory_pruner(factor=1)
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bn, bv, bk, w, st in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
@@ -54,7 +55,9 @@ _CONFIGS = [
 ]
 # Keyed on what changes the best tile (H, V; dtypes are added by Triton), not on N: a new batch length
 # must not retune.
-_autotuned = triton.autotune(_CONFIGS, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"])(_linear_logprobs_fwd_kernel)
+_autotuned = triton.autotune(_CONFIGS, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"],
+                             prune_configs_by={"early_config_prune": PRUNE})(
+    _linear_logprobs_fwd_kernel)
 
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
 
