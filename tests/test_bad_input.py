@@ -74,6 +74,7 @@ def test_triton_without_cuda_or_interpreter(monkeypatch):
         fa.linear_logprobs(h, w, t, backend="triton")
 
 
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="triton unavailable")
 def test_triton_refuses_float64():
     h, w, t = ok()
     with pytest.raises(TypeError, match="float64"):

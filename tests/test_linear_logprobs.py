@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import fastalign as fa
+from tests.backends import cpu_backends
 from tests.reference import naive_linear_logprobs, reference_linear_logprobs
 
-CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if b in fa.available_backends()]
+CPU_BACKENDS = cpu_backends()
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 # (N, H, V): ragged on purpose; no dimension is a multiple of any block size used by any backend
