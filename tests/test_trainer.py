@@ -294,6 +294,47 @@ def test_public_names_and_tensorboard_option(tmp_path):
     assert len(open(tmp_path / "metrics.jsonl").read().splitlines()) == 2
 
 
+def test_reward_and_sft_packed_equal_padded(tmp_path):
+    m, tok = default_model_and_tokenizer("reward", seed=0)
+    rm_pad = RewardTrainer(m, tokenizer=tok, train_dataset=ROWS, config=cfg(RewardConfig, tmp_path / "a"))
+    rm_pack = RewardTrainer(m, tokenizer=tok, train_dataset=ROWS, config=cfg(RewardConfig, tmp_path / "b",
+                                                                                padding_free=True))
+    ex = rm_pad.train_examples[:4]
+    a = rm_pad.step_module(rm_pad._collate(ex), None)
+    b = rm_pack.step_module(rm_pack._collate(ex), None)
+    torch.testing.assert_close(b.chosen_scores, a.chosen_scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    m, tok = default_model_and_tokenizer(seed=0)
+    sft_pad = SFTTrainer(m, tokenizer=tok, train_dataset=ROWS, config=cfg(SFTConfig, tmp_path / "c"))
+    sft_pack = SFTTrainer(m, tokenizer=tok, train_dataset=ROWS, config=cfg(SFTConfig, tmp_path / "d",
+                                                                           padding_free=True))
+    ex = sft_pad.train_examples[:5]
+    torch.testing.assert_close(sft_pack.step_module(sft_pack._collate(ex), None).loss,
+                               sft_pad.step_module(sft_pad._collate(ex), None).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_on_messages_masks_everything_but_the_last_assistant_turn(tmp_path):
+    m, tok = default_model_and_tokenizer(seed=0)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["chosen"].strip()}]} for r in ROWS[:8]]
+    t = SFTTrainer(m, tokenizer=tok, train_dataset=rows,
+                   config=cfg(SFTConfig, tmp_path, max_steps=2, max_length=192, max_prompt_length=128))
+    e = t.train_examples[0]
+    answer = [x for x in e["labels"] if x != -100]
+    assert tok.decode(answer[:-1]).strip() == rows[0]["messages"][-1]["content"] and answer[-1] == tok.eos_token_id
+    assert len(t.train()) == 2
+    with pytest.raises(DataError, match="row 0: messages must be"):
+        SFTTrainer(m, tokenizer=tok, train_dataset=[{"messages": [{"role": "user", "content": "hi"}]}] * 8,
+                   config=cfg(SFTConfig, tmp_path))
+
+
+def test_hugging_face_datasets_input(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    t = dpo(tmp_path, rows=ds, max_steps=2)
+    assert len(t.train_examples) == len(ROWS) and len(t.train()) == 2
+
+
 def test_too_little_data_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         dpo(tmp_path, rows=ROWS[:2])
