@@ -229,9 +229,10 @@ class _BaseTrainer:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
         self.global_step = 0
+        # the reference comes from the model as given (before any checkpoint's weights are loaded into it)
+        self._before_training()
         if resume:
             self._load_checkpoint(resume)
-        self._before_training()
         writer = self._open_writers()
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=self.global_step, desc=f"{type(self).__name__}",
@@ -382,11 +383,14 @@ class _BaseTrainer:
     def save_checkpoint(self):
         """checkpoint-{step} under output_dir with model (safetensors), tokenizer, optimizer, scheduler, RNG
         states and step, written atomically. Returns its path (on the main process)."""
+        if not hasattr(self, "optimizer"):
+            raise RuntimeError("save_checkpoint() saves training state and needs train() to have started; "
+                               "use save_model() to save the weights alone")
         path = None
         full = self._full_states()
         if self.is_main:
             state = {"global_step": self.global_step, "config": self.config.to_dict(),
-                     "trainer": type(self).__name__, "world_size": self.world_size}
+                     "trainer": type(self).__name__, "world_size": self.world_size, **self._checkpoint_extra()}
             path = ckpt.save_checkpoint(self.config.output_dir, self.global_step,
                                         lambda tmp: self._checkpoint_payload(tmp, full), state)
             if self.config.save_total_limit:
@@ -395,8 +399,15 @@ class _BaseTrainer:
             dist.barrier()
         return path
 
+    def _checkpoint_extra(self):
+        return {}
+
+    def _check_resume_state(self, state, path):
+        pass
+
     def _load_checkpoint(self, path):
         state = ckpt.read_state(path)
+        self._check_resume_state(state, path)
         optim_sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
         if self._sharded():
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -491,13 +502,24 @@ class DPOTrainer(_BaseTrainer):
                  f"{self.loss_module.softcap}".encode())
         return h.hexdigest()[:20]
 
+    def _checkpoint_extra(self):
+        return {"ref_fingerprint": self.ref_fingerprint} if self.ref_cache is not None else {}
+
+    def _check_resume_state(self, state, path):
+        saved = state.get("ref_fingerprint")
+        if self.ref_cache is not None and saved is not None and saved != self.ref_fingerprint:
+            raise ValueError(f"cannot resume from {path}: its reference log-probs were computed from another model "
+                             "or data (fingerprints differ). Pass the same initial model and datasets as the "
+                             "original run: the checkpoint's weights are loaded on top of them.")
+
     def _before_training(self):
         cfg = self.config
         if not (cfg.uses_reference and cfg.precompute_ref_log_probs) or self.ref_cache is not None:
             return
         from safetensors.torch import load_file, save_file
         cache_dir = cfg.ref_cache_dir or os.path.join(cfg.output_dir, "ref_cache")
-        path = os.path.join(cache_dir, f"ref_logps-{self._fingerprint()}.safetensors")
+        self.ref_fingerprint = self._fingerprint()
+        path = os.path.join(cache_dir, f"ref_logps-{self.ref_fingerprint}.safetensors")
         if os.path.isfile(path):
             self.ref_cache = {k: v.to(self.device) for k, v in load_file(path).items()}
             return

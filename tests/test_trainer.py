@@ -93,11 +93,14 @@ def test_fused_trainer_loss_equals_naive_logits_dpo(tmp_path):
         torch.testing.assert_close(fused_grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_resume_continues_exactly(tmp_path):
-    a = dpo(tmp_path / "a", max_steps=6, save_steps=3)
+@pytest.mark.parametrize("precompute", [False, True])
+def test_resume_continues_exactly(tmp_path, precompute):
+    """Also with precomputed reference log-probs: the reference must stay the initial model's, not the
+    checkpoint's trained weights."""
+    a = dpo(tmp_path / "a", max_steps=6, save_steps=3, precompute_ref_log_probs=precompute)
     full = [h["loss"] for h in a.train()]
     assert os.path.isdir(tmp_path / "a" / "checkpoint-3") and os.path.isdir(tmp_path / "a" / "checkpoint-6")
-    b = dpo(tmp_path / "b", max_steps=6)
+    b = dpo(tmp_path / "b", max_steps=6, precompute_ref_log_probs=precompute)
     resumed = [h["loss"] for h in b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))]
     assert len(resumed) == 3
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[3:]), rtol=0, atol=1e-6)
@@ -125,6 +128,17 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     fresh = dpo(tmp_path / "r", max_steps=2)
     fresh.train(resume_from_checkpoint=ckpt.latest_checkpoint(str(tmp_path)))  # loadable
     assert fresh.global_step == 2
+
+
+def test_resume_refuses_a_different_reference(tmp_path):
+    a = dpo(tmp_path / "a", max_steps=2, save_steps=2, precompute_ref_log_probs=True)
+    a.train()
+    m, _ = default_model_and_tokenizer(seed=5)  # another initial model: another reference
+    b = dpo(tmp_path / "b", model=m, max_steps=4, precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="reference log-probs were computed from another model"):
+        b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    with pytest.raises(RuntimeError, match="needs train\(\) to have started"):
+        dpo(tmp_path / "c").save_checkpoint()
 
 
 def test_save_total_limit_and_save_model(tmp_path):
