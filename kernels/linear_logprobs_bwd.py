@@ -110,5 +110,13 @@ def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, temperatu
     if interpreting():
         _linear_logprobs_bwd_kernel[grid(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
     else:
+        tuned_before = len(_autotuned.cache)
         _autotuned[grid](*args, **meta)
+        if len(_autotuned.cache) != tuned_before:
+            # This call benchmarked configs, each adding into the atomically accumulated buffers. Whether a
+            # Triton version re-zeroes them before its final launch varies: zero them and launch once more
+            # with the config just chosen (now cached), so the first call of a new shape is exact too.
+            for t in (dh, dw, db):
+                t.zero_()
+            _autotuned[grid](*args, **meta)
     return (dh if need_hidden else None, dw if need_weight else None, db if need_bias else None)
