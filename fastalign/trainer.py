@@ -286,6 +286,11 @@ class _BaseTrainer:
             writer.close()
         return self.history
 
+    def _progress(self, iterable, desc):
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True,
+                    disable=not self.is_main or self.config.disable_tqdm)
+
     def _reduce(self, metrics):
         if not self.distributed:
             return metrics
@@ -331,7 +336,7 @@ class _BaseTrainer:
         self.model.eval()
         sums, count, per_behaviour = {}, 0, {}
         b = self.config.per_device_eval_batch_size
-        for i in range(0, len(examples), b):
+        for i in self._progress(range(0, len(examples), b), "evaluate"):
             chunk = examples[i:i + b]
             batch = self._collate(chunk)
             with self._autocast():
@@ -529,7 +534,7 @@ class DPOTrainer(_BaseTrainer):
                 continue
             c, r = [], []
             b = cfg.per_device_eval_batch_size
-            for i in range(0, len(examples), b):
+            for i in self._progress(range(0, len(examples), b), f"reference log-probs ({name})"):
                 rc, rr = self._reference_logps(self._collate(examples[i:i + b]))
                 c.append(rc)
                 r.append(rr)
