@@ -46,6 +46,16 @@ def dot_precision(dtype):
 
 
 @triton.jit
+def load_chunk(ptr, idx64, stride, ks, idx_mask, k_mask, UPCAST_DOT: tl.constexpr):
+    """Rows idx of a row-major matrix, columns ks: a [len(idx), BLOCK_K] tile (0 outside the masks), widened
+    to fp32 only where the interpreter needs it (see upcast_dot)."""
+    x = tl.load(ptr + idx64[:, None] * stride + ks[None, :], mask=idx_mask[:, None] & k_mask[None, :], other=0.0)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -56,13 +66,8 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < H
-        h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        if UPCAST_DOT:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
+        h = load_chunk(h_ptr, rows64, stride_h, ks, row_mask, k_mask, UPCAST_DOT)
+        w = load_chunk(w_ptr, cols64, stride_w, ks, col_mask, k_mask, UPCAST_DOT)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]

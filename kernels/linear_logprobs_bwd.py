@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting, logits_tile, shared_memory_pruner, upcast_dot
+from ._common import dot_precision, interpreting, load_chunk, logits_tile, shared_memory_pruner, upcast_dot
 
 
 @triton.jit
@@ -59,17 +59,11 @@ def _linear_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < H
         if COMPUTE_DH:
-            w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            if UPCAST_DOT:
-                w = w.to(tl.float32)
+            w = load_chunk(w_ptr, cols64, stride_w, ks, col_mask, k_mask, UPCAST_DOT)
             dh = tl.dot(d_in, w, input_precision=DOT_PRECISION)
             tl.atomic_add(dh_ptr + rows64[:, None] * H + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :])
         if COMPUTE_DW:
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            if UPCAST_DOT:
-                h = h.to(tl.float32)
+            h = load_chunk(h_ptr, rows64, stride_h, ks, row_mask, k_mask, UPCAST_DOT)
             dw = tl.dot(tl.trans(d_in), h, input_precision=DOT_PRECISION)
             tl.atomic_add(dw_ptr + cols64[:, None] * H + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting, logits_tile, upcast_dot
+from ._common import dot_precision, interpreting, load_chunk, logits_tile, upcast_dot
 
 
 @triton.jit
@@ -50,10 +50,7 @@ def _dh_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, N, V, H, st
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < H
-            w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            if UPCAST_DOT:
-                w = w.to(tl.float32)
+            w = load_chunk(w_ptr, cols64, stride_w, ks, col_mask, k_mask, UPCAST_DOT)
             out = dh_ptr + rows64[:, None] * H + ks[None, :]
             m = row_mask[:, None] & k_mask[None, :]
             tl.store(out, tl.load(out, mask=m, other=0.0) + tl.dot(d_in, w, input_precision=DOT_PRECISION), mask=m)
@@ -84,10 +81,7 @@ def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, 
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_mask = ks < H
-                h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST_DOT:
-                    h = h.to(tl.float32)
+                h = load_chunk(h_ptr, rows64, stride_h, ks, row_mask, k_mask, UPCAST_DOT)
                 out = dw_ptr + cols64[:, None] * H + ks[None, :]
                 m = col_mask[:, None] & k_mask[None, :]
                 tl.store(out, tl.load(out, mask=m, other=0.0) +
