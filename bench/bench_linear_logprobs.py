@@ -54,8 +54,21 @@ def variants(device, with_compile):
             continue
         if b == "triton" and device.type != "cuda":
             continue
+        if b == "triton":  # every backward strategy, so one GPU run decides the default
+            from fastalign.backends import triton_backend
+            for strategy in triton_backend.STRATEGIES:
+                out.append((f"fastalign[triton:{strategy}]", (lambda s: lambda h, w, t: _with_strategy(
+                    triton_backend, s, lambda: fa.linear_logprobs(h, w, t, backend="triton")))(strategy)))
+            continue
         out.append((f"fastalign[{b}]", (lambda b: lambda h, w, t: fa.linear_logprobs(h, w, t, backend=b))(b)))
     return out
+
+
+def _with_strategy(module, strategy, fn):
+    """Run fn with the triton backward strategy set; the autograd backward reads it when .backward() runs, so
+    the strategy stays set until the next variant sets its own."""
+    module.BACKWARD = strategy
+    return fn()
 
 
 def bench_shape(n, h, v, dtype, device, repeats, with_compile):

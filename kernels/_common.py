@@ -76,3 +76,21 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h
         # c * tanh(z / c), with tanh written through exp so it runs in the interpreter too
         acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
     return acc
+
+
+@triton.jit
+def d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+            inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """D[BLOCK_N, BLOCK_V] = g (onehot - softmax) c' / tau, zero outside the valid rows and columns."""
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    l = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp, softcap,
+                    HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(l - lse[:, None])) * g[:, None]
+    if HAS_SOFTCAP:
+        r = l / softcap
+        d = d * (1.0 - r * r)
+    d = d * inv_temp
+    return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting, load_chunk, logits_tile, shared_memory_pruner, upcast_dot
+from ._common import d_tile, dot_precision, interpreting, load_chunk, shared_memory_pruner, upcast_dot
 
 
 @triton.jit
@@ -33,21 +33,8 @@ def _linear_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-
-    l = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp, softcap,
-                    HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-    p = tl.exp(l - lse[:, None])
-    d = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p
-    d = d * g[:, None]
-    if HAS_SOFTCAP:
-        r = l / softcap
-        d = d * (1.0 - r * r)
-    d = d * inv_temp
-    # padded rows/cols may hold inf * 0 = nan: zero them explicitly
-    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+               inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(d, axis=0), mask=col_mask)
     d_in = d.to(h_ptr.dtype.element_ty)

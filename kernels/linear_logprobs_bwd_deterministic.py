@@ -9,25 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting, load_chunk, logits_tile, upcast_dot
-
-
-@triton.jit
-def _d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-            inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """D[BLOCK_N, BLOCK_V] = g (onehot - softmax) c' / tau, zero outside the valid rows and columns."""
-    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    l = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp, softcap,
-                    HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-    d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(l - lse[:, None])) * g[:, None]
-    if HAS_SOFTCAP:
-        r = l / softcap
-        d = d * (1.0 - r * r)
-    d = d * inv_temp
-    return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+from ._common import d_tile, dot_precision, interpreting, load_chunk, upcast_dot
 
 
 @triton.jit
@@ -40,7 +22,7 @@ def _dh_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, N, V, H, st
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        d = _d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h,
+        d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h,
                     stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION,
                     UPCAST_DOT)
         d_in = d.to(h_ptr.dtype.element_ty)
@@ -68,7 +50,7 @@ def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, 
     for r0 in range(0, N, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        d = _d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h,
+        d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h,
                     stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION,
                     UPCAST_DOT)
         if COMPUTE_DB:

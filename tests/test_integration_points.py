@@ -34,7 +34,8 @@ def test_triton_custom_op_fake_kernel():
     with FakeTensorMode():
         h, w, b, t = (torch.empty(9, 16), torch.empty(70, 16), torch.empty(70), torch.zeros(9, dtype=torch.long))
         logp, lse = triton_backend._fwd(h, w, b, t, 1.0, -1.0)
-        d_h, d_w, d_b = triton_backend._bwd(torch.empty(9), h, w, b, t, lse, 1.0, -1.0, True, False, True, False)
+        d_h, d_w, d_b = triton_backend._bwd(torch.empty(9), h, w, b, t, lse, 1.0, -1.0, True, False, True,
+                                                "atomic")
     assert logp.shape == (9,) and d_h.shape == (9, 16) and d_w.shape == (0,) and d_b.shape == (70,)
 
 

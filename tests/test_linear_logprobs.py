@@ -83,6 +83,41 @@ def test_triton_deterministic_backward(shape, kw):
     assert max_err(h.grad, ref[1]) < ATOL[torch.float32] * max(1.0, ref[1].abs().max().item())
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("strategy", ["atomic", "vocab-chunked", "two-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_strategies(monkeypatch, strategy, dtype):
+    """Every triton backward strategy against the float64 reference; the vocab-chunked one with a buffer so small
+    that it takes several chunks, the last one ragged."""
+    from fastalign.backends import triton_backend
+    from fastalign.kernels import linear_logprobs_bwd_vocab_chunked as vc
+    monkeypatch.setattr(triton_backend, "BACKWARD", strategy)
+    monkeypatch.setattr(vc, "CHUNK_BYTES", 37 * 96 * 4)  # 96 fp32 columns (3 blocks) per chunk for 37 rows
+    hidden, weight, bias, targets, grad = make_case(37, 48, 1003, dtype=dtype, bias=True)
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", softcap=5.0, temperature=0.9)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, softcap=5.0, temperature=0.9)
+    if dtype == torch.float32:
+        assert_close_to_reference(got, ref, ATOL[dtype])
+    else:
+        naive = run(naive_linear_logprobs, hidden, weight, bias, targets, grad, softcap=5.0, temperature=0.9)
+        for name, g, n, r in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, ref):
+            assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype], (name, max_err(g, r), max_err(n, r))
+    if strategy != "atomic":
+        again = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", softcap=5.0,
+                    temperature=0.9)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_unknown_triton_strategy_is_a_clear_error(monkeypatch):
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("triton unavailable")
+    from fastalign.backends import triton_backend
+    monkeypatch.setattr(triton_backend, "BACKWARD", "magic")
+    hidden, weight, _, targets, grad = make_case(5, 16, 40)
+    with pytest.raises(ValueError, match="unknown triton backward strategy 'magic'.*valid: atomic, vocab-chunked"):
+        run(fa.linear_logprobs, hidden, weight, None, targets, grad, backend="triton")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_naive_error(backend, dtype):
@@ -248,17 +283,21 @@ def test_gpu_triton_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_backward_modes_and_reproducibility(deterministic):
+@pytest.mark.parametrize("strategy", ["atomic", "vocab-chunked", "two-pass"])
+def test_gpu_backward_strategies_and_reproducibility(monkeypatch, strategy):
+    from fastalign.backends import triton_backend
+    from fastalign.kernels import linear_logprobs_bwd_vocab_chunked as vc
+    monkeypatch.setattr(triton_backend, "BACKWARD", strategy)
+    monkeypatch.setattr(vc, "CHUNK_BYTES", 4099 * 8192 * 2)  # several chunks, the last one ragged
     hidden, weight, bias, targets, grad = make_case(4099, 512, 50257, dtype=torch.bfloat16, bias=True)
     cuda = [x.cuda() if x is not None else None for x in (hidden, weight, bias, targets, grad)]
-    got = run(fa.linear_logprobs, *cuda, backend="triton", deterministic=deterministic)
+    got = run(fa.linear_logprobs, *cuda, backend="triton")  # the first call autotunes: must be exact too
     naive = run(naive_linear_logprobs, *cuda)
     ref = run(reference_linear_logprobs, *cuda)
     for g, n, r in zip(got, naive, ref):
         assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[torch.bfloat16]
-    if deterministic:
-        again = run(fa.linear_logprobs, *cuda, backend="triton", deterministic=True)
+    if strategy != "atomic":
+        again = run(fa.linear_logprobs, *cuda, backend="triton")
         assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 

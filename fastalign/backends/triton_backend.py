@@ -1,11 +1,34 @@
-"""Triton backend (fastalign.kernels), exposed as torch.library custom ops so torch.compile can trace through."""
+"""Triton backend (fastalign.kernels), exposed as torch.library custom ops so torch.compile can trace through.
+
+Three backward strategies, same results (to rounding):
+  atomic         one fused kernel; each [rows x vocab] tile adds into d_hidden and d_weight with fp32 atomics
+  vocab-chunked  a kernel writes D for one vocabulary chunk, cuBLAS does D @ W and D^T @ h (deterministic)
+  two-pass       two atomics-free kernels, one owning row blocks, one owning vocabulary blocks (deterministic)
+BACKWARD picks the default (env FASTALIGN_TRITON_BACKWARD); deterministic=True never uses "atomic".
+"""
+import os
 from typing import List, Optional
 
 import torch
 
 from fastalign.kernels.linear_logprobs_bwd import linear_logprobs_backward
 from fastalign.kernels.linear_logprobs_bwd_deterministic import linear_logprobs_backward_deterministic
+from fastalign.kernels.linear_logprobs_bwd_vocab_chunked import linear_logprobs_backward_vocab_chunked
 from fastalign.kernels.linear_logprobs_fwd import linear_logprobs_forward
+
+STRATEGIES = {"atomic": linear_logprobs_backward, "vocab-chunked": linear_logprobs_backward_vocab_chunked,
+              "two-pass": linear_logprobs_backward_deterministic}
+DETERMINISTIC = ("vocab-chunked", "two-pass")
+BACKWARD = os.environ.get("FASTALIGN_TRITON_BACKWARD", "atomic")
+
+
+def backward_strategy(deterministic):
+    if BACKWARD not in STRATEGIES:
+        raise ValueError(f"unknown triton backward strategy {BACKWARD!r} (FASTALIGN_TRITON_BACKWARD); "
+                         f"valid: {', '.join(STRATEGIES)}")
+    if deterministic and BACKWARD not in DETERMINISTIC:
+        return "two-pass"
+    return BACKWARD
 
 
 def _softcap(value):
@@ -27,20 +50,19 @@ def _(hidden, weight, bias, targets, temperature, softcap):
 @torch.library.custom_op("fastalign::triton_linear_logprobs_bwd", mutates_args=())
 def _bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          targets: torch.Tensor, lse: torch.Tensor, temperature: float, softcap: float, need_hidden: bool,
-         need_weight: bool, need_bias: bool, deterministic: bool) -> List[torch.Tensor]:
-    impl = linear_logprobs_backward_deterministic if deterministic else linear_logprobs_backward
-    d_h, d_w, d_b = impl(grad, hidden, weight, bias, targets, lse, temperature, _softcap(softcap), need_hidden,
+         need_weight: bool, need_bias: bool, strategy: str) -> List[torch.Tensor]:
+    d_h, d_w, d_b = STRATEGIES[strategy](grad, hidden, weight, bias, targets, lse, temperature, _softcap(softcap), need_hidden,
                          need_weight, need_bias)
     # each missing gradient gets its own empty tensor: custom op outputs may not alias each other
     return [hidden.new_empty(0, dtype=torch.float32) if x is None else x for x in (d_h, d_w, d_b)]
 
 
 @_bwd.register_fake
-def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias,
-      deterministic):
+def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias, strategy):
     f32 = dict(dtype=torch.float32)
+    w_dtype = weight.dtype if strategy == "vocab-chunked" else torch.float32
     return [hidden.new_empty(hidden.shape if need_hidden else (0,), **f32),
-            weight.new_empty(weight.shape if need_weight else (0,), **f32),
+            weight.new_empty(weight.shape if need_weight else (0,), dtype=w_dtype),
             weight.new_empty((weight.shape[0],) if need_bias else (0,), **f32)]
 
 
@@ -56,7 +78,7 @@ def forward(hidden, weight, bias, targets, opts, save_for_hidden=False):
 def backward(grad, hidden, weight, bias, targets, lse, basis, opts, need_hidden, need_weight, need_bias):
     g = torch.where(targets >= 0, grad, torch.zeros_like(grad)).contiguous()
     d_h, d_w, d_b = _bwd(g, hidden, weight, bias, targets, lse, opts.temperature, _softcap_arg(opts),
-                         need_hidden, need_weight, need_bias, opts.deterministic)
+                         need_hidden, need_weight, need_bias, backward_strategy(opts.deterministic))
     return (d_h.to(hidden.dtype) if need_hidden else None,
             d_w.to(weight.dtype) if need_weight else None,
             d_b.to(bias.dtype) if need_bias else None)
