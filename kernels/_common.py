@@ -45,6 +45,15 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def launch_common(hidden, bias, temperature, softcap):
+    """What every launch passes the same way: (bias pointer, 1 / temperature, softcap, constexpr flags).
+    Without a bias, hidden stands in as a pointer that HAS_BIAS=False keeps unread; without a softcap, 1.0
+    stands in and HAS_SOFTCAP=False keeps it unused."""
+    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                DOT_PRECISION=dot_precision(hidden.dtype), UPCAST_DOT=upcast_dot(hidden.dtype))
+    return (bias if bias is not None else hidden), 1.0 / temperature, (1.0 if softcap is None else softcap), meta
+
+
 @triton.jit
 def load_chunk(ptr, idx64, stride, ks, idx_mask, k_mask, UPCAST_DOT: tl.constexpr):
     """Rows idx of a row-major matrix, columns ks: a [len(idx), BLOCK_K] tile (0 outside the masks), widened
@@ -53,6 +62,15 @@ def load_chunk(ptr, idx64, stride, ks, idx_mask, k_mask, UPCAST_DOT: tl.constexp
     if UPCAST_DOT:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def as_dot_operand(x, like_ptr, UPCAST_DOT: tl.constexpr):
+    """x cast to the element type of like_ptr for tl.dot (widened to fp32 where the interpreter needs it)."""
+    y = x.to(like_ptr.dtype.element_ty)
+    if UPCAST_DOT:
+        y = y.to(tl.float32)
+    return y
 
 
 @triton.jit

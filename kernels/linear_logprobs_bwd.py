@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import d_tile, dot_precision, interpreting, load_chunk, shared_memory_pruner, upcast_dot
+from ._common import as_dot_operand, d_tile, interpreting, launch_common, load_chunk, shared_memory_pruner
 
 
 @triton.jit
@@ -37,9 +37,7 @@ def _linear_logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh
                inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(d, axis=0), mask=col_mask)
-    d_in = d.to(h_ptr.dtype.element_ty)
-    if UPCAST_DOT:
-        d_in = d_in.to(tl.float32)
+    d_in = as_dot_operand(d, h_ptr, UPCAST_DOT)
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
@@ -79,11 +77,10 @@ def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, temperatu
     dh = torch.zeros((n, h), **f32) if need_hidden else torch.empty(0, **f32)
     dw = torch.zeros((v, h), **f32) if need_weight else torch.empty(0, **f32)
     db = torch.zeros(v, **f32) if need_bias else torch.empty(0, **f32)
-    args = (hidden, weight, bias if bias is not None else hidden, targets, lse, grad, dh, dw, db, n, v, h,
-            hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap if softcap is not None else 1.0)
-    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_DH=need_hidden,
-                COMPUTE_DW=need_weight, COMPUTE_DB=need_bias, DOT_PRECISION=dot_precision(hidden.dtype),
-                UPCAST_DOT=upcast_dot(hidden.dtype))
+    bias_arg, inv_temp, softcap_arg, meta = launch_common(hidden, bias, temperature, softcap)
+    args = (hidden, weight, bias_arg, targets, lse, grad, dh, dw, db, n, v, h, hidden.stride(0), weight.stride(0),
+            inv_temp, softcap_arg)
+    meta.update(COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias)
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]) * triton.cdiv(v, meta_["BLOCK_V"]),)

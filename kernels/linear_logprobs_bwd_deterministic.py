@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import d_tile, dot_precision, interpreting, load_chunk, upcast_dot
+from ._common import as_dot_operand, d_tile, interpreting, launch_common, load_chunk
 
 
 @triton.jit
@@ -25,9 +25,7 @@ def _dh_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, N, V, H, st
         d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h,
                     stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION,
                     UPCAST_DOT)
-        d_in = d.to(h_ptr.dtype.element_ty)
-        if UPCAST_DOT:
-            d_in = d_in.to(tl.float32)
+        d_in = as_dot_operand(d, h_ptr, UPCAST_DOT)
         cols64 = cols.to(tl.int64)
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -56,9 +54,7 @@ def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, 
         if COMPUTE_DB:
             db += tl.sum(d, axis=0)
         if COMPUTE_DW:
-            d_in = d.to(h_ptr.dtype.element_ty)
-            if UPCAST_DOT:
-                d_in = d_in.to(tl.float32)
+            d_in = as_dot_operand(d, h_ptr, UPCAST_DOT)
             rows64 = rows.to(tl.int64)
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -84,10 +80,10 @@ def linear_logprobs_backward_deterministic(grad, hidden, weight, bias, targets, 
     v = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     blocks = INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
-    common = (hidden, weight, bias if bias is not None else hidden, targets, lse, grad)
-    scalars = (n, v, h, hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap if softcap is not None else 1.0)
-    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                DOT_PRECISION=dot_precision(hidden.dtype), UPCAST_DOT=upcast_dot(hidden.dtype), **blocks)
+    bias_arg, inv_temp, softcap_arg, meta = launch_common(hidden, bias, temperature, softcap)
+    meta.update(blocks)
+    common = (hidden, weight, bias_arg, targets, lse, grad)
+    scalars = (n, v, h, hidden.stride(0), weight.stride(0), inv_temp, softcap_arg)
     dh = dw = db = None
     if need_hidden:
         dh = torch.zeros((n, h), **f32)

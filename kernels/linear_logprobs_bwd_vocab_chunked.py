@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import d_tile, dot_precision, interpreting, upcast_dot
+from ._common import d_tile, interpreting, launch_common
 
 CHUNK_BYTES = 256 * 1024 * 1024
 
@@ -66,15 +66,14 @@ def linear_logprobs_backward_vocab_chunked(grad, hidden, weight, bias, targets, 
     dh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None
     db = torch.empty(v, dtype=torch.float32, device=hidden.device) if need_bias else None
-    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision(hidden.dtype),
-                UPCAST_DOT=upcast_dot(hidden.dtype), **blocks)
+    bias_arg, inv_temp, softcap_arg, meta = launch_common(hidden, bias, temperature, softcap)
+    meta.update(blocks)
     for v0 in range(0, v, vc):
         cur = min(vc, v - v0)
         d = buf[:, :cur]
         grid = (triton.cdiv(n, blocks["BLOCK_N"]) * triton.cdiv(cur, blocks["BLOCK_V"]),)
-        _d_chunk_kernel[grid](hidden, weight, bias if bias is not None else hidden, targets, lse, grad, buf, n, v, h,
-                              v0, cur, hidden.stride(0), weight.stride(0), buf.stride(0), 1.0 / temperature,
-                              softcap if softcap is not None else 1.0, **meta)
+        _d_chunk_kernel[grid](hidden, weight, bias_arg, targets, lse, grad, buf, n, v, h, v0, cur, hidden.stride(0),
+                              weight.stride(0), buf.stride(0), inv_temp, softcap_arg, **meta)
         if need_weight:
             torch.mm(d.t(), hidden, out=dw[v0:v0 + cur])
         if need_bias:

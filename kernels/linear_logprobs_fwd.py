@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting, logits_tile, shared_memory_pruner, upcast_dot
+from ._common import interpreting, launch_common, logits_tile, shared_memory_pruner
 
 
 @triton.jit
@@ -81,10 +81,9 @@ def linear_logprobs_forward(hidden, weight, bias, targets, temperature, softcap)
     m = torch.empty((splits, n), **f32)
     s = torch.empty((splits, n), **f32)
     t = torch.empty((splits, n), **f32)
-    args = (hidden, weight, bias if bias is not None else hidden, targets, m, s, t, n, v, h, hidden.stride(0),
-            weight.stride(0), splits, 1.0 / temperature, softcap if softcap is not None else 1.0)
-    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision(hidden.dtype),
-                UPCAST_DOT=upcast_dot(hidden.dtype))
+    bias_arg, inv_temp, softcap_arg, meta = launch_common(hidden, bias, temperature, softcap)
+    args = (hidden, weight, bias_arg, targets, m, s, t, n, v, h, hidden.stride(0), weight.stride(0), splits, inv_temp,
+            softcap_arg)
     if interpreting():
         _linear_logprobs_fwd_kernel[(triton.cdiv(n, INTERPRETER_BLOCKS["BLOCK_N"]) * splits,)](
             *args, **meta, **INTERPRETER_BLOCKS)

@@ -51,8 +51,8 @@ def _(hidden, weight, bias, targets, temperature, softcap):
 def _bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          targets: torch.Tensor, lse: torch.Tensor, temperature: float, softcap: float, need_hidden: bool,
          need_weight: bool, need_bias: bool, strategy: str) -> List[torch.Tensor]:
-    d_h, d_w, d_b = STRATEGIES[strategy](grad, hidden, weight, bias, targets, lse, temperature, _softcap(softcap), need_hidden,
-                         need_weight, need_bias)
+    d_h, d_w, d_b = STRATEGIES[strategy](grad, hidden, weight, bias, targets, lse, temperature, _softcap(softcap),
+                                         need_hidden, need_weight, need_bias)
     # each missing gradient gets its own empty tensor: custom op outputs may not alias each other
     return [hidden.new_empty(0, dtype=torch.float32) if x is None else x for x in (d_h, d_w, d_b)]
 
