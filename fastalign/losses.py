@@ -217,6 +217,7 @@ class _FusedPreferenceLoss(_FusedLogprobs):
 
     uses_reference = False
     length_normalized = False
+    rpo_alpha = None  # weight of RPO's NLL term on the chosen answer, where a loss has one
 
     def pair_losses(self, pc, pr, rc, rr):
         raise NotImplementedError
@@ -253,7 +254,7 @@ class _FusedPreferenceLoss(_FusedLogprobs):
             pc_n, pr_n, rc_n, rr_n = pc, pr, rc, rr
         losses = self.pair_losses(pc_n, pr_n, rc_n, rr_n)
         nll = None
-        if getattr(self, "rpo_alpha", None):
+        if self.rpo_alpha:
             nll = -pc / nc  # mean token NLL of each chosen answer (RPO)
             losses = losses + self.rpo_alpha * nll
         loss = weighted_mean(losses, pair_weights)

@@ -18,7 +18,7 @@ from fastalign import checkpoint as ckpt
 from fastalign.config import DPOConfig, RewardConfig, SFTConfig
 from fastalign.data import (collate_preference, collate_sft, load_rows, tokenize_preference_rows, tokenize_sft_rows,
                             validate_rows)
-from fastalign.integrations.hf import _unwrap, lm_head_config, trunk_and_head
+from fastalign.integrations.hf import _unwrap, lm_head_config, trunk_and_head, trunk_of
 from fastalign.losses import FusedDPOLoss, FusedORPOLoss, FusedSFTLoss, FusedSimPOLoss, weighted_bt_loss
 
 
@@ -173,11 +173,15 @@ class _BaseTrainer:
         return global_batch[self.rank * b:(self.rank + 1) * b]
 
     # ---- the model ------------------------------------------------------------------------------------
+    @staticmethod
+    def _trunk_hidden(trunk, batch):
+        kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
+        return trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                     **kw).last_hidden_state
+
     def _hidden(self, model, batch):
         trunk, head = trunk_and_head(model)
-        kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
-        out = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kw)
-        return out.last_hidden_state, head
+        return self._trunk_hidden(trunk, batch), head
 
     def _shifted(self, hidden, batch):
         """hidden[:, t] predicts labels[:, t + 1]; packed rows shift the same way (each sequence's first
@@ -359,7 +363,18 @@ class _BaseTrainer:
 
     def _per_example_stats(self, out, examples):
         """(behaviour, {stat: value}) for examples that carry a behaviour label; averaged per behaviour."""
-        return []
+        if not hasattr(out, "reward_margins"):
+            return []
+        return [(e["behaviour"], {"accuracy": a, "margin": m})
+                for e, a, m in zip(examples, out.reward_accuracies.tolist(), out.reward_margins.tolist())
+                if e.get("behaviour")]
+
+    @staticmethod
+    def _reward_metrics(out):
+        return {"loss": out.loss.item(), "rewards/chosen": out.chosen_rewards.mean().item(),
+                "rewards/rejected": out.rejected_rewards.mean().item(),
+                "rewards/margins": out.reward_margins.mean().item(),
+                "rewards/accuracies": out.reward_accuracies.mean().item()}
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def _sharded(self):
@@ -566,30 +581,24 @@ class DPOTrainer(_BaseTrainer):
         kw = {}
         if extra is not None:
             kw = dict(ref_chosen_logps=extra[0], ref_rejected_logps=extra[1])
-        weights = batch.weights if batch.weights is not None and bool((batch.weights != 1).any()) else None
-        return self.loss_module(h, head.weight, labels, bias=getattr(head, "bias", None), pair_weights=weights,
+        return self.loss_module(h, head.weight, labels, bias=getattr(head, "bias", None), pair_weights=batch.weights,
                                 sequence_index=seq, n_sequences=batch.n_sequences if seq is not None else None,
                                 **kw)
 
     def _metrics_of(self, out):
-        m = {"loss": out.loss.item(), "rewards/chosen": out.chosen_rewards.mean().item(),
-             "rewards/rejected": out.rejected_rewards.mean().item(),
-             "rewards/margins": out.reward_margins.mean().item(),
-             "rewards/accuracies": out.reward_accuracies.mean().item(),
-             "logps/chosen": out.chosen_logps.mean().item(), "logps/rejected": out.rejected_logps.mean().item()}
+        m = self._reward_metrics(out)
+        m.update({"logps/chosen": out.chosen_logps.mean().item(), "logps/rejected": out.rejected_logps.mean().item()})
         if out.nll_loss is not None:
             m["nll_loss"] = out.nll_loss.item()
         return m
 
-    def _per_example_stats(self, out, examples):
-        return [(e["behaviour"], {"accuracy": a, "margin": m})
-                for e, a, m in zip(examples, out.reward_accuracies.tolist(), out.reward_margins.tolist())
-                if e.get("behaviour")]
-
 
 class _RewardOutput:
+    """A reward model's scores are its rewards: the same field names as PreferenceLossOutput."""
+
     def __init__(self, loss, chosen, rejected):
-        self.loss, self.chosen_scores, self.rejected_scores = loss, chosen, rejected
+        self.loss, self.chosen_rewards, self.rejected_rewards = loss, chosen, rejected
+        self.reward_margins = (chosen - rejected).detach()
         self.reward_accuracies = (chosen > rejected).float().detach()
 
 
@@ -610,10 +619,7 @@ class RewardTrainer(_BaseTrainer):
 
     def _loss(self, model, batch, extra):
         inner = _unwrap(model)
-        trunk = getattr(inner, getattr(inner, "base_model_prefix", "model"))
-        kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
-        hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                       **kw).last_hidden_state
+        hidden = self._trunk_hidden(trunk_of(inner), batch)
         n = batch.n_sequences
         if batch.sequence_index is None:  # right padding: the last real token of each row
             last = batch.attention_mask.sum(-1) - 1
@@ -625,20 +631,11 @@ class RewardTrainer(_BaseTrainer):
             h_last = hidden[0, last]
         scores = inner.score(h_last).squeeze(-1).float()
         b = n // 2
-        weights = batch.weights if batch.weights is not None and bool((batch.weights != 1).any()) else None
-        loss = weighted_bt_loss(scores[:b], scores[b:], weights)
+        loss = weighted_bt_loss(scores[:b], scores[b:], batch.weights)
         return _RewardOutput(loss, scores[:b], scores[b:])
 
     def _metrics_of(self, out):
-        return {"loss": out.loss.item(), "rewards/chosen": out.chosen_scores.mean().item(),
-                "rewards/rejected": out.rejected_scores.mean().item(),
-                "rewards/margins": (out.chosen_scores - out.rejected_scores).mean().item(),
-                "rewards/accuracies": out.reward_accuracies.mean().item()}
-
-    def _per_example_stats(self, out, examples):
-        margins = (out.chosen_scores - out.rejected_scores).tolist()
-        return [(e["behaviour"], {"accuracy": a, "margin": m})
-                for e, a, m in zip(examples, out.reward_accuracies.tolist(), margins) if e.get("behaviour")]
+        return self._reward_metrics(out)
 
 
 class SFTTrainer(_BaseTrainer):

@@ -318,7 +318,7 @@ def test_reward_and_sft_packed_equal_padded(tmp_path):
     ex = rm_pad.train_examples[:4]
     a = rm_pad.step_module(rm_pad._collate(ex), None)
     b = rm_pack.step_module(rm_pack._collate(ex), None)
-    torch.testing.assert_close(b.chosen_scores, a.chosen_scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.chosen_rewards, a.chosen_rewards, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
     m, tok = default_model_and_tokenizer(seed=0)
     sft_pad = SFTTrainer(m, tokenizer=tok, train_dataset=ROWS, config=cfg(SFTConfig, tmp_path / "c"))

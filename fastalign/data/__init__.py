@@ -226,7 +226,7 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None
     sequence_index: Optional[torch.Tensor] = None
     n_sequences: int = 0
-    weights: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None  # per-pair weights; None when every pair weighs 1
     behaviours: Optional[List] = None
     indices: Optional[List[int]] = None
 
@@ -271,7 +271,9 @@ def collate_preference(examples, pad_id, padding_free=False, use_4d_mask=True, m
     ids = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
     b = collate_sequences(ids, labels, pad_id, padding_free, use_4d_mask, mask_dtype)
-    b.weights = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
+    # all-ones weights are the plain mean: leave them out here, where it costs no device synchronisation
+    if any(e["weight"] != 1.0 for e in examples):
+        b.weights = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
     b.behaviours = [e.get("behaviour") for e in examples]
     b.indices = [e["index"] for e in examples]
     return b

@@ -52,19 +52,25 @@ def lm_head_config(model):
     return temperature, (float(softcap) if softcap else None)
 
 
-def trunk_and_head(model):
-    """(trunk module returning last hidden states, lm_head module) of a causal LM."""
+def trunk_of(model):
+    """The transformer trunk (returning last hidden states) of a causal LM or sequence-classification model."""
     inner = _unwrap(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is None or not hasattr(head, "weight"):
-        raise TypeError(f"{type(inner).__name__} has no output embeddings (lm_head); a causal LM is expected")
     trunk = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
     if trunk is None or trunk is inner:
         trunk = getattr(inner, "model", None)
     if trunk is None:
         raise TypeError(f"cannot find the transformer trunk of {type(inner).__name__} "
                         f"(looked for .{getattr(inner, 'base_model_prefix', 'model')} and .model)")
-    return trunk, head
+    return trunk
+
+
+def trunk_and_head(model):
+    """(trunk module returning last hidden states, lm_head module) of a causal LM."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"{type(inner).__name__} has no output embeddings (lm_head); a causal LM is expected")
+    return trunk_of(inner), head
 
 
 def head_inputs(model, input_ids, attention_mask=None, labels=None, *, shift=True, **model_kwargs):
