@@ -14,8 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastalign as fa  # noqa: E402
-from bench.common import environment, markdown_table, ratio_plot, write_results  # noqa: E402
-from fastalign.profiling import PeakMemory, median_time  # noqa: E402
+from bench.common import environment, markdown_table, measure, ratio_plot, write_results  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
 
@@ -80,17 +79,12 @@ def main(argv=None):
             hh = hidden.detach().requires_grad_()
             ww = weight.detach().requires_grad_()
             fn(hh, ww, labels, ref_hidden, ref_weight).backward()
-        try:
-            step()
-            with PeakMemory(device) as mem:
-                step()
-            seconds = median_time(step, warmup=0, repeats=args.repeats, device=device)
-        except Exception as exc:
-            print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
-            rows.append(dict(shape=shape, variant=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+        seconds, peak = measure(step, device, args.repeats, name)
+        if seconds is None:
+            rows.append(dict(shape=shape, variant=name, error=peak))
             continue
-        rows.append(dict(shape=shape, variant=name, seconds_ms=seconds * 1e3, peak_extra_mib=mem.peak_bytes / 2**20))
-        print(f"  {name:32s} {seconds * 1e3:9.1f} ms {mem.peak_bytes / 2**20:8.0f} MiB", file=sys.stderr)
+        rows.append(dict(shape=shape, variant=name, seconds_ms=seconds * 1e3, peak_extra_mib=peak / 2**20))
+        print(f"  {name:32s} {seconds * 1e3:9.1f} ms {peak / 2**20:8.0f} MiB", file=sys.stderr)
     base = rows[0]
     for r in rows:
         if "seconds_ms" in r and "seconds_ms" in base:

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastalign as fa  # noqa: E402
-from bench.common import environment, markdown_table, ratio_plot, write_results  # noqa: E402
-from fastalign.profiling import PeakMemory, median_time  # noqa: E402
+from bench.common import environment, markdown_table, measure, ratio_plot, write_results  # noqa: E402
+from fastalign.profiling import median_time  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,20 +81,13 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile):
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         flops = (8 if backward else 2) * n * h * v
         for name, fn in variants(device, with_compile):
-            step = make_step(fn, hidden, weight, targets, backward)
-            try:
-                step()  # warm-up: compilation and autotuning happen here, outside the measurement
-                with PeakMemory(device) as mem:
-                    step()
-                seconds = median_time(step, warmup=0, repeats=repeats, device=device)
-            except Exception as exc:  # e.g. torch.compile unavailable, or out of memory
-                print(f"  {name} {mode}: failed ({type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
-                rows.append(dict(shape=shape, mode=mode, variant=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+            seconds, peak = measure(make_step(fn, hidden, weight, targets, backward), device, repeats, f"{name} {mode}")
+            if seconds is None:
+                rows.append(dict(shape=shape, mode=mode, variant=name, error=peak))
                 continue
-            rows.append(dict(shape=shape, mode=mode, variant=name, seconds=seconds, peak_extra_mib=mem.peak_bytes / 2**20,
+            rows.append(dict(shape=shape, mode=mode, variant=name, seconds=seconds, peak_extra_mib=peak / 2**20,
                              tflops=flops / seconds / 1e12))
-            print(f"  {shape} {mode:8s} {name:22s} {seconds * 1e3:9.1f} ms  {mem.peak_bytes / 2**20:8.0f} MiB",
-                  file=sys.stderr)
+            print(f"  {shape} {mode:8s} {name:22s} {seconds * 1e3:9.1f} ms  {peak / 2**20:8.0f} MiB", file=sys.stderr)
         if backward:
             gemm_step = lambda: three_gemms(hidden, weight)  # noqa: E731
             gemm_step()

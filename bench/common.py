@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 
 import torch
 
@@ -17,6 +18,21 @@ def environment():
     env["machine"] = platform.machine()
     env["cpu_threads"] = torch.get_num_threads()
     return env
+
+
+def measure(step, device, repeats, label):
+    """(median seconds, peak extra bytes) of step() after one warm-up run (compilation and autotuning happen
+    there, outside the measurement); None, reported on stderr, when the variant fails (e.g. torch.compile
+    unavailable, out of memory) so that the others still run."""
+    from fastalign.profiling import PeakMemory, median_time
+    try:
+        step()
+        with PeakMemory(device) as mem:
+            step()
+        return median_time(step, warmup=0, repeats=repeats, device=device), mem.peak_bytes
+    except Exception as exc:
+        print(f"  {label}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        return None, f"{type(exc).__name__}: {exc}"[:300]
 
 
 def markdown_table(rows, columns):
