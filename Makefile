@@ -6,7 +6,7 @@ export MAX_JOBS ?= 2
 
 .PHONY: install demo opdemo test test-gpu bench info clean
 
-$(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp
+$(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# torch only if none is importable: `torch==2.13.0` takes the local CPU build on this machine

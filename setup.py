@@ -4,13 +4,14 @@ Environment flags (flash-attention's habits):
   FASTALIGN_NO_EXT=1   skip building the extension entirely
   MAX_JOBS=N           parallel compile jobs (read by torch's BuildExtension / ninja)
 """
+import glob
 import os
 import re
 import shutil
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +41,7 @@ def extension_modules():
     # CUDA sources only where CUDA is: none yet; csrc/*.cu will be added with torch.version.cuda checks.
     ext = CppExtension(
         name="fastalign._C",
-        sources=[os.path.join("csrc", "linear_logprobs.cpp")],
+        sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),  # every kernel file plus bindings.cpp
         extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
     )
 
@@ -67,7 +68,7 @@ ext_modules, cmdclass = extension_modules()
 
 setup(
     version=read_version(),
-    packages=["fastalign", "fastalign.backends", "fastalign.integrations", "fastalign.data", "fastalign.kernels"],
+    packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels"],
     # The Triton kernels live in kernels/ but install as fastalign.kernels: a top-level `kernels`
     # module would collide with an unrelated PyPI project.
     package_dir={"fastalign.kernels": "kernels"},

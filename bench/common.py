@@ -12,7 +12,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def environment():
-    from fastalign.cli import info_dict
+    from fastalign.cli.info import info_dict
     env = info_dict()
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["machine"] = platform.machine()

@@ -15,6 +15,8 @@
 //     recomputing each logits tile. Deterministic, and d_W work is skipped when the weight is frozen.
 // Tiles are computed in fp32 for fp32/bf16/fp16 inputs (blocks are converted as they are read), and in
 // fp64 for fp64 inputs (gradcheck).
+#include "fastalign.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -186,15 +188,4 @@ std::vector<at::Tensor> linear_logprobs_backward_weight(const at::Tensor& grad_i
     }
   });
   return {d_w, d_b};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastalign C++ CPU kernels: fused linear -> token log-prob";
-  m.def("linear_logprobs_forward", &linear_logprobs_forward, "forward: {logp, lse, d_hidden basis}",
-        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("temperature"),
-        py::arg("softcap"), py::arg("with_basis"), py::arg("block_n"), py::arg("block_v"));
-  m.def("linear_logprobs_backward_weight", &linear_logprobs_backward_weight, "backward: {d_weight, d_bias} in fp32",
-        py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("need_weight"), py::arg("need_bias"),
-        py::arg("block_n"), py::arg("block_v"));
 }

@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 # Trainers and configs import transformers: load them on first use, not with `import fastalign`.
-_LAZY = {"DPOTrainer": "fastalign.trainer", "RewardTrainer": "fastalign.trainer", "SFTTrainer": "fastalign.trainer",
+_LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainers", "SFTTrainer": "fastalign.trainers",
          "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",
          "TrainConfig": "fastalign.config"}
 __all__ += list(_LAZY)

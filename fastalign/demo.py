@@ -12,7 +12,7 @@ import time
 import torch
 
 import fastalign as fa
-from fastalign.cli import EMBEDDED_DEFAULTS
+from fastalign.cli.common import EMBEDDED_DEFAULTS
 from fastalign.config import DPOConfig
 from fastalign.data import DEFAULT_PREFERENCES, default_model_and_tokenizer, load_rows
 from fastalign.trainer import DPOTrainer

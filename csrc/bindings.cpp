@@ -1,0 +1,13 @@
+// The one Python module of the extension, fastalign._C: every op declared in fastalign.h, one m.def each.
+#include "fastalign.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastalign C++ CPU kernels";
+  m.def("linear_logprobs_forward", &linear_logprobs_forward, "forward: {logp, lse, d_hidden basis}",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("temperature"),
+        py::arg("softcap"), py::arg("with_basis"), py::arg("block_n"), py::arg("block_v"));
+  m.def("linear_logprobs_backward_weight", &linear_logprobs_backward_weight, "backward: {d_weight, d_bias} in fp32",
+        py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
+        py::arg("temperature"), py::arg("softcap"), py::arg("need_weight"), py::arg("need_bias"),
+        py::arg("block_n"), py::arg("block_v"));
+}

@@ -1,0 +1,18 @@
+// Declarations of every compiled op in fastalign._C; bindings.cpp exposes them to Python.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+// linear_logprobs.cpp: fused linear -> token log-prob (forward with optional d_hidden basis; d_weight/d_bias).
+std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
+                                                const c10::optional<at::Tensor>& bias, const at::Tensor& targets_in,
+                                                double temperature, double softcap, bool with_basis,
+                                                int64_t block_n, int64_t block_v);
+std::vector<at::Tensor> linear_logprobs_backward_weight(const at::Tensor& grad_in, const at::Tensor& hidden_in,
+                                                        const at::Tensor& weight_in,
+                                                        const c10::optional<at::Tensor>& bias,
+                                                        const at::Tensor& targets_in, const at::Tensor& lse_in,
+                                                        double temperature, double softcap, bool need_weight,
+                                                        bool need_bias, int64_t block_n, int64_t block_v);

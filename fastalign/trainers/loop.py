@@ -1,0 +1,341 @@
+"""The training loop every trainer shares: setup, data, the step loop with accumulation, logging, evaluation.
+Each trainer (dpo.py, reward.py, sft.py) states how a batch becomes a loss."""
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from fastalign import checkpoint as ckpt
+from fastalign.data import (collate_preference, collate_sft, load_rows, tokenize_preference_rows, tokenize_sft_rows,
+                            validate_rows)
+from fastalign.integrations.hf import _unwrap, trunk_and_head
+from fastalign.trainers.models import StepModule as _StepModule
+from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
+from fastalign.trainers.state import CheckpointMixin
+
+
+class BaseTrainer(CheckpointMixin):
+    data_kind = "preference"
+    config_class = None
+
+    def __init__(self, model, tokenizer, train_dataset=None, eval_dataset=None, config=None, ref_model=None):
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        config.validate()
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
+        self._setup_distributed()
+        self.model = model.to(self.device)
+        if config.gradient_checkpointing:
+            inner = _unwrap(self.model)
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.config.use_cache = False
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
+        if train_dataset is None:
+            raise ValueError("train_dataset is required (a path, a list of dicts or a datasets.Dataset)")
+        self.train_examples = self._prepare(train_dataset, "train_dataset")
+        self.eval_examples = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        global_batch = config.per_device_train_batch_size * self.world_size
+        if len(self.train_examples) < global_batch:
+            raise ValueError(f"train_dataset has {len(self.train_examples)} rows, fewer than one global batch "
+                             f"({config.per_device_train_batch_size} x {self.world_size} processes)")
+        self._warned_packing = False
+        self._setup()  # loss module and reference, before any DDP/FSDP wrapping touches the model
+        self.step_module = _StepModule(self.model, self._loss)
+        self.wrapped = self._wrap(self.step_module)
+        self.global_step = 0
+        self.history = []
+
+    # ---- setup --------------------------------------------------------------------------------------
+    def _setup(self):
+        pass
+
+    def _setup_distributed(self):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        self.is_main = self.rank == 0
+
+    def _wrap(self, module):
+        if self.config.fsdp:
+            if not self.distributed:
+                warnings.warn("fsdp=True outside torchrun: running unsharded on one process", stacklevel=2)
+                return module
+            from torch.distributed.fsdp import fully_shard
+            trunk, _ = trunk_and_head(self.model) if self.data_kind != "reward" else (None, None)
+            layers = getattr(trunk, "layers", None) if trunk is not None else None
+            for layer in layers or []:
+                fully_shard(layer)
+            fully_shard(module)
+            return module
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            return DistributedDataParallel(module, **kw)
+        return module
+
+    def _prepare(self, data, name):
+        rows = load_rows(data)
+        try:
+            validate_rows(rows, "sft" if self.data_kind == "sft" else "preference")
+        except ValueError as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+        tok = tokenize_sft_rows if self.data_kind == "sft" else tokenize_preference_rows
+        return tok(rows, self.tokenizer, self.config.max_length, self.config.max_prompt_length)
+
+    # ---- batches -------------------------------------------------------------------------------------
+    def _collate(self, examples):
+        fn = collate_sft if self.data_kind == "sft" else collate_preference
+        pf = self.config.padding_free
+        varlen = pf and _flash_varlen_ready(self.model)
+        if pf and not varlen and not self._warned_packing and self.is_main:
+            warnings.warn("padding_free=True without flash-attn's varlen attention (install flash-attn and load "
+                          "the model with attn_implementation='flash_attention_2'): packing with a block-diagonal "
+                          "attention mask instead, exact but with O(T^2) mask memory", stacklevel=2)
+            self._warned_packing = True
+        batch = fn(examples, self.tokenizer.pad_token_id, padding_free=pf, use_4d_mask=pf and not varlen)
+        if batch.attention_mask is not None and batch.attention_mask.dim() == 4:
+            impl = getattr(_unwrap(self.model).config, "_attn_implementation", "sdpa")
+            if impl == "eager":  # eager attention adds the mask: it must be additive, not boolean
+                m = batch.attention_mask
+                batch.attention_mask = torch.zeros(m.shape).masked_fill_(~m, torch.finfo(torch.float32).min)
+        return batch.to(self.device)
+
+    def _epoch_order(self, epoch, examples, batch_size):
+        """Global batches of example indices for an epoch: a seeded permutation, so a resumed run sees the
+        same order. Incomplete last global batches are dropped (every process needs a full share)."""
+        g = torch.Generator().manual_seed(self.config.seed + epoch)
+        perm = torch.randperm(len(examples), generator=g).tolist()
+        gb = batch_size * self.world_size
+        return [perm[i:i + gb] for i in range(0, len(perm) - gb + 1, gb)]
+
+    def _local(self, global_batch):
+        b = self.config.per_device_train_batch_size
+        return global_batch[self.rank * b:(self.rank + 1) * b]
+
+    # ---- the model ------------------------------------------------------------------------------------
+    @staticmethod
+    def _trunk_hidden(trunk, batch):
+        kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
+        return trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                     **kw).last_hidden_state
+
+    def _hidden(self, model, batch):
+        trunk, head = trunk_and_head(model)
+        return self._trunk_hidden(trunk, batch), head
+
+    def _shifted(self, hidden, batch):
+        """hidden[:, t] predicts labels[:, t + 1]; packed rows shift the same way (each sequence's first
+        label is -100 because it is a prompt token or because the shift crosses into it)."""
+        labels = batch.labels[:, 1:]
+        seq = batch.sequence_index[:, 1:] if batch.sequence_index is not None else None
+        if seq is not None:  # a label of another sequence must not be predicted across the boundary
+            same = batch.sequence_index[:, 1:] == batch.sequence_index[:, :-1]
+            labels = torch.where(same, labels, torch.full_like(labels, -100))
+        return hidden[:, :-1], labels, seq
+
+    def _autocast(self):
+        if self.config.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def _extra(self, batch):
+        """Per-batch inputs computed outside the differentiated step (reference log-probs)."""
+        return None
+
+    def _before_training(self):
+        pass
+
+    def _metrics_of(self, out):
+        raise NotImplementedError
+
+    def train(self, resume_from_checkpoint=None):
+        """Train for max_steps (or num_train_epochs); returns the list of logged metric dicts."""
+        cfg = self.config
+        resume = resume_from_checkpoint or cfg.resume_from_checkpoint
+        if resume == "latest":
+            resume = ckpt.latest_checkpoint(cfg.output_dir)
+            if resume is None:
+                raise FileNotFoundError(f"resume_from_checkpoint='latest' but {cfg.output_dir} has no checkpoint")
+        torch.manual_seed(cfg.seed)
+        ga = cfg.gradient_accumulation_steps
+        steps_per_epoch = len(self._epoch_order(0, self.train_examples, cfg.per_device_train_batch_size)) // ga
+        if steps_per_epoch == 0:
+            raise ValueError(f"one optimizer step needs {ga} global batches of "
+                             f"{cfg.per_device_train_batch_size * self.world_size}; the data has too few rows")
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type == "cuda")
+        from transformers import get_scheduler
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
+        self.global_step = 0
+        # the reference comes from the model as given (before any checkpoint's weights are loaded into it)
+        self._before_training()
+        if resume:
+            self._load_checkpoint(resume)
+        writer = self._open_writers()
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=self.global_step, desc=f"{type(self).__name__}",
+                   disable=not self.is_main or cfg.disable_tqdm, dynamic_ncols=True)
+        self.model.train()
+        window = []
+        t0, tokens = time.perf_counter(), 0
+        while self.global_step < total:
+            epoch, within = divmod(self.global_step, steps_per_epoch)
+            order = self._epoch_order(epoch, self.train_examples, cfg.per_device_train_batch_size)
+            micro = order[within * ga:(within + 1) * ga]
+            step_metrics = []
+            for k, global_batch in enumerate(micro):
+                batch = self._collate([self.train_examples[i] for i in self._local(global_batch)])
+                tokens += int((batch.labels != -100).sum())
+                extra = self._extra(batch)
+                sync = contextlib.nullcontext() if (k == len(micro) - 1 or not hasattr(self.wrapped, "no_sync")) \
+                    else self.wrapped.no_sync()
+                with sync:
+                    with self._autocast():
+                        out = self.wrapped(batch, extra)
+                    (out.loss / len(micro)).backward()
+                step_metrics.append(self._metrics_of(out))
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            m = self._reduce({k: sum(d[k] for d in step_metrics) / len(step_metrics) for k in step_metrics[0]})
+            m.update(step=self.global_step, epoch=self.global_step / steps_per_epoch,
+                     lr=self.scheduler.get_last_lr()[0])
+            if grad_norm is not None:
+                m["grad_norm"] = grad_norm
+            window.append(m)
+            bar.update(1)
+            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "rewards/accuracies") if k in m})
+            if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
+                logged = {k: sum(w[k] for w in window) / len(window) for k in window[-1] if k not in ("step", "epoch")}
+                logged.update(step=self.global_step, epoch=m["epoch"],
+                              tokens_per_second=tokens * self.world_size / (time.perf_counter() - t0))
+                self._log(logged, writer)
+                window = []
+            if cfg.eval_steps and self.eval_examples is not None and self.global_step % cfg.eval_steps == 0:
+                self._log({f"eval/{k}": v for k, v in self.evaluate().items()} | {"step": self.global_step}, writer)
+            if cfg.save_steps and self.global_step % cfg.save_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return self.history
+
+    def _progress(self, iterable, desc):
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True,
+                    disable=not self.is_main or self.config.disable_tqdm)
+
+    def _reduce(self, metrics):
+        if not self.distributed:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def _open_writers(self):
+        if not self.is_main or "tensorboard" not in self.config.reports:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("report_to includes 'tensorboard' but tensorboard is not installed "
+                          "(pip install tensorboard); logging to metrics.jsonl only", stacklevel=2)
+            return None
+        return SummaryWriter(os.path.join(self.config.output_dir, "tensorboard"))
+
+    def _log(self, metrics, writer=None):
+        self.history.append(metrics)
+        if not self.is_main or "none" in self.config.reports:
+            return
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, metrics["step"])
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None):
+        """Mean metrics over the eval set (every process evaluates all of it; no communication)."""
+        examples = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_examples
+        if examples is None:
+            raise ValueError("no eval_dataset was given")
+        if eval_dataset is not None and getattr(self, "ref_cache", None) is not None:
+            raise ValueError("with precompute_ref_log_probs the reference log-probs exist only for the eval_dataset "
+                             "given at construction; evaluate() it, or build a trainer for the new data")
+        was_training = self.model.training
+        self.model.eval()
+        sums, count, per_behaviour = {}, 0, {}
+        b = self.config.per_device_eval_batch_size
+        for i in self._progress(range(0, len(examples), b), "evaluate"):
+            chunk = examples[i:i + b]
+            batch = self._collate(chunk)
+            with self._autocast():
+                out = self.step_module(batch, self._extra(batch))
+            for k, v in self._metrics_of(out).items():
+                sums[k] = sums.get(k, 0.0) + v * len(chunk)
+            count += len(chunk)
+            for name, stats in self._per_example_stats(out, chunk):
+                acc = per_behaviour.setdefault(name, {"n": 0})
+                acc["n"] += 1
+                for k, v in stats.items():
+                    acc[k] = acc.get(k, 0.0) + v
+        self.model.train(was_training)
+        result = {k: v / count for k, v in sums.items()}
+        for name, acc in sorted(per_behaviour.items()):
+            for k, v in acc.items():
+                if k != "n":
+                    result[f"{k}/{name}"] = v / acc["n"]
+        return result
+
+    def _per_example_stats(self, out, examples):
+        """(behaviour, {stat: value}) for examples that carry a behaviour label; averaged per behaviour."""
+        if not hasattr(out, "reward_margins"):
+            return []
+        return [(e["behaviour"], {"accuracy": a, "margin": m})
+                for e, a, m in zip(examples, out.reward_accuracies.tolist(), out.reward_margins.tolist())
+                if e.get("behaviour")]
+
+    @staticmethod
+    def _reward_metrics(out):
+        return {"loss": out.loss.item(), "rewards/chosen": out.chosen_rewards.mean().item(),
+                "rewards/rejected": out.rejected_rewards.mean().item(),
+                "rewards/margins": out.reward_margins.mean().item(),
+                "rewards/accuracies": out.reward_accuracies.mean().item()}

@@ -1,0 +1,52 @@
+"""Bradley-Terry reward-model trainer (optionally the weighted MLE of Clone-Robust AI Alignment)."""
+import torch
+
+from fastalign.config import RewardConfig
+from fastalign.integrations.hf import _unwrap, trunk_of
+from fastalign.losses import weighted_bt_loss
+from fastalign.trainers.loop import BaseTrainer
+
+
+class _RewardOutput:
+    """A reward model's scores are its rewards: the same field names as PreferenceLossOutput."""
+
+    def __init__(self, loss, chosen, rejected):
+        self.loss, self.chosen_rewards, self.rejected_rewards = loss, chosen, rejected
+        self.reward_margins = (chosen - rejected).detach()
+        self.reward_accuracies = (chosen > rejected).float().detach()
+
+
+class RewardTrainer(BaseTrainer):
+    """Bradley-Terry reward model: score(chosen) vs score(rejected) through ``weighted_bt_loss``; a per-pair
+    ``weight`` column turns the mean into the weighted MLE (Clone-Robust AI Alignment). The model is a
+    sequence-classification model with one label (its ``score`` head reads the last token of each answer)."""
+
+    config_class = RewardConfig
+    data_kind = "reward"
+
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, config=None):
+        inner = _unwrap(model)
+        if not isinstance(getattr(inner, "score", None), torch.nn.Module):
+            raise TypeError(f"RewardTrainer needs a sequence-classification model with a `score` head and "
+                            f"num_labels=1 (e.g. AutoModelForSequenceClassification), got {type(inner).__name__}")
+        super().__init__(model, tokenizer, train_dataset, eval_dataset, config)
+
+    def _loss(self, model, batch, extra):
+        inner = _unwrap(model)
+        hidden = self._trunk_hidden(trunk_of(inner), batch)
+        n = batch.n_sequences
+        if batch.sequence_index is None:  # right padding: the last real token of each row
+            last = batch.attention_mask.sum(-1) - 1
+            h_last = hidden[torch.arange(n, device=hidden.device), last]
+        else:
+            seq = batch.sequence_index[0]
+            pos = torch.arange(seq.shape[0], device=seq.device)
+            last = torch.zeros(n, dtype=torch.long, device=seq.device).scatter_reduce_(0, seq, pos, "amax")
+            h_last = hidden[0, last]
+        scores = inner.score(h_last).squeeze(-1).float()
+        b = n // 2
+        loss = weighted_bt_loss(scores[:b], scores[b:], batch.weights)
+        return _RewardOutput(loss, scores[:b], scores[b:])
+
+    def _metrics_of(self, out):
+        return self._reward_metrics(out)
