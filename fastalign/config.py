@@ -8,6 +8,7 @@ from fastalign.losses import DPO_LOSS_TYPES
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "jsonl", "tensorboard")
+SAVE_STRATEGIES = ("no", "steps", "epoch")
 PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
 
 
@@ -58,6 +59,10 @@ class TrainConfig:
     deterministic: bool = False
     fsdp: bool = False
     disable_tqdm: bool = False
+    # output folder and resume (transformers' names): see README "Output folders, checkpoints and resume"
+    overwrite_output_dir: bool = False
+    allow_config_change: bool = False
+    save_strategy: str = "steps"
 
     def __post_init__(self):
         self.validate()
@@ -96,6 +101,11 @@ class TrainConfig:
             raise ConfigError(f"unknown backend {self.backend!r}; valid: auto, triton, cpp, torch")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ConfigError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        if self.save_strategy not in SAVE_STRATEGIES:
+            raise ConfigError(f"unknown save_strategy {self.save_strategy!r}; valid: {', '.join(SAVE_STRATEGIES)}")
+        for name in ("overwrite_output_dir", "allow_config_change"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def reports(self):

@@ -1,7 +1,6 @@
 """The training loop every trainer shares: setup, data, the step loop with accumulation, logging, evaluation.
 Each trainer (dpo.py, reward.py, sft.py) states how a batch becomes a loss."""
 import contextlib
-import json
 import math
 import os
 import time
@@ -10,7 +9,6 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from fastalign import checkpoint as ckpt
 from fastalign.data import (collate_preference, collate_sft, load_rows, tokenize_preference_rows, tokenize_sft_rows,
                             validate_rows)
 from fastalign.integrations.hf import _unwrap, trunk_and_head
@@ -174,13 +172,13 @@ class BaseTrainer(CheckpointMixin):
         raise NotImplementedError
 
     def train(self, resume_from_checkpoint=None):
-        """Train for max_steps (or num_train_epochs); returns the list of logged metric dicts."""
+        """Train for max_steps (or num_train_epochs); returns the list of logged metric dicts.
+        resume_from_checkpoint: a checkpoint folder or "latest" (of output_dir)."""
+        with self._run(resume_from_checkpoint) as resume:  # the output folder's lock and checks (state.py)
+            return self._train(resume)
+
+    def _train(self, resume):
         cfg = self.config
-        resume = resume_from_checkpoint or cfg.resume_from_checkpoint
-        if resume == "latest":
-            resume = ckpt.latest_checkpoint(cfg.output_dir)
-            if resume is None:
-                raise FileNotFoundError(f"resume_from_checkpoint='latest' but {cfg.output_dir} has no checkpoint")
         torch.manual_seed(cfg.seed)
         ga = cfg.gradient_accumulation_steps
         steps_per_epoch = len(self._epoch_order(0, self.train_examples, cfg.per_device_train_batch_size)) // ga
@@ -206,7 +204,7 @@ class BaseTrainer(CheckpointMixin):
         bar = tqdm(total=total, initial=self.global_step, desc=f"{type(self).__name__}",
                    disable=not self.is_main or cfg.disable_tqdm, dynamic_ncols=True)
         self.model.train()
-        window = []
+        window = self._log_window  # persisted in checkpoints: a resumed run logs what an uninterrupted one does
         t0, tokens = time.perf_counter(), 0
         while self.global_step < total:
             epoch, within = divmod(self.global_step, steps_per_epoch)
@@ -244,11 +242,10 @@ class BaseTrainer(CheckpointMixin):
                 logged.update(step=self.global_step, epoch=m["epoch"],
                               tokens_per_second=tokens * self.world_size / (time.perf_counter() - t0))
                 self._log(logged, writer)
-                window = []
+                window.clear()
             if cfg.eval_steps and self.eval_examples is not None and self.global_step % cfg.eval_steps == 0:
                 self._log({f"eval/{k}": v for k, v in self.evaluate().items()} | {"step": self.global_step}, writer)
-            if cfg.save_steps and self.global_step % cfg.save_steps == 0:
-                self.save_checkpoint()
+            self._maybe_save(steps_per_epoch, total)
         bar.close()
         if writer is not None:
             writer.close()
@@ -282,9 +279,7 @@ class BaseTrainer(CheckpointMixin):
         self.history.append(metrics)
         if not self.is_main or "none" in self.config.reports:
             return
-        os.makedirs(self.config.output_dir, exist_ok=True)
-        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self._write_metrics_row(metrics)
         if writer is not None:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, (int, float)):
