@@ -60,7 +60,8 @@ def main(argv=None):
     model, tok = default_model_and_tokenizer()
     train_rows, test_rows = load_rows(DEFAULT_PREFERENCES, "train"), load_rows(DEFAULT_PREFERENCES, "test")
     opts = {**EMBEDDED_DEFAULTS["dpo"], "max_steps": args.steps, "eval_steps": args.eval_every,
-            "output_dir": args.output_dir, "save_steps": args.steps}
+            "output_dir": args.output_dir, "save_steps": args.steps,
+            "overwrite_output_dir": True}  # the demo starts over each time it is run
     config = DPOConfig(**opts)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"fastalign {fa.__version__} DPO demo | backends: {', '.join(fa.available_backends())} | "

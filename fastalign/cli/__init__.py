@@ -18,12 +18,16 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from fastalign.config import ConfigError
+    from fastalign.checkpoint import RunStateError
     from fastalign.data import DataError
     try:
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"fastalign: error: {exc}", file=sys.stderr)
         return 2
+    except RunStateError as exc:  # another run holds the folder, resume mismatch, full disk, unsafe checkpoint
+        print(f"fastalign: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def _add_config_flags(parser, cls):
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), t)
         if base is bool:
-            parser.add_argument(flag, dest=f.name, type=_parse_bool, default=argparse.SUPPRESS, metavar="BOOL")
+            parser.add_argument(flag, dest=f.name, type=_parse_bool, default=argparse.SUPPRESS, metavar="BOOL",
+                                nargs="?", const=True)  # a bare --flag means true
         elif f.name == "report_to":
             parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS)
         elif base in (int, float, str):

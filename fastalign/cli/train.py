@@ -1,5 +1,5 @@
 """`fastalign train dpo|rm|sft`."""
-import os
+import argparse
 
 from fastalign.cli.common import EMBEDDED_DEFAULTS, _add_config_flags, load_config_file, load_model
 
@@ -39,7 +39,7 @@ def cmd_train(args):
     t.train()
     out = t.save_model()
     if t.is_main:
-        print(f"\nmodel saved to {out}; metrics in {os.path.join(config.output_dir, 'metrics.jsonl')}")
+        print(f"\nmodel saved to {out}; metrics in {t.metrics_path}")
         if eval_rows is not None:
             metrics = t.evaluate()
             print("\n| eval metric | value |\n|---|---:|")
@@ -62,5 +62,8 @@ def register(sub):
         pk.add_argument("--data", help=".json/.jsonl training data (default: embedded persona preferences)")
         pk.add_argument("--eval-data", dest="eval_data", help=".json/.jsonl evaluation data")
         pk.add_argument("--output-dir", dest="output_dir")
+        pk.add_argument("--resume", dest="resume_from_checkpoint", nargs="?", const="latest", default=argparse.SUPPRESS,
+                        metavar="CHECKPOINT", help="resume the run in --output-dir from its latest checkpoint, or "
+                        "from the CHECKPOINT folder given (same as --resume-from-checkpoint)")
         _add_config_flags(pk, cls)
         pk.set_defaults(func=cmd_train)
