@@ -322,3 +322,23 @@ def test_a_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path):
         return {k: v for k, v in r.items() if k not in ("tokens_per_second", "run_id", "segment")}
     assert [comparable(r) for r in rows] == [comparable(r) for r in full]
     assert [comparable(r) for r in runlog.read_metrics(str(tmp_path / "run"))] == [comparable(r) for r in full]
+
+
+def test_cli_refuses_a_used_folder_and_takes_resume_overwrite_and_allow_config_change(tmp_path, capsys):
+    from fastalign.cli import main
+    data = tmp_path.parent / f"{tmp_path.name}-prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    base = ["train", "dpo", "--output-dir", str(tmp_path), "--max-steps", "1", "--per-device-train-batch-size",
+            "4", "--disable-tqdm", "--lr-scheduler-type", "constant", "--data", str(data)]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "holds the output of another run (checkpoint-1, metrics.jsonl, final)" in err and "Traceback" not in err
+    assert main(base + ["--resume", "--learning-rate", "0.01"]) == 1  # bare --resume: the latest checkpoint
+    assert "learning_rate: saved 0.001, now 0.01" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="learning_rate: saved 0.001, now 0.01"):
+        assert main(base[:5] + ["2"] + base[6:] + ["--resume", "--learning-rate", "0.01", "--allow-config-change"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1, 2]
+    assert main(base + ["--overwrite-output-dir"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1]
