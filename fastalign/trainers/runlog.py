@@ -96,7 +96,7 @@ class OutputDirLock:
                 if holder and holder.get("host") == host and not _alive(holder):
                     # held by a child that inherited the descriptor of a dead run: replace the file
                     warnings.warn(f"taking over the lock of {self.output_dir} from a run that is no longer running "
-                                  f"({_describe(holder)})", stacklevel=3)
+                                  f"({_describe(holder)})", stacklevel=7)
                     os.close(fd)
                     os.unlink(self.path)
                     continue
@@ -115,14 +115,22 @@ class OutputDirLock:
                 if holder.get("host") != host:
                     self._refuse(fd, holder, f"; if it is no longer running, delete {self.path}")
                 warnings.warn(f"taking over the stale lock of {self.output_dir} left by a run that is no longer "
-                              f"running ({_describe(holder)})", stacklevel=3)
-            record = {"pid": os.getpid(), "host": host, "process_start": _process_start(os.getpid()),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": self.run_id}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
-            os.fsync(fd)
+                              f"running ({_describe(holder)})", stacklevel=7)  # points at the caller of train()
             self.fd = fd
+            self._record = {"pid": os.getpid(), "host": host, "process_start": _process_start(os.getpid()),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": self.run_id}
+            self._write_record()
             return self
+
+    def _write_record(self):
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(self._record).encode(), 0)
+        os.fsync(self.fd)
+
+    def note_run(self, run_id):
+        """Record the run id (known once a resumed checkpoint has been read) for a second run's error."""
+        self.run_id = self._record["run_id"] = run_id
+        self._write_record()
 
     def release(self):
         if self.fd is None:

@@ -21,7 +21,8 @@ FREE_TO_CHANGE = frozenset((
     "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "save_strategy",
     "save_steps", "save_total_limit", "save_only_model", "eval_strategy", "evaluation_strategy", "eval_steps",
     "eval_delay", "eval_on_start", "per_device_eval_batch_size", "eval_accumulation_steps", "report_to",
-    "run_name", "disable_tqdm", "backend", "deterministic", "gradient_checkpointing", "ref_cache_dir",
+    "run_name", "disable_tqdm", "backend", "deterministic", "gradient_checkpointing", "padding_free",
+    "precompute_ref_log_probs", "ref_cache_dir",
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "early_stopping_patience",
     "early_stopping_threshold", "push_to_hub", "hub_model_id", "dataloader_num_workers", "log_level"))
 # files and folders a run writes into its output folder (a fresh run refuses to start among another's)
@@ -82,7 +83,7 @@ class CheckpointMixin:
         out = cfg.output_dir
         self._lock = runlog.OutputDirLock(out).acquire()
         for line in ckpt.recover_output_dir(out) + runlog.repair_metrics(out):
-            warnings.warn(f"{out}: {line}", stacklevel=4)
+            warnings.warn(f"{out}: {line}", stacklevel=6)  # points at the caller of train()
         if resume == "latest":
             resume = ckpt.latest_checkpoint(out)
             if resume is None:
@@ -90,6 +91,7 @@ class CheckpointMixin:
         state = ckpt.read_state(resume) if resume else None
         self._clear_other_runs(state, resume)
         self._run_id = (state or {}).get("run_id") or runlog.new_run_id()
+        self._lock.note_run(self._run_id)
         self._resumed_from = resume
         self._runlog = runlog.RunLog(out, self._run_id)
         return resume
@@ -122,7 +124,7 @@ class CheckpointMixin:
                 "(overwrite_output_dir=True, CLI --overwrite-output-dir: deletes them), or pass another output_dir")
         for path in others:
             ckpt.remove_dir(path) if os.path.isdir(path) else os.remove(path)
-        warnings.warn(f"overwrite_output_dir: deleted {_first_line(names)} from {out}", stacklevel=5)
+        warnings.warn(f"overwrite_output_dir: deleted {_first_line(names)} from {out}", stacklevel=7)
 
     def _end_run(self):
         if self._lock is not None:
@@ -257,7 +259,7 @@ class CheckpointMixin:
                 f"training trajectory:\n  {listing}\nResume with the saved values, or pass "
                 "allow_config_change=True (CLI --allow-config-change) to continue with the new ones")
         warnings.warn(f"resuming from {path} with a changed configuration (allow_config_change=True):\n  {listing}",
-                      stacklevel=4)
+                      stacklevel=5)
 
     def _load_checkpoint(self, path):
         state = ckpt.read_state(path)
