@@ -92,6 +92,11 @@ def test_resume_from_an_earlier_checkpoint_refuses_the_later_ones_of_the_abandon
     with pytest.raises(RunStateError, match=r"holds the output of another run \(checkpoint-2\)"):
         dpo(tmp_path, max_steps=2, save_steps=1).train(str(tmp_path / "checkpoint-1"))
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    first_two = pathlib.Path(tmp_path / "checkpoint-2" / "trainer_state.json").read_text()
+    with pytest.warns(UserWarning, match="overwrite_output_dir: deleted checkpoint-2 from"):
+        dpo(tmp_path, max_steps=2, save_steps=1, overwrite_output_dir=True).train(str(tmp_path / "checkpoint-1"))
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1, 2]  # checkpoint-1 kept, 2 written anew
+    assert pathlib.Path(tmp_path / "checkpoint-2" / "trainer_state.json").read_text() != first_two
 
 
 def test_resume_refuses_changed_options_and_data_naming_each_and_allows_free_ones(tmp_path):
