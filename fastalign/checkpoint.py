@@ -13,6 +13,7 @@ refused (``UnsafeCheckpointError``) instead of being unpickled, which could run 
 the trainer state JSON."""
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -155,7 +156,7 @@ def write_dir_atomically(final, write_fn, size_hint=0):
             mb = 1 << 20
             raise NoSpaceLeftError(
                 f"no space left on device while writing {os.path.normpath(where)} (about "
-                f"{max(size_hint, written) / mb:.0f} MB needed, {_disk_free(parent) / mb:.0f} MB free); nothing "
+                f"{math.ceil(max(size_hint, written) / mb)} MB needed, {_disk_free(parent) / mb:.0f} MB free); nothing "
                 f"was replaced" + (f": {final} is kept as it was" if os.path.exists(final) else "") +
                 ". Free some space (or lower save_total_limit) and resume from the latest checkpoint") from exc
         raise
