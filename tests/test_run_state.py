@@ -169,6 +169,7 @@ def test_a_kill_at_any_step_of_a_save_loses_no_checkpoint(tmp_path, kill_at):
     assert ok and tag == ("b" if kill_at in ("payload-written", "fsynced", "old-set-aside") else "c")
 
 
+@pytest.mark.slow  # a child python process with torch
 def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_path):
     """The trainer itself is killed (SIGKILL through the save hook) while writing checkpoint-2; the next run
     cleans the leftover, resumes from checkpoint-1 and ends where an uninterrupted run ends."""
