@@ -38,10 +38,13 @@ def test_dpo_trainer_runs_every_loss_type(tmp_path, loss_type, extra):
     history = t.train()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert "rewards/accuracies" in history[-1]
+    assert "learning_rate" in history[-1] and "lr" not in history[-1]
     metrics = t.evaluate()
-    assert 0.0 <= metrics["rewards/accuracies"] <= 1.0 and any(k.startswith("accuracy/") for k in metrics)
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[-1])["step"] == 3
+    assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0 and any(k.startswith("eval_accuracy/") for k in metrics)
+    assert all(k.startswith("eval_") for k in metrics)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[2]["step"] == 3 and "loss" in rows[2]
+    assert rows[-1]["step"] == 3 and rows[-1]["eval_loss"] == metrics["eval_loss"]  # the evaluation is logged
 
 
 def test_reward_and_sft_trainers_run(tmp_path):
@@ -52,7 +55,7 @@ def test_reward_and_sft_trainers_run(tmp_path):
     history = t.train()
     assert len(history) == 3 and history[-1]["loss"] > 0
     metrics = t.evaluate()
-    assert 0 <= metrics["rewards/accuracies"] <= 1 and any(k.startswith("accuracy/") for k in metrics)
+    assert 0 <= metrics["eval_rewards/accuracies"] <= 1 and any(k.startswith("eval_accuracy/") for k in metrics)
     scores_moved = [h["rewards/margins"] for h in history]
     assert scores_moved[-1] != scores_moved[0]
     m, tok = default_model_and_tokenizer(seed=0)
