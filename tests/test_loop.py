@@ -257,3 +257,59 @@ def test_disable_dropout_starts_at_ln2(tmp_path, make):
         losses[disable] = t.train()[0]["loss"]
     assert losses[True] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(losses[False] - math.log(2)) > 1e-3
+
+
+def _readme_torchrun_commands():
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    return [line.split("#")[0].strip() for b in blocks for line in b.splitlines() if line.startswith("torchrun ")]
+
+
+TINY_RUN = ["--max-steps", "2", "--logging-steps", "1", "--max-length", "64", "--max-prompt-length", "48",
+            "--disable-tqdm", "true", "--eval-steps", "0"]
+
+
+def _run_cli(argv, out_dir, port=None):
+    import glob
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    if port is not None:
+        env["PET_MASTER_PORT"] = str(port)  # torchrun's --master-port, without changing the command
+    r = subprocess.run(argv + TINY_RUN + ["--output-dir", str(out_dir)], env=env, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, f"{' '.join(argv)} exited {r.returncode}:\n{r.stderr[-3000:]}"
+    rows = [json.loads(line) for path in sorted(glob.glob(os.path.join(out_dir, "metrics*.jsonl")))
+            for line in open(path)]
+    return [r for r in rows if "eval_loss" in r][-1], os.path.join(out_dir, "final")
+
+
+@pytest.mark.slow
+def test_readme_torchrun_commands_end_cleanly_and_match_one_process(tmp_path):
+    """The README's torchrun commands (DDP and FSDP, 2 ranks, gloo on CPU), on a tiny run: exit status 0 (every
+    rank joins the final evaluation and save), and the final evaluation and saved model equal a single-process
+    run with the same global batch (2 x 2 = 4)."""
+    import os
+    import shlex
+    import sys
+    import transformers
+    commands = _readme_torchrun_commands()
+    assert any("--fsdp true" in c for c in commands) and any("--fsdp" not in c for c in commands), commands
+    one_metrics, one_model = _run_cli([sys.executable, "-m", "fastalign.cli", "train", "dpo",
+                                       "--per-device-train-batch-size", "4"], tmp_path / "one")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(one_model, local_files_only=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for i, command in enumerate(commands):
+        argv = shlex.split(command)
+        argv[0] = torchrun if os.path.exists(torchrun) else argv[0]
+        metrics, model_dir = _run_cli(argv + ["--per-device-train-batch-size", "2"], tmp_path / f"run{i}",
+                                      port=29531 + i)
+        for k, v in one_metrics.items():
+            if k.startswith("eval_"):
+                assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (command, k)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(b, a, rtol=0, atol=5e-5, msg=f"{command}: {name}")
