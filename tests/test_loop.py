@@ -313,3 +313,37 @@ def test_readme_torchrun_commands_end_cleanly_and_match_one_process(tmp_path):
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
         for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
             torch.testing.assert_close(b, a, rtol=0, atol=5e-5, msg=f"{command}: {name}")
+
+
+def test_a_transformers_trainer_callback_works_unchanged():
+    """A transformers TrainerCallback (a class, instantiated as transformers does) receives fastalign's events."""
+    import transformers
+    from fastalign.trainers.callbacks import CallbackHandler
+    seen = []
+
+    class Stopper(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(logs["loss"])
+            control.should_training_stop = logs["loss"] < 0.5
+            return control
+    handler = CallbackHandler([Stopper])
+    control = handler.call("on_log", TrainConfig(), TrainerState(), TrainerControl(), logs={"loss": 0.7})
+    assert not control.should_training_stop
+    control = handler.call("on_log", TrainConfig(), TrainerState(), control, logs={"loss": 0.4})
+    assert control.should_training_stop and seen == [0.7, 0.4]
+    handler.call("on_save", TrainConfig(), TrainerState(), control)  # an event it does not override
+    with pytest.raises(TypeError, match="has none of the events"):
+        CallbackHandler([object()])
+
+
+@pytest.mark.gpu
+def test_fp16_trains_with_a_gradient_scaler_on_cuda(tmp_path):
+    model, tok = default_model_and_tokenizer(seed=0)
+    t = DPOTrainer(model, args=cfg(tmp=tmp_path / "a", fp16=True, report_to="none"), processing_class=tok,
+                   train_dataset=ROWS)
+    fp16 = [h["loss"] for h in t.train()]
+    assert t.scaler is not None and all(math.isfinite(x) for x in fp16)
+    model, tok = default_model_and_tokenizer(seed=0)
+    fp32 = [h["loss"] for h in DPOTrainer(model, args=cfg(tmp=tmp_path / "b", report_to="none"), processing_class=tok,
+                                          train_dataset=ROWS).train()]
+    assert all(abs(a - b) < 0.05 for a, b in zip(fp16, fp32))

@@ -4,7 +4,6 @@ MLflow) that receive every logged row. The metrics file itself is written by the
 import os
 import warnings
 
-import torch
 import torch.distributed as dist
 
 
@@ -86,6 +85,3 @@ class Trackers:
             close()
         self.writers = []
 
-
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.numel() == 1)
