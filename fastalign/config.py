@@ -81,8 +81,9 @@ class TrainConfig:
                                            "for names ending in loss, else True)")
     seed: int = _f(42, "seed of the model's randomness and of the data order")
     run_name: Optional[str] = _f(None, "a name for the run in the trackers (default: the output_dir's name)")
-    report_to: Union[str, List[str]] = _f("jsonl", "where metrics go: jsonl (metrics file in output_dir), "
-                                          "tensorboard, wandb, mlflow (when installed), or none", REPORT_TO)
+    report_to: Union[str, List[str]] = _f("jsonl", "where metrics go: the metrics file in output_dir (jsonl; "
+                                          "written unless none is given), plus tensorboard, wandb, mlflow (when "
+                                          "installed)", REPORT_TO)
     resume_from_checkpoint: Optional[str] = _f(None, "checkpoint folder to resume from, or 'latest'")
     backend: str = _f("auto", "backend of the fused log-prob op (auto: triton on CUDA, cpp on CPU)", BACKENDS)
     deterministic: bool = _f(False, "bitwise reproducible gradients (never the atomic triton backward)")

@@ -347,3 +347,39 @@ def test_fp16_trains_with_a_gradient_scaler_on_cuda(tmp_path):
     fp32 = [h["loss"] for h in DPOTrainer(model, args=cfg(tmp=tmp_path / "b", report_to="none"), processing_class=tok,
                                           train_dataset=ROWS).train()]
     assert all(abs(a - b) < 0.05 for a, b in zip(fp16, fp32))
+
+
+def test_wandb_and_mlflow_receive_every_logged_row(tmp_path, monkeypatch):
+    """The trackers' wiring, with stand-in wandb and mlflow modules (neither is a dependency)."""
+    import importlib.machinery
+    import sys
+    import types
+    calls = []
+
+    class Run:
+        def log(self, d, step):
+            calls.append(("wandb", *d.items(), step))
+
+        def finish(self):
+            calls.append(("wandb-finish",))
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.init = lambda **kw: calls.append(("wandb-init", kw["name"])) or Run()
+    mlflow = types.ModuleType("mlflow")
+    mlflow.__spec__ = importlib.machinery.ModuleSpec("mlflow", None)
+    mlflow.start_run = lambda run_name: calls.append(("mlflow-start", run_name))
+    mlflow.log_params = lambda p: None
+    mlflow.log_metric = lambda k, v, step: calls.append(("mlflow", (k, v), step))
+    mlflow.end_run = lambda: calls.append(("mlflow-end",))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    model, tok = default_model_and_tokenizer(seed=0)
+    t = DPOTrainer(model, args=cfg(tmp=tmp_path, max_steps=2, report_to=["wandb", "mlflow"], run_name="trial"),
+                   processing_class=tok, train_dataset=ROWS)
+    t.train()
+    assert ("wandb-init", "trial") in calls and ("mlflow-start", "trial") in calls
+    for tracker in ("wandb", "mlflow"):
+        logged = {(c[1][0], c[2]) for c in calls if c[0] == tracker}
+        assert {("loss", 1), ("learning_rate", 1), ("loss", 2), ("rewards/accuracies", 2)} <= logged
+    assert calls[-2:] == [("wandb-finish",), ("mlflow-end",)]
+    assert (tmp_path / "metrics.jsonl").exists()  # the run's own record is written unless report_to="none"
