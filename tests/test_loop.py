@@ -383,3 +383,12 @@ def test_wandb_and_mlflow_receive_every_logged_row(tmp_path, monkeypatch):
         assert {("loss", 1), ("learning_rate", 1), ("loss", 2), ("rewards/accuracies", 2)} <= logged
     assert calls[-2:] == [("wandb-finish",), ("mlflow-end",)]
     assert (tmp_path / "metrics.jsonl").exists()  # the run's own record is written unless report_to="none"
+
+
+def test_demo_counts_ties_as_ties_and_reads_both_group_key_forms():
+    from fastalign.demo import _behaviours, _group_accuracy, accuracy_with_ties
+    acc, ties, margin = accuracy_with_ties([("a", 0.0), ("a", 0.5), ("a", -0.3), ("a", 1e-8)])
+    assert (acc, ties) == (0.5, 0.5) and margin == pytest.approx(0.05)  # 1 win, 1 loss, 2 ties
+    assert accuracy_with_ties([("a", 0.0)] * 3)[:2] == (0.5, 1.0)  # policy = reference: all tied, not "0.00"
+    old, new = {"eval_accuracy/x": 0.75}, {"eval_groups/x/accuracy": 0.75, "eval_groups/x/margin": 1.0}
+    assert _behaviours(old) == _behaviours(new) == ["x"] and _group_accuracy(old, "x") == _group_accuracy(new, "x")
