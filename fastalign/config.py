@@ -1,5 +1,6 @@
 """Training configs: dataclasses with TRL-style names, validated when built (bad values fail before any work)."""
 import dataclasses
+import importlib.util
 import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
@@ -7,9 +8,20 @@ from typing import List, Optional, Union
 from fastalign.losses import DPO_LOSS_TYPES
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-REPORT_TO = ("none", "jsonl", "tensorboard")
+REPORT_TO = ("none", "jsonl", "tensorboard", "wandb", "mlflow")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+BACKENDS = ("auto", "triton", "cpp", "torch")
 PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
+
+
+def _f(default, help, choices=None):
+    """A config field whose metadata documents it: help text and, for a closed set of values, the choices."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
 
 
 class ConfigError(ValueError):
@@ -32,37 +44,59 @@ def _num(name, v, low=None, high=None, low_open=False, high_open=False):
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/fastalign"
-    learning_rate: float = 1e-6
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    max_prompt_length: int = 256
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    padding_free: bool = False
-    logging_steps: int = 10
-    save_steps: int = 0
-    save_total_limit: Optional[int] = None
-    eval_steps: int = 0
-    seed: int = 42
-    report_to: Union[str, List[str]] = "jsonl"
-    resume_from_checkpoint: Optional[str] = None
-    backend: str = "auto"
-    deterministic: bool = False
-    fsdp: bool = False
-    disable_tqdm: bool = False
+    """Options every trainer shares. Names, meanings and defaults follow transformers' TrainingArguments and TRL's
+    configs where they have the option; each field's ``metadata["help"]`` (and ``"choices"``) is its documentation
+    and the CLI's ``--help``."""
+    output_dir: str = _f("runs/fastalign", "folder for checkpoints, metrics and the final model")
+    learning_rate: float = _f(1e-6, "peak learning rate of AdamW")
+    lr_scheduler_type: str = _f("linear", "learning-rate schedule after warmup", SCHEDULERS)
+    warmup_ratio: float = _f(0.0, "fraction of the total steps spent warming the learning rate up from 0, in [0, 1)")
+    warmup_steps: int = _f(0, "warmup steps; when > 0 it overrides warmup_ratio (as in transformers)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: Optional[float] = _f(1.0, "clip the gradient norm to this value (None: no clipping)")
+    per_device_train_batch_size: int = _f(8, "training pairs (or demonstrations) per process per micro-step")
+    per_device_eval_batch_size: int = _f(8, "evaluation rows per process per batch")
+    gradient_accumulation_steps: int = _f(1, "micro-steps accumulated into one optimizer step")
+    max_length: int = _f(512, "maximum tokens of prompt + answer")
+    max_prompt_length: int = _f(256, "maximum prompt tokens (the prompt is truncated first, see truncation_mode)")
+    max_completion_length: Optional[int] = _f(None, "maximum answer tokens (None: whatever max_length leaves)")
+    truncation_mode: str = _f("keep_end", "which end of an over-long prompt survives: keep_end keeps the prompt's "
+                              "last tokens (next to the answer), keep_start its first ones", TRUNCATION_MODES)
+    max_steps: int = _f(-1, "optimizer steps to train (-1: use num_train_epochs)")
+    num_train_epochs: float = _f(1.0, "epochs to train when max_steps is -1 (may be fractional)")
+    bf16: bool = _f(False, "bfloat16 autocast for forward and backward (weights stay fp32)")
+    fp16: bool = _f(False, "float16 autocast with a gradient scaler (CUDA only: CPU refuses it)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    padding_free: bool = _f(False, "pack sequences into rows without padding (position ids restart per sequence)")
+    disable_dropout: bool = _f(True, "set every dropout probability of the policy and reference to 0 (as TRL)")
+    logging_steps: int = _f(10, "log the mean of the metrics over this many optimizer steps")
+    save_steps: int = _f(0, "save a checkpoint every this many steps (0: only at the last step)")
+    save_total_limit: Optional[int] = _f(None, "keep at most this many checkpoints, deleting the oldest")
+    eval_strategy: Optional[str] = _f(None, "when to evaluate on eval_dataset: no, every eval_steps (steps), at the "
+                                      "end of each epoch (epoch); None: steps when eval_steps > 0, else no",
+                                      EVAL_STRATEGIES)
+    eval_steps: int = _f(0, "evaluate every this many steps (with eval_strategy='steps'; 0: logging_steps)")
+    metric_for_best_model: Optional[str] = _f(None, "evaluation metric that early stopping watches, with or "
+                                              "without the eval_ prefix (default: eval_loss)")
+    greater_is_better: Optional[bool] = _f(None, "whether a larger metric_for_best_model is better (default: False "
+                                           "for names ending in loss, else True)")
+    seed: int = _f(42, "seed of the model's randomness and of the data order")
+    run_name: Optional[str] = _f(None, "a name for the run in the trackers (default: the output_dir's name)")
+    report_to: Union[str, List[str]] = _f("jsonl", "where metrics go: the metrics file in output_dir (jsonl; "
+                                          "written unless none is given), plus tensorboard, wandb, mlflow (when "
+                                          "installed)", REPORT_TO)
+    resume_from_checkpoint: Optional[str] = _f(None, "checkpoint folder to resume from, or 'latest'")
+    backend: str = _f("auto", "backend of the fused log-prob op (auto: triton on CUDA, cpp on CPU)", BACKENDS)
+    deterministic: bool = _f(False, "bitwise reproducible gradients (never the atomic triton backward)")
+    fsdp: bool = _f(False, "shard the model with FSDP2 under torchrun (else DDP)")
+    disable_tqdm: bool = _f(False, "no progress bars")
     # output folder and resume (transformers' names): see README "Output folders, checkpoints and resume"
-    overwrite_output_dir: bool = False
-    allow_config_change: bool = False
-    save_strategy: str = "steps"
+    overwrite_output_dir: bool = _f(False, "start over in an output_dir that holds another run (deletes its "
+                                    "checkpoints, metrics and final model)")
+    allow_config_change: bool = _f(False, "resume even though options that change the trajectory differ from the "
+                                   "checkpoint's (the differences are logged)")
+    save_strategy: str = _f("steps", "when to save checkpoints: never (no), every save_steps steps (steps), at each "
+                            "epoch's end (epoch); steps and epoch also save at the last step", SAVE_STRATEGIES)
 
     def __post_init__(self):
         self.validate()
@@ -97,8 +131,23 @@ class TrainConfig:
         bad = [r for r in reports if r not in REPORT_TO]
         if bad:
             raise ConfigError(f"unknown report_to {bad}; valid: {', '.join(REPORT_TO)}")
-        if self.backend not in ("auto", "triton", "cpp", "torch"):
-            raise ConfigError(f"unknown backend {self.backend!r}; valid: auto, triton, cpp, torch")
+        for tracker in ("wandb", "mlflow"):
+            if tracker in reports and importlib.util.find_spec(tracker) is None:
+                raise ConfigError(f"report_to includes {tracker!r} but {tracker} is not installed "
+                                  f"(pip install {tracker}), or drop it from report_to")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        _int("warmup_steps", self.warmup_steps, 0)
+        if self.max_completion_length is not None:
+            _int("max_completion_length", self.max_completion_length, 1)
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ConfigError(f"unknown truncation_mode {self.truncation_mode!r}; valid: {', '.join(TRUNCATION_MODES)}")
+        if self.eval_strategy is not None and self.eval_strategy not in EVAL_STRATEGIES:
+            raise ConfigError(f"unknown eval_strategy {self.eval_strategy!r}; valid: {', '.join(EVAL_STRATEGIES)}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both true: choose one mixed-precision dtype")
+        if self.run_name is not None and not isinstance(self.run_name, str):
+            raise ConfigError(f"run_name must be a string, got {self.run_name!r}")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ConfigError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         if self.save_strategy not in SAVE_STRATEGIES:
@@ -110,6 +159,22 @@ class TrainConfig:
     @property
     def reports(self):
         return [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+
+    @property
+    def resolved_eval_strategy(self):
+        """eval_strategy with None resolved: 'steps' when eval_steps > 0, else 'no'."""
+        if self.eval_strategy is None:
+            return "steps" if self.eval_steps else "no"
+        return self.eval_strategy
+
+    @property
+    def resolved_eval_steps(self):
+        """Steps between evaluations under eval_strategy='steps' (eval_steps, or logging_steps when 0)."""
+        return self.eval_steps or self.logging_steps
+
+    def warmup_steps_for(self, total_steps):
+        """warmup_steps when > 0, else warmup_ratio of the total (transformers' rule)."""
+        return self.warmup_steps if self.warmup_steps > 0 else int(self.warmup_ratio * total_steps)
 
     @classmethod
     def from_dict(cls, d):
@@ -129,13 +194,14 @@ class TrainConfig:
 class DPOConfig(TrainConfig):
     """DPO and its family. loss_type: sigmoid, robust, hinge, ipo (with a reference), simpo, orpo
     (reference-free). For orpo, beta is ORPO's lambda (as in TRL); for simpo, simpo_gamma is the margin."""
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: Optional[float] = None
-    simpo_gamma: float = 0.5
-    precompute_ref_log_probs: bool = False
-    ref_cache_dir: Optional[str] = None
+    beta: float = _f(0.1, "strength of the KL regularization (for orpo: ORPO's lambda, as in TRL)")
+    loss_type: str = _f("sigmoid", "preference loss", PREFERENCE_LOSS_TYPES)
+    label_smoothing: float = _f(0.0, "assumed label noise in [0, 0.5): cDPO / robust DPO (sigmoid, robust, simpo)")
+    rpo_alpha: Optional[float] = _f(None, "weight of RPO's NLL term on the chosen answers (None: off)")
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma")
+    precompute_ref_log_probs: bool = _f(False, "compute the reference log-probs once before training and cache "
+                                        "them on disk (no reference model held while training)")
+    ref_cache_dir: Optional[str] = _f(None, "folder of the reference log-prob cache (default: output_dir/ref_cache)")
 
     def validate(self):
         super().validate()
@@ -162,13 +228,13 @@ class DPOConfig(TrainConfig):
 @dataclass
 class RewardConfig(TrainConfig):
     """Bradley-Terry reward model; rows may carry a per-pair `weight` (the weighted MLE)."""
-    learning_rate: float = 1e-5
+    learning_rate: float = _f(1e-5, "peak learning rate of AdamW")
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on demonstrations: mean token NLL (forward KL to the data)."""
-    learning_rate: float = 2e-5
+    learning_rate: float = _f(2e-5, "peak learning rate of AdamW")
 
 
 CONFIGS = {"dpo": DPOConfig, "rm": RewardConfig, "sft": SFTConfig}

@@ -20,7 +20,7 @@ from fastalign.trainer import DPOTrainer
 LEARNED = 0.8  # held-out reward accuracy at which a behaviour counts as learned
 
 
-def plot(history, evals, path):
+def plot(history, evals, names, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -31,16 +31,15 @@ def plot(history, evals, path):
     train = [h for h in history if "loss" in h]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     ax[0].plot([h["step"] for h in train], [h["loss"] for h in train], label="train")
-    ax[0].plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="held-out")
+    ax[0].plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="held-out")
     ax[0].set_title("DPO loss")
     ax[1].plot([h["step"] for h in train], [h["rewards/margins"] for h in train], label="train")
-    ax[1].plot([e["step"] for e in evals], [e["rewards/margins"] for e in evals], "o-", label="held-out")
+    ax[1].plot([e["step"] for e in evals], [e["eval_rewards/margins"] for e in evals], "o-", label="held-out")
     ax[1].set_title("reward margin (chosen - rejected)")
-    names = sorted(k.split("/", 1)[1] for k in evals[-1] if k.startswith("accuracy/"))
     for n in names:
-        ax[2].plot([e["step"] for e in evals], [e[f"accuracy/{n}"] for e in evals], "o-", label=n)
+        ax[2].plot([e["step"] for e in evals], [_group_accuracy(e, n) for e in evals], "o-", label=n)
     ax[2].axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax[2].set_title("held-out reward accuracy per behaviour")
+    ax[2].set_title("held-out reward accuracy per behaviour (a tie counts 0)")
     for a in ax:
         a.set_xlabel("step")
         a.legend(fontsize=8)
@@ -48,6 +47,53 @@ def plot(history, evals, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def _group_accuracy(row, name):
+    """A behaviour's held-out accuracy in an evaluation row: eval_groups/<name>/accuracy (per-group metrics) or
+    eval_accuracy/<name>; older rows without the prefix are read too."""
+    for key in (f"eval_groups/{name}/accuracy", f"eval_accuracy/{name}", f"accuracy/{name}"):
+        if key in row:
+            return row[key]
+    return None
+
+
+def _behaviours(row):
+    names = set()
+    for k in row:
+        parts = k.split("/")
+        if k.startswith("eval_groups/") and len(parts) == 3 and parts[2] == "accuracy":
+            names.add(parts[1])
+        elif k.startswith(("eval_accuracy/", "accuracy/")):
+            names.add(parts[1])
+    return sorted(names)
+
+
+@torch.no_grad()
+def pair_margins(trainer, examples):
+    """Per held-out pair: (behaviour, reward margin). Used for the before/after table so that ties (margin 0,
+    as every pair is before training, when the policy equals the reference) can be reported as ties."""
+    was = trainer.model.training
+    trainer.model.eval()
+    result = []
+    for i in range(0, len(examples), trainer.config.per_device_eval_batch_size):
+        chunk = examples[i:i + trainer.config.per_device_eval_batch_size]
+        batch = trainer._collate(chunk)
+        out = trainer.step_module(batch, trainer._extra(batch))
+        result += [(e.get("behaviour") or "all", m) for e, m in zip(chunk, out.reward_margins.tolist())]
+    trainer.model.train(was)
+    return result
+
+
+TIE = 1e-6  # |reward margin| at or below this is a tie
+
+
+def accuracy_with_ties(margins):
+    """(accuracy counting a tie as 0.5, fraction of ties, mean margin) of [(behaviour, margin)]."""
+    wins = sum(1.0 for _, m in margins if m > TIE)
+    ties = sum(1 for _, m in margins if abs(m) <= TIE)
+    n = max(len(margins), 1)
+    return (wins + 0.5 * ties) / n, ties / n, sum(m for _, m in margins) / n
 
 
 def main(argv=None):
@@ -66,30 +112,37 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"fastalign {fa.__version__} DPO demo | backends: {', '.join(fa.available_backends())} | "
           f"tiny Llama {n_params / 1e6:.2f}M params | {len(train_rows)} train / {len(test_rows)} held-out pairs")
-    trainer = DPOTrainer(model, tokenizer=tok, train_dataset=train_rows, eval_dataset=test_rows, config=config)
-    before = trainer.evaluate()
-    before["step"] = 0
+    trainer = DPOTrainer(model, args=config, processing_class=tok, train_dataset=train_rows, eval_dataset=test_rows)
+    before_pairs = pair_margins(trainer, trainer.eval_examples)
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
-    evals = [before] + [{k[5:]: v for k, v in h.items() if k.startswith("eval/")} | {"step": h["step"]}
-                        for h in trainer.history if any(k.startswith("eval/") for k in h)]
-    after = evals[-1]
-    names = sorted(k.split("/", 1)[1] for k in after if k.startswith("accuracy/"))
-    print(f"\ntrained {config.max_steps} steps in {seconds:.0f} s on CPU; checkpoint and metrics in {args.output_dir}/\n")
-    print("| behaviour | held-out accuracy before | after | final margin | learned (acc >= 0.8) at step |")
+    after_pairs = pair_margins(trainer, trainer.eval_examples)
+    evals = [h for h in trainer.history if "eval_loss" in h]
+    names = _behaviours(evals[-1]) if evals else sorted({b for b, _ in after_pairs})
+    print(f"\ntrained {config.max_steps} steps in {seconds:.0f} s on CPU; checkpoint and metrics in "
+          f"{args.output_dir}/\n")
+    print("Held-out reward accuracy counts a tie (|margin| <= 1e-6) as 0.5; `ties` is the fraction of tied pairs.\n")
+    print("| behaviour | accuracy before (ties) | after (ties) | final margin | learned (acc >= 0.8) at step |")
     print("|---|---:|---:|---:|---:|")
-    for n in names:
-        first = next((e["step"] for e in evals[1:] if e[f"accuracy/{n}"] >= LEARNED), None)
-        print(f"| {n} | {before[f'accuracy/{n}']:.2f} | {after[f'accuracy/{n}']:.2f} | {after[f'margin/{n}']:.2f} | "
-              f"{first if first is not None else 'not yet'} |")
-    print(f"| **all** | {before['rewards/accuracies']:.2f} | {after['rewards/accuracies']:.2f} | "
-          f"{after['rewards/margins']:.2f} | |")
-    print("\n(accuracy before training is 0: policy = reference, so every reward is 0 and no pair is ranked)")
-    path = plot(trainer.history, evals, os.path.join(args.output_dir, "dpo_demo.png"))
+    rows = [(n, [x for x in before_pairs if x[0] == n], [x for x in after_pairs if x[0] == n]) for n in names]
+    for n, bp, ap in rows + [("**all**", before_pairs, after_pairs)]:
+        acc_b, ties_b, _ = accuracy_with_ties(bp)
+        acc_a, ties_a, margin = accuracy_with_ties(ap)
+        first = next((e["step"] for e in evals if (_group_accuracy(e, n) or 0) >= LEARNED), None) \
+            if n != "**all**" else None
+        learned = "" if n == "**all**" else first if first is not None else "not yet"
+        print(f"| {n} | {acc_b:.2f} ({ties_b:.0%}) | {acc_a:.2f} ({ties_a:.0%}) | {margin:.2f} | {learned} |")
+    acc_b, ties_b, _ = accuracy_with_ties(before_pairs)
+    acc_a, ties_a, _ = accuracy_with_ties(after_pairs)
+    print("\n(before training the policy is the reference: every reward is 0, so every pair is a tie)")
+    path = plot(trainer.history, evals, names, os.path.join(args.output_dir, "dpo_demo.png"))
     if path:
         print(f"plot: {path}")
-    ok = after["rewards/accuracies"] >= 0.7
+    print(f"\nfigures (pasteable): steps={config.max_steps} seconds={seconds:.0f} "
+          f"held_out_accuracy_before={acc_b:.2f} ties_before={ties_b:.2f} held_out_accuracy_after={acc_a:.2f} "
+          f"ties_after={ties_a:.2f} pairs={len(after_pairs)}")
+    ok = acc_a >= 0.7
     print("held-out reward accuracy is well above chance (0.5)" if ok else
           "WARNING: held-out reward accuracy did not rise well above chance")
     return 0 if ok else 1

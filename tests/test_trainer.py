@@ -38,10 +38,13 @@ def test_dpo_trainer_runs_every_loss_type(tmp_path, loss_type, extra):
     history = t.train()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert "rewards/accuracies" in history[-1]
+    assert "learning_rate" in history[-1] and "lr" not in history[-1]
     metrics = t.evaluate()
-    assert 0.0 <= metrics["rewards/accuracies"] <= 1.0 and any(k.startswith("accuracy/") for k in metrics)
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[-1])["step"] == 3
+    assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0 and any(k.startswith("eval_accuracy/") for k in metrics)
+    assert all(k.startswith("eval_") for k in metrics)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[2]["step"] == 3 and "loss" in rows[2]
+    assert rows[-1]["step"] == 3 and rows[-1]["eval_loss"] == metrics["eval_loss"]  # the evaluation is logged
 
 
 def test_reward_and_sft_trainers_run(tmp_path):
@@ -52,8 +55,8 @@ def test_reward_and_sft_trainers_run(tmp_path):
     history = t.train()
     assert len(history) == 3 and history[-1]["loss"] > 0
     metrics = t.evaluate()
-    assert 0 <= metrics["rewards/accuracies"] <= 1 and any(k.startswith("accuracy/") for k in metrics)
-    scores_moved = [h["rewards/margins"] for h in history]
+    assert 0 <= metrics["eval_rewards/accuracies"] <= 1 and any(k.startswith("eval_accuracy/") for k in metrics)
+    scores_moved = [h["rewards/margins"] for h in history if "loss" in h]  # not the eval row evaluate() logged
     assert scores_moved[-1] != scores_moved[0]
     m, tok = default_model_and_tokenizer(seed=0)
     t = SFTTrainer(m, tokenizer=tok, train_dataset=ROWS, config=cfg(SFTConfig, tmp_path / "sft", max_steps=8))
@@ -267,7 +270,7 @@ def test_ddp_and_fsdp_two_processes_equal_single_process(tmp_path):
     ({"max_prompt_length": 200}, r"max_prompt_length \(200\) must be < max_length \(96\)"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1"),
     ({"lr_scheduler_type": "exp"}, "unknown lr_scheduler_type 'exp'"),
-    ({"report_to": "wandb"}, "unknown report_to"),
+    ({"report_to": "neptune"}, "unknown report_to"),
     ({"label_smoothing": 0.1, "loss_type": "hinge"}, "label_smoothing has no meaning"),
     ({"max_steps": 0}, "max_steps must be a positive number"),
 ])

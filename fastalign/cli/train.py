@@ -38,13 +38,18 @@ def cmd_train(args):
         t = tr.SFTTrainer(model, tokenizer=tok, train_dataset=train_rows, eval_dataset=eval_rows, config=config)
     t.train()
     out = t.save_model()
+    # every process evaluates (FSDP's forward is a collective); the main process writes and prints
+    metrics = t.evaluate() if eval_rows is not None else None
     if t.is_main:
         print(f"\nmodel saved to {out}; metrics in {t.metrics_path}")
-        if eval_rows is not None:
-            metrics = t.evaluate()
+        if metrics is not None:
             print("\n| eval metric | value |\n|---|---:|")
             for k, v in metrics.items():
                 print(f"| {k} | {v:.4f} |")
+    if t.distributed:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

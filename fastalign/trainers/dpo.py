@@ -10,7 +10,7 @@ import torch
 from fastalign.config import DPOConfig
 from fastalign.integrations.hf import _unwrap, lm_head_config
 from fastalign.losses import FusedDPOLoss, FusedORPOLoss, FusedSimPOLoss
-from fastalign.trainers.loop import BaseTrainer
+from fastalign.trainers.loop import BaseTrainer, trl_arguments
 from fastalign.trainers.models import is_peft as _is_peft
 from fastalign.trainers.models import strip_parallel as _strip_parallel
 
@@ -25,8 +25,16 @@ class DPOTrainer(BaseTrainer):
 
     config_class = DPOConfig
 
-    def __init__(self, model, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None, config=None):
-        super().__init__(model, tokenizer, train_dataset, eval_dataset, config, ref_model)
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None, *, tokenizer=None, config=None):
+        """TRL 1.16's signature (``args``, ``processing_class``, ``callbacks``, ``peft_config``); fastalign's
+        ``tokenizer=`` and ``config=`` are accepted too."""
+        config, tokenizer = trl_arguments(type(self).__name__, args, config, processing_class, tokenizer,
+                                          {"data_collator": data_collator, "compute_metrics": compute_metrics,
+                                           "optimizers": optimizers, "quantization_config": quantization_config})
+        super().__init__(model, tokenizer, train_dataset, eval_dataset, config, ref_model, callbacks=callbacks,
+                         peft_config=peft_config)
 
     def _setup(self):
         cfg = self.config

@@ -9,30 +9,60 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from fastalign.config import ConfigError
 from fastalign.data import (collate_preference, collate_sft, load_rows, tokenize_preference_rows, tokenize_sft_rows,
                             validate_rows)
 from fastalign.integrations.hf import _unwrap, trunk_and_head
 from fastalign.trainers.models import StepModule as _StepModule
 from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
+from fastalign.trainers.models import disable_dropout as _disable_dropout
+from fastalign.trainers.models import apply_peft_config as _apply_peft_config
+from fastalign.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
+from fastalign.trainers.reporting import Trackers, mean_by_key, micro_step_metrics, reduce_across_ranks
 from fastalign.trainers.state import CheckpointMixin
+
+
+def trl_arguments(owner, args, config, processing_class, tokenizer, unsupported):
+    """(config, tokenizer) from TRL's names (``args``, ``processing_class``) or fastalign's (``config``,
+    ``tokenizer``); giving both names of one thing is an error, and so is any TRL option fastalign lacks."""
+    if args is not None and config is not None:
+        raise TypeError(f"{owner}: pass the config once, as args= (TRL) or config=, not both")
+    if processing_class is not None and tokenizer is not None:
+        raise TypeError(f"{owner}: pass the tokenizer once, as processing_class= (TRL) or tokenizer=, not both")
+    given = [name for name, value in unsupported.items() if value is not None and value != (None, None)]
+    if given:
+        raise NotImplementedError(f"{owner}: {', '.join(given)} is not supported by fastalign (the loop builds its "
+                                  "own batches, AdamW optimizer and metrics); leave it unset")
+    return (args if args is not None else config), (processing_class if processing_class is not None else tokenizer)
 
 
 class BaseTrainer(CheckpointMixin):
     data_kind = "preference"
     config_class = None
 
-    def __init__(self, model, tokenizer, train_dataset=None, eval_dataset=None, config=None, ref_model=None):
+    def __init__(self, model, tokenizer, train_dataset=None, eval_dataset=None, config=None, ref_model=None, *,
+                 callbacks=None, peft_config=None):
         if config is None:
             config = self.config_class()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         config.validate()
         if tokenizer is None:
-            raise ValueError("a tokenizer is required")
+            raise ValueError("a tokenizer is required (processing_class=tokenizer, or tokenizer=)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
+        self.callback_handler = CallbackHandler(callbacks)
+        self.state, self.control = TrainerState(), TrainerControl()
         self._setup_distributed()
+        if config.fp16 and self.device.type != "cuda":
+            raise ConfigError("fp16=True needs a CUDA device (float16 autocast with a gradient scaler); "
+                              "on CPU use bf16=True, or neither")
+        model = _apply_peft_config(model, peft_config)
+        if config.disable_dropout:
+            _disable_dropout(model)
+            if ref_model is not None:
+                _disable_dropout(ref_model)
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
             inner = _unwrap(self.model)
@@ -156,9 +186,16 @@ class BaseTrainer(CheckpointMixin):
         return hidden[:, :-1], labels, seq
 
     def _autocast(self):
-        if self.config.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.bf16 or self.config.fp16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.config.bf16 else torch.float16)
         return contextlib.nullcontext()
+
+    def add_callback(self, callback):
+        """Add a callback (an instance or a class), as transformers' Trainer.add_callback."""
+        self.callback_handler.add_callback(callback)
+
+    def _event(self, event, **kwargs):
+        self.control = self.callback_handler.call(event, self.config, self.state, self.control, **kwargs)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _extra(self, batch):
@@ -193,20 +230,26 @@ class BaseTrainer(CheckpointMixin):
                                            fused=self.device.type == "cuda")
         from transformers import get_scheduler
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
+                                       num_warmup_steps=cfg.warmup_steps_for(total), num_training_steps=total)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
         self.global_step = 0
         # the reference comes from the model as given (before any checkpoint's weights are loaded into it)
         self._before_training()
         if resume:
             self._load_checkpoint(resume)
-        writer = self._open_writers()
+        writer = self._writer = self._open_writers()
+        self.state.max_steps, self.state.num_train_epochs = total, total / steps_per_epoch
+        self.state.global_step, self.state.epoch = self.global_step, self.global_step / steps_per_epoch
+        self.state.is_world_process_zero = self.state.is_local_process_zero = self.is_main
+        self.control.should_training_stop = False
+        self._event("on_train_begin")
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=self.global_step, desc=f"{type(self).__name__}",
                    disable=not self.is_main or cfg.disable_tqdm, dynamic_ncols=True)
         self.model.train()
         window = self._log_window  # persisted in checkpoints: a resumed run logs what an uninterrupted one does
         t0, tokens = time.perf_counter(), 0
-        while self.global_step < total:
+        while self.global_step < total and not self.control.should_training_stop:
             epoch, within = divmod(self.global_step, steps_per_epoch)
             order = self._epoch_order(epoch, self.train_examples, cfg.per_device_train_batch_size)
             micro = order[within * ga:(within + 1) * ga]
@@ -220,60 +263,72 @@ class BaseTrainer(CheckpointMixin):
                 with sync:
                     with self._autocast():
                         out = self.wrapped(batch, extra)
-                    (out.loss / len(micro)).backward()
+                    loss = out.loss / len(micro)
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
                 step_metrics.append(self._metrics_of(out))
             grad_norm = None
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             if cfg.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
-            m = self._reduce({k: sum(d[k] for d in step_metrics) / len(step_metrics) for k in step_metrics[0]})
+            m = reduce_across_ranks(*micro_step_metrics(step_metrics))
             m.update(step=self.global_step, epoch=self.global_step / steps_per_epoch,
-                     lr=self.scheduler.get_last_lr()[0])
+                     learning_rate=self.scheduler.get_last_lr()[0])
             if grad_norm is not None:
                 m["grad_norm"] = grad_norm
             window.append(m)
+            self.state.global_step, self.state.epoch = self.global_step, m["epoch"]
             bar.update(1)
             bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "rewards/accuracies") if k in m})
-            if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
-                logged = {k: sum(w[k] for w in window) / len(window) for k in window[-1] if k not in ("step", "epoch")}
+            self._event("on_step_end")
+            if self.global_step % cfg.logging_steps == 0 or self.global_step == total or self.control.should_log:
+                logged = mean_by_key([{k: v for k, v in w.items() if k not in ("step", "epoch")} for w in window])
                 logged.update(step=self.global_step, epoch=m["epoch"],
                               tokens_per_second=tokens * self.world_size / (time.perf_counter() - t0))
-                self._log(logged, writer)
-                window.clear()
-            if cfg.eval_steps and self.eval_examples is not None and self.global_step % cfg.eval_steps == 0:
-                self._log({f"eval/{k}": v for k, v in self.evaluate().items()} | {"step": self.global_step}, writer)
-            self._maybe_save(steps_per_epoch, total)
+                self._emit_log(logged)
+                window.clear()  # in place: the window object is the one saved in checkpoints
+            if self.eval_examples is not None and (self._eval_due(steps_per_epoch) or self.control.should_evaluate):
+                self.evaluate()
+            if self._save_due(steps_per_epoch, total) or self.control.should_save:
+                self.save_checkpoint()
+                self._event("on_save")
+            self.control._new_step()
         bar.close()
+        self._event("on_train_end")
         if writer is not None:
             writer.close()
+        self._writer = None
         return self.history
+
+    def _eval_due(self, steps_per_epoch):
+        strategy = self.config.resolved_eval_strategy
+        if strategy == "steps":
+            return self.global_step % self.config.resolved_eval_steps == 0
+        return strategy == "epoch" and self.global_step % steps_per_epoch == 0
+
+    def _emit_log(self, metrics):
+        """Write one row (metrics file and trackers, main process only) and tell the callbacks."""
+        self._log(metrics, getattr(self, "_writer", None))
+        self.state.log_history.append(metrics)
+        self._event("on_log", logs=metrics)
 
     def _progress(self, iterable, desc):
         from tqdm.auto import tqdm
         return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True,
                     disable=not self.is_main or self.config.disable_tqdm)
 
-    def _reduce(self, metrics):
-        if not self.distributed:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
-
     def _open_writers(self):
-        if not self.is_main or "tensorboard" not in self.config.reports:
+        if not self.is_main:
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            warnings.warn("report_to includes 'tensorboard' but tensorboard is not installed "
-                          "(pip install tensorboard); logging to metrics.jsonl only", stacklevel=2)
-            return None
-        return SummaryWriter(os.path.join(self.config.output_dir, "tensorboard"))
+        return Trackers(self.config) or None
 
     def _log(self, metrics, writer=None):
         self.history.append(metrics)
@@ -287,8 +342,11 @@ class BaseTrainer(CheckpointMixin):
 
     # ---- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, eval_dataset=None):
-        """Mean metrics over the eval set (every process evaluates all of it; no communication)."""
+    def evaluate(self, eval_dataset=None, metric_key_prefix="eval"):
+        """Mean metrics over the eval set, keys prefixed ``eval_`` (TRL's names), logged as one row of the metrics
+        file and passed to the callbacks' on_evaluate. Under torchrun every process must call it (FSDP's forward
+        is a collective); each evaluates all of the data, so every process returns the same numbers and only the
+        main process writes."""
         examples = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_examples
         if examples is None:
             raise ValueError("no eval_dataset was given")
@@ -297,7 +355,7 @@ class BaseTrainer(CheckpointMixin):
                              "given at construction; evaluate() it, or build a trainer for the new data")
         was_training = self.model.training
         self.model.eval()
-        sums, count, per_behaviour = {}, 0, {}
+        sums, counts, per_behaviour = {}, {}, {}
         b = self.config.per_device_eval_batch_size
         for i in self._progress(range(0, len(examples), b), "evaluate"):
             chunk = examples[i:i + b]
@@ -306,19 +364,22 @@ class BaseTrainer(CheckpointMixin):
                 out = self.step_module(batch, self._extra(batch))
             for k, v in self._metrics_of(out).items():
                 sums[k] = sums.get(k, 0.0) + v * len(chunk)
-            count += len(chunk)
+                counts[k] = counts.get(k, 0) + len(chunk)
             for name, stats in self._per_example_stats(out, chunk):
                 acc = per_behaviour.setdefault(name, {"n": 0})
                 acc["n"] += 1
                 for k, v in stats.items():
                     acc[k] = acc.get(k, 0.0) + v
         self.model.train(was_training)
-        result = {k: v / count for k, v in sums.items()}
+        result = {k: v / counts[k] for k, v in sums.items()}
         for name, acc in sorted(per_behaviour.items()):
             for k, v in acc.items():
                 if k != "n":
                     result[f"{k}/{name}"] = v / acc["n"]
-        return result
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.items()}
+        self._emit_log({**metrics, "step": self.global_step})
+        self._event("on_evaluate", metrics=metrics)
+        return metrics
 
     def _per_example_stats(self, out, examples):
         """(behaviour, {stat: value}) for examples that carry a behaviour label; averaged per behaviour."""

@@ -35,3 +35,31 @@ class StepModule(torch.nn.Module):
 
     def forward(self, batch, extra):
         return self.loss_fn(self.model, batch, extra)
+
+
+def disable_dropout(model):
+    """Set every dropout probability in the model to 0, as TRL's disable_dropout does: nn.Dropout modules, and
+    the float ``*dropout`` attributes that attention modules pass to a functional dropout (Llama's
+    ``attention_dropout``). Returns the model."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
+    return model
+
+
+def apply_peft_config(model, peft_config):
+    """The model wrapped by peft.get_peft_model(model, peft_config) (TRL's ``peft_config=``); the model itself
+    when peft_config is None."""
+    if peft_config is None:
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("peft_config was given but peft is not installed: pip install peft") from None
+    if is_peft(model):
+        raise ValueError("peft_config was given for a model that is already a peft model: pass the base model "
+                         "with peft_config, or the peft model without it")
+    return peft.get_peft_model(model, peft_config)

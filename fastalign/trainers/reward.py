@@ -4,7 +4,7 @@ import torch
 from fastalign.config import RewardConfig
 from fastalign.integrations.hf import _unwrap, trunk_of
 from fastalign.losses import weighted_bt_loss
-from fastalign.trainers.loop import BaseTrainer
+from fastalign.trainers.loop import BaseTrainer, trl_arguments
 
 
 class _RewardOutput:
@@ -24,12 +24,24 @@ class RewardTrainer(BaseTrainer):
     config_class = RewardConfig
     data_kind = "reward"
 
-    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, config=None):
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None, quantization_config=None,
+                 peft_config=None, *, tokenizer=None, config=None):
+        """TRL 1.16's signature (``args``, ``processing_class``, ``callbacks``, ``peft_config``); fastalign's
+        ``tokenizer=`` and ``config=`` are accepted too."""
+        config, tokenizer = trl_arguments(type(self).__name__, args, config, processing_class, tokenizer,
+                                          {"data_collator": data_collator, "compute_metrics": compute_metrics,
+                                           "optimizers": optimizers,
+                                           "optimizer_cls_and_kwargs": optimizer_cls_and_kwargs,
+                                           "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
+                                           "quantization_config": quantization_config})
         inner = _unwrap(model)
         if not isinstance(getattr(inner, "score", None), torch.nn.Module):
             raise TypeError(f"RewardTrainer needs a sequence-classification model with a `score` head and "
                             f"num_labels=1 (e.g. AutoModelForSequenceClassification), got {type(inner).__name__}")
-        super().__init__(model, tokenizer, train_dataset, eval_dataset, config)
+        super().__init__(model, tokenizer, train_dataset, eval_dataset, config, callbacks=callbacks,
+                         peft_config=peft_config)
 
     def _loss(self, model, batch, extra):
         inner = _unwrap(model)

@@ -209,16 +209,15 @@ class CheckpointMixin:
             dist.barrier()
         return path
 
-    def _maybe_save(self, steps_per_epoch, total_steps):
+    def _save_due(self, steps_per_epoch, total_steps):
         """Save as save_strategy says (transformers' rule): every save_steps steps ("steps"), at the end of each
         epoch ("epoch"), and in both cases at the last step, so a run always leaves its final state."""
         cfg, step = self.config, self.global_step
         strategy = getattr(cfg, "save_strategy", "steps")
         if strategy == "no":
-            return None
-        due = step == total_steps or (strategy == "steps" and cfg.save_steps and step % cfg.save_steps == 0) \
-            or (strategy == "epoch" and step % steps_per_epoch == 0)
-        return self.save_checkpoint() if due else None
+            return False
+        return bool(step == total_steps or (strategy == "steps" and cfg.save_steps and step % cfg.save_steps == 0)
+                    or (strategy == "epoch" and step % steps_per_epoch == 0))
 
     def _checkpoint_extra(self):
         return {}
