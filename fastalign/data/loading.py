@@ -250,7 +250,8 @@ def _from_memory(data):
         raise DataError(f"got a {cls} with splits {list(data.keys())}; pass one split, e.g. dataset['train']")
     arrow = cls in ("Dataset", "IterableDataset")
     if cls == "DataFrame" and hasattr(data, "to_dict"):
-        items, arrow = data.to_dict("records"), True
+        # pandas marks a missing cell NaN: as None it reads as an absent optional column, as in Arrow
+        items, arrow = data.astype(object).where(data.notna(), None).to_dict("records"), True
     elif cls == "Dataset" and hasattr(data, "to_list"):
         items = data.to_list()
     elif isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):

@@ -75,12 +75,16 @@ def _check_text_or_messages(row, field, where, problems, answer):
 
 def _check_weight(row, where, problems):
     if "weight" not in row:
-        return
+        return True
     w = row["weight"]
     if isinstance(w, bool) or not isinstance(w, numbers.Real):
-        problems.add(where, f"expected a finite number >= 0, got {_describe(w)}", "weight")
-    elif not math.isfinite(w) or w < 0:
+        found = f"str {w!r}" if isinstance(w, str) else _describe(w)
+        problems.add(where, f"expected a finite number >= 0, got {found}", "weight")
+        return False
+    if not math.isfinite(w) or w < 0:
         problems.add(where, f"expected a finite number >= 0, got {w!r}", "weight")
+        return False
+    return True
 
 
 def extract_prompt(chosen, rejected):
@@ -111,7 +115,7 @@ def _preference_row(row, where, problems):
     ok = _check_text_or_messages(row, "rejected", where, problems, answer="prompt" in row) and ok
     if "prompt" in row:
         ok = _check_text_or_messages(row, "prompt", where, problems, answer=False) and ok
-    _check_weight(row, where, problems)
+    ok = _check_weight(row, where, problems) and ok
     if not ok:
         return None
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
