@@ -121,18 +121,26 @@ def _cut(mode, max_length, max_prompt_length=None, max_completion_length=None, r
 def test_truncation_modes():
     # 11 prompt tokens (<s> + 10), answers of 11 and 4 tokens: 22 > max_length 16
     assert _cut("keep_start", 16, 12) == ("<s>abcdefghij", "01234", "zyx</s>")
-    assert _cut("keep_end", 16, 12) == ("<s>ghij", "0123456789</s>", "zyx</s>")
-    # max_prompt_length keeps the prompt's end, after its BOS; both answers share one prompt
-    assert _cut("keep_start", 64, 6) == ("<s>fghij", "0123456789</s>", "zyx</s>")
-    assert _cut("keep_start", 64, 6, max_completion_length=3) == ("<s>fghij", "012", "zyx")
-    # an answer longer than max_length alone: keep_end keeps its end
-    assert _cut("keep_end", 8, 4) == ("<s>", "456789</s>", "zyx</s>")  # the last 7 tokens
+    assert _cut("keep_end", 16, 12) == ("fghij", "0123456789</s>", "zyx</s>")
+    # max_prompt_length keeps the prompt's end (TRL's rule: a BOS goes with the cut start); one shared prompt
+    assert _cut("keep_start", 64, 6) == ("efghij", "0123456789</s>", "zyx</s>")
+    assert _cut("keep_start", 64, 6, max_completion_length=3) == ("efghij", "012", "zyx")
+    # an answer longer than max_length alone: keep_end keeps its end (the last 8 tokens)
+    assert _cut("keep_end", 8, 4) == ("", "3456789</s>", "zyx</s>")
+
+
+def test_truncate_can_keep_the_bos():
+    from fastalign.data import truncate
+    p, (a,) = truncate([1, 2, 3, 4, 5], [[7, 8, 9]], max_length=6, max_prompt_length=4, truncation_mode="keep_end",
+                       n_lead=1)
+    assert p == [1, 4, 5] and a == [7, 8, 9]
+    assert truncate([1, 2, 3, 4, 5], [[7, 8, 9]], max_length=6, max_prompt_length=4, n_lead=1)[0] == [1, 3, 4, 5]
 
 
 def test_config_fields_are_read_by_name():
     cfg = SimpleNamespace(max_length=16, max_prompt_length=12, max_completion_length=None, truncation_mode="keep_end")
     ex = prepare_examples([ROW], "preference", byte_tokenizer(), cfg)[0]
-    assert len(ex["chosen_ids"]) == 16 and ex["chosen_ids"][0] == byte_tokenizer().bos_token_id
+    assert ex["chosen_ids"] == _bytes(byte_tokenizer(), "fghij0123456789") + [byte_tokenizer().eos_token_id]
     old_config = SimpleNamespace(max_length=16, max_prompt_length=12)  # without the TRL fields: keep_start
     assert len(prepare_examples([ROW], "preference", byte_tokenizer(), old_config)[0]["rejected_ids"]) == 15
     with pytest.raises(ValueError, match="truncation_mode must be one of keep_start, keep_end, got 'left'"):

@@ -8,10 +8,11 @@
   turn (ends, before trailing whitespace, with a special token such as ``<|im_end|>`` or ``<|eot_id|>``)
   nothing is appended; otherwise ``eos_token`` is, so the model still learns to stop.
 - Conversational rows without a chat template: rendered as ``role: content`` lines, then as plain text.
-- Truncation (``truncate``): the prompt keeps its last ``max_prompt_length`` tokens (after its BOS), each
-  answer its first ``max_completion_length``; then, over ``max_length``, ``truncation_mode="keep_start"``
-  keeps the start of the sequence (the answers lose their ends) and ``"keep_end"`` its end (the prompt loses
-  its start after the BOS, then the answers theirs). Chosen and rejected share one truncated prompt.
+- Truncation (``truncate``): the prompt keeps its last ``max_prompt_length`` tokens, each answer its first
+  ``max_completion_length``; then, over ``max_length``, ``truncation_mode="keep_start"`` keeps the start of
+  the sequence (the answers lose their ends) and ``"keep_end"`` its end (the prompt loses its start, then the
+  answers theirs). Chosen and rejected share one truncated prompt. As in TRL, a BOS at the start of a cut
+  prompt is cut with it (``n_lead`` would keep it; the trainers do not use it, which keeps their data as before).
 - Rows left with no answer token, and pairs whose answers are identical after truncation, carry no signal:
   they are dropped with a warning that says how many and why.
 """
@@ -79,7 +80,7 @@ def _encode(tokenizer, text):
 
 
 def _keep_last(ids, n, n_lead):
-    """ids cut to n tokens: the first n_lead (BOS) and the last n - n_lead."""
+    """ids cut to n tokens: the first n_lead (a BOS to keep) and the last n - n_lead."""
     if len(ids) <= n:
         return ids
     n_lead = min(n_lead, n)
@@ -117,8 +118,7 @@ class _Tokenizer:
         self.specials = _special_texts(tokenizer)
         self.eos = tokenizer.eos_token_id
         self.limits = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                           max_completion_length=max_completion_length, truncation_mode=truncation_mode,
-                           n_lead=len(self.lead))
+                           max_completion_length=max_completion_length, truncation_mode=truncation_mode)
         if truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {truncation_mode!r}")
         self.name = name
@@ -153,7 +153,7 @@ class _Tokenizer:
     def finish(self, n_rows, what):
         self.problems.raise_if_any("row(s) that cannot be tokenized")
         n_dropped = sum(len(v) for v in self.dropped.values())
-        lim = {k: v for k, v in self.limits.items() if k != "n_lead" and v is not None}
+        lim = {k: v for k, v in self.limits.items() if v is not None}
         for reason, places in self.dropped.items():
             shown = ", ".join(places[:SHOWN_LOCATIONS]) + (" ..." if len(places) > SHOWN_LOCATIONS else "")
             warnings.warn(f"{self.name or 'data'}: dropped {len(places)} of {n_rows} {what}: {reason} "
