@@ -11,7 +11,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "jsonl", "tensorboard", "wandb", "mlflow")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
-TRUNCATION_MODES = ("keep_end", "keep_start")
+TRUNCATION_MODES = ("keep_start", "keep_end")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
 
@@ -60,8 +60,10 @@ class TrainConfig:
     max_length: int = _f(512, "maximum tokens of prompt + answer")
     max_prompt_length: int = _f(256, "maximum prompt tokens (the prompt is truncated first, see truncation_mode)")
     max_completion_length: Optional[int] = _f(None, "maximum answer tokens (None: whatever max_length leaves)")
-    truncation_mode: str = _f("keep_end", "which end of an over-long prompt survives: keep_end keeps the prompt's "
-                              "last tokens (next to the answer), keep_start its first ones", TRUNCATION_MODES)
+    truncation_mode: str = _f("keep_start", "what survives when prompt + answer exceed max_length (after the prompt "
+                              "is cut to its last max_prompt_length tokens): keep_start keeps the sequence's start "
+                              "(answers lose their ends; TRL's default), keep_end its end (the prompt loses its "
+                              "start first)", TRUNCATION_MODES)
     max_steps: int = _f(-1, "optimizer steps to train (-1: use num_train_epochs)")
     num_train_epochs: float = _f(1.0, "epochs to train when max_steps is -1 (may be fractional)")
     bf16: bool = _f(False, "bfloat16 autocast for forward and backward (weights stay fp32)")

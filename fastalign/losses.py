@@ -123,25 +123,29 @@ def sft_loss(sequence_logps, n_tokens):
     """
     _check_same_shape(sequence_logps=sequence_logps, n_tokens=n_tokens)
     total = n_tokens.sum()
-    if int(total) == 0:
-        raise ValueError("sft_loss: no labelled tokens in the batch (every label is ignore_index)")
-    return -sequence_logps.sum() / total
+    # no labelled token (an empty batch): loss 0 with zero gradients (see weighted_mean), without a sync
+    return -sequence_logps.sum() / total.clamp_min(1)
 
 
 def weighted_mean(losses, weights=None):
-    """Mean of per-pair losses [B], or sum w_i l_i / sum w_i with non-negative weights [B]."""
+    """Mean of per-pair losses [B], or sum w_i l_i / sum w_i with non-negative weights [B].
+
+    The empty case, the same for every loss: no pairs (B = 0) or weights that are all zero give loss 0,
+    connected to the graph so that backward() leaves zero gradients; a pair of weight 0 contributes nothing
+    (not even a NaN from an infinite loss). No device synchronisation is needed for either.
+    """
     if weights is None:
-        return losses.mean()
+        return losses.sum() / max(losses.numel(), 1)
     if not isinstance(weights, torch.Tensor):
         weights = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
     if weights.shape != losses.shape:
         raise ValueError(f"weights must have shape {tuple(losses.shape)} (one per pair), got {tuple(weights.shape)}")
     if not torch.isfinite(weights).all() or bool((weights < 0).any()):
         raise ValueError(f"weights must be finite and non-negative, got min {weights.min().item()}")
-    total = weights.sum()
-    if not total > 0:
-        raise ValueError("weights are all zero: the weighted mean is undefined")
-    return (weights.to(losses.dtype) * losses).sum() / total.to(losses.dtype)
+    w = weights.to(losses.dtype)
+    total = w.sum()
+    weighted = torch.where(w > 0, w * losses, torch.zeros_like(losses))
+    return weighted.sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 @dataclass
@@ -264,7 +268,7 @@ class _FusedPreferenceLoss(_FusedLogprobs):
         return PreferenceLossOutput(loss=loss, losses=losses, chosen_logps=pc, rejected_logps=pr, chosen_rewards=cr,
                                     rejected_rewards=rj, reward_margins=cr - rj, reward_accuracies=(cr > rj).float(),
                                     chosen_n_tokens=nc, rejected_n_tokens=nr,
-                                    nll_loss=None if nll is None else nll.mean())
+                                    nll_loss=None if nll is None else weighted_mean(nll))
 
     def _reference(self, labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
                    sequence_index=None, n_sequences=None):

@@ -13,6 +13,10 @@ from fastalign.options import LogprobOptions
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _empty_result(hidden):
+    return hidden.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Autograd for the fused op; the chosen backend does the work, both directions."""
 
@@ -20,7 +24,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, opts: LogprobOptions):
         impl = get_backend(opts.backend)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        logp, lse, basis = impl.forward(hidden, weight, bias, targets, opts, save_for_hidden=need_hidden)
+        if hidden.shape[0] == 0:  # the empty case: no backend call; backward gives zero gradients
+            logp, lse, basis = _empty_result(hidden), _empty_result(hidden), None
+        else:
+            logp, lse, basis = impl.forward(hidden, weight, bias, targets, opts, save_for_hidden=need_hidden)
         ctx.opts = opts
         ctx.save_for_backward(hidden, weight, bias, targets, lse, basis)
         ctx.mark_non_differentiable(lse)
@@ -135,17 +142,18 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
         raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not "
                          f"ignore_index={ignore_index}; {int(bad.sum())} such target(s) in all")
     targets = torch.where(ignored, torch.full_like(targets, -1), targets)
-    if n == 0:
-        # Empty input: an empty result still connected to hidden so that .backward() works.
-        return hidden[:, 0].to(torch.float64 if hidden.dtype == torch.float64 else torch.float32) * 0.0
     hidden = hidden.contiguous()
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
+        if n == 0:
+            return _empty_result(hidden)
         logp, _, _ = get_backend(name).forward(hidden, weight, bias, targets, opts, save_for_hidden=False)
         return logp
+    # N = 0 goes through the Function too: the result is empty and hidden, weight and bias all get zero
+    # gradients (not None), the empty case every loss follows (see losses.weighted_mean).
     logp, _ = LinearLogprobsFunction.apply(hidden, weight, bias, targets, opts)
     return logp
 

@@ -293,8 +293,9 @@ def test_malformed_rows_reported_with_indices(tmp_path):
     with pytest.raises(DataError) as err:
         dpo(tmp_path, rows=rows)
     msg = str(err.value)
-    for expected in ("row 1: missing field(s) chosen", "row 3: empty rejected answer",
-                     "row 4: chosen and rejected are identical", "row 5: weight must be a finite number >= 0",
+    for expected in ("row 1: field 'chosen': missing", "row 3: field 'rejected': empty answer",
+                     "row 4: field 'rejected': identical to 'chosen'",
+                     "row 5: field 'weight': expected a finite number >= 0, got -1",
                      "train_dataset: 4 malformed row(s)"):
         assert expected in msg
 
@@ -342,7 +343,7 @@ def test_sft_on_messages_masks_everything_but_the_last_assistant_turn(tmp_path):
     answer = [x for x in e["labels"] if x != -100]
     assert tok.decode(answer[:-1]).strip() == rows[0]["messages"][-1]["content"] and answer[-1] == tok.eos_token_id
     assert len(t.train()) == 2
-    with pytest.raises(DataError, match="row 0: messages must be"):
+    with pytest.raises(DataError, match="row 0: field 'messages': has no assistant message"):
         SFTTrainer(m, tokenizer=tok, train_dataset=[{"messages": [{"role": "user", "content": "hi"}]}] * 8,
                    config=cfg(SFTConfig, tmp_path))
 

@@ -19,7 +19,9 @@ def _compute_dtype(hidden):
 
 def _chunk_logits(h, weight, bias, opts):
     """fp32 logits of one chunk of rows after bias, temperature and softcap."""
-    z = torch.nn.functional.linear(h, weight, bias).to(_compute_dtype(h))
+    z = torch.nn.functional.linear(h, weight).to(_compute_dtype(h))
+    if bias is not None:  # added in the compute dtype, whatever the bias dtype (as the cpp and triton backends)
+        z = z + bias.to(z.dtype)
     if opts.temperature != 1.0:
         z = z / opts.temperature
     if opts.softcap is not None:

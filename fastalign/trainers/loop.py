@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fastalign.config import ConfigError
-from fastalign.data import (collate_preference, collate_sft, load_rows, tokenize_preference_rows, tokenize_sft_rows,
-                            validate_rows)
+from fastalign.data import check_enough_rows, collate_preference, collate_sft, prepare_examples
 from fastalign.integrations.hf import _unwrap, trunk_and_head
 from fastalign.trainers.models import StepModule as _StepModule
 from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
@@ -77,10 +76,8 @@ class BaseTrainer(CheckpointMixin):
             raise ValueError("train_dataset is required (a path, a list of dicts or a datasets.Dataset)")
         self.train_examples = self._prepare(train_dataset, "train_dataset")
         self.eval_examples = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
-        global_batch = config.per_device_train_batch_size * self.world_size
-        if len(self.train_examples) < global_batch:
-            raise ValueError(f"train_dataset has {len(self.train_examples)} rows, fewer than one global batch "
-                             f"({config.per_device_train_batch_size} x {self.world_size} processes)")
+        check_enough_rows(len(self.train_examples), config.per_device_train_batch_size, self.world_size,
+                          config.gradient_accumulation_steps)
         self._warned_packing = False
         self._setup()  # loss module and reference, before any DDP/FSDP wrapping touches the model
         self.step_module = _StepModule(self.model, self._loss)
@@ -126,13 +123,8 @@ class BaseTrainer(CheckpointMixin):
         return module
 
     def _prepare(self, data, name):
-        rows = load_rows(data)
-        try:
-            validate_rows(rows, "sft" if self.data_kind == "sft" else "preference")
-        except ValueError as exc:
-            raise type(exc)(f"{name}: {exc}") from None
-        tok = tokenize_sft_rows if self.data_kind == "sft" else tokenize_preference_rows
-        return tok(rows, self.tokenizer, self.config.max_length, self.config.max_prompt_length)
+        return prepare_examples(data, "sft" if self.data_kind == "sft" else "preference", self.tokenizer,
+                                self.config, name)
 
     # ---- batches -------------------------------------------------------------------------------------
     def _collate(self, examples):
