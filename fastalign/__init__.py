@@ -15,7 +15,11 @@ __all__ = [
 # Trainers and configs import transformers: load them on first use, not with `import fastalign`.
 _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainers", "SFTTrainer": "fastalign.trainers",
          "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",
-         "TrainConfig": "fastalign.config"}
+         "TrainConfig": "fastalign.config",
+         "AfDRewardTrainer": "fastalign.trainers.afd_reward", "AfDRewardConfig": "fastalign.trainers.afd_reward",
+         "sample": "fastalign.generation", "best_of_n": "fastalign.generation",
+         "log_ratio_score": "fastalign.generation", "log_ratio_scorer": "fastalign.generation",
+         "reward_scores": "fastalign.generation", "BestOfNResult": "fastalign.generation"}
 __all__ += list(_LAZY)
 
 
