@@ -1,9 +1,9 @@
 """`make afd-demo`: alignment from demonstrations on a synthetic task with a known gold reward, on CPU.
 
 The task: a prompt is three distinct letters of a-l followed by ':' (e.g. "keg:"), an answer is six letters.
-The gold reward of an answer is the fraction of its letters that appear in the prompt. The initial model is
-the tiny Llama pre-trained on answers drawn uniformly from a-l (gold about 0.25); the synthetic expert draws
-each letter from the prompt with probability 0.8 (gold about 0.8); its demonstrations are in
+The gold reward of an answer is the fraction of its letters that are among the synthetic expert's favourites
+a, b, c, d. The initial model is the tiny Llama pre-trained on answers drawn uniformly from a-l (gold about
+0.33); the expert picks a favourite with probability 0.8 (gold about 0.8); its demonstrations are in
 fastalign/data/afd_demos.jsonl (written by fastalign/data/make_afd_demos.py).
 
 Then AfD: SFT on the demonstrations; sample the initial and SFT models on the demonstration prompts; train the
@@ -20,6 +20,7 @@ import torch
 
 from fastalign.afd import reward_rows, split_by_prompt
 from fastalign.config import SFTConfig
+from fastalign.data.make_afd_demos import FAVOURITES
 from fastalign.data import DATA_DIR, default_model_and_tokenizer, load_rows
 from fastalign.generation import best_of_n, log_ratio_scorer, sample
 from fastalign.trainers.afd_reward import RM_KINDS, AfDRewardConfig, AfDRewardTrainer
@@ -30,9 +31,8 @@ NS = (1, 2, 4, 8, 16)
 
 
 def gold_score(prompt, answer):
-    """Fraction of the answer's letters that are among the prompt's letters (0 for an empty answer)."""
-    letters = set(prompt.rstrip(":"))
-    return sum(ch in letters for ch in answer) / len(answer) if answer else 0.0
+    """Fraction of the answer's letters that are among the expert's favourites (0 for an empty answer)."""
+    return sum(ch in FAVOURITES for ch in answer) / len(answer) if answer else 0.0
 
 
 def mean_gold(prompts, answers):
@@ -76,6 +76,9 @@ def run(output_dir="demo_out", rm_steps=150, sft_steps=60, pretrain_steps=250, s
 
     samples = {name: sample(model, tok, demo_prompts, n=samples_per_prompt, seed=seed + 1, source=name, **gen)
                for name, model in (("init", init), ("sft", sft))}
+    log("gold score of the samples on the demonstration prompts: " + ", ".join(
+        f"{k} {mean_gold([r['prompt'] for r in v], [r['completion'] for r in v]):.3f}"
+        for k, v in samples.items()))
     demo_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in demos]
     scorers, rm_eval = {}, {}
     for kind in RM_KINDS:
@@ -114,8 +117,9 @@ def run(output_dir="demo_out", rm_steps=150, sft_steps=60, pretrain_steps=250, s
 
 
 def report(results, log=print):
-    log(f"\ngold score (fraction of answer letters found in the prompt), mean over {len(NS)} N values' test prompts")
-    log(f"initial model {results['init']:.3f} | SFT {results['sft']:.3f} | demonstrations {results['demos']:.3f} | "
+    log("\ngold score (fraction of answer letters among the expert's favourites), mean over held-out prompts")
+    log(f"initial model {results['init']:.3f} | SFT {results['sft']:.3f} (first sample; mean of all 16 "
+        f"{results['sft_mean_over_16']:.3f}) | demonstrations {results['demos']:.3f} | "
         f"oracle Best-of-16 {results['oracle_best_of_16']:.3f}\n")
     log("| Best-of-N scorer | " + " | ".join(f"N={k}" for k in NS) + " |")
     log("|---|" + "---:|" * len(NS))
@@ -135,8 +139,9 @@ def plot(results, path):
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, vals in results["best_of_n"].items():
-        ax.plot(NS, vals, "o-", label=f"Best-of-N, {name}")
+    styles = [("o", "-", 7), ("s", "--", 5.5), ("^", ":", 4), ("D", "-.", 3)]  # overlapping curves stay visible
+    for (name, vals), (marker, ls, size) in zip(results["best_of_n"].items(), styles):
+        ax.plot(NS, vals, marker=marker, ls=ls, ms=size, label=f"Best-of-N, {name}")
     ax.axhline(results["init"], color="grey", ls=":", label="initial model")
     ax.axhline(results["sft_mean_over_16"], color="black", ls="--", label="SFT (mean of 16 samples)")
     ax.axhline(results["demos"], color="green", ls="-.", label="demonstrations (expert)")
@@ -156,10 +161,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="demo_out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: for a model this small, thread synchronisation costs more than "
+                        "it saves, 8x slower with 2 threads on a loaded 2-core machine)")
     p.add_argument("--rm-steps", type=int, default=150)
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--pretrain-steps", type=int, default=250)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     results = run(args.output_dir, rm_steps=args.rm_steps, sft_steps=args.sft_steps,
                   pretrain_steps=args.pretrain_steps, seed=args.seed)
     report(results)

@@ -1,16 +1,18 @@
 """Writes afd_demos.jsonl, the synthetic data of the AfD demo (`python -m fastalign.data.make_afd_demos`).
 
 A prompt is three distinct letters of a-l and ':' (e.g. "keg:"); an answer is six letters. split "pretrain":
-answers drawn uniformly from a-l (what the initial model learns; a letter is in the prompt 1/4 of the time);
-split "demo": the synthetic expert's demonstrations, each letter drawn from the prompt's letters with probability
-0.8 and otherwise from the other nine; split "test": held-out prompts, no answer. Fixed seed: the file is
-reproducible.
+answers drawn uniformly from a-l (what the initial model learns; a letter is one of the expert's favourites
+a, b, c, d a third of the time); split "demo": the synthetic expert's demonstrations, each letter one of its
+favourites with probability 0.8, otherwise one of the other eight; split "test": held-out prompts, no answer.
+The gold reward of an answer (fastalign.afd_demo.gold_score) is the fraction of its letters that are favourites.
+Fixed seed: the file is reproducible.
 """
 import json
 import os
 import random
 
 ALPHABET = "abcdefghijkl"
+FAVOURITES = "abcd"
 EXPERT_P = 0.8
 ANSWER_LEN = 6
 COUNTS = {"pretrain": 1200, "demo": 240, "test": 64}
@@ -31,11 +33,11 @@ def make_rows(seed=0):
             if split == "test":
                 rows.append({"prompt": prompt, "split": split})
                 continue
-            others = [c for c in ALPHABET if c not in letters]
+            others = [c for c in ALPHABET if c not in FAVOURITES]
             if split == "pretrain":
                 answer = "".join(rng.choice(ALPHABET) for _ in range(ANSWER_LEN))
             else:
-                answer = "".join(rng.choice(letters) if rng.random() < EXPERT_P else rng.choice(others)
+                answer = "".join(rng.choice(FAVOURITES) if rng.random() < EXPERT_P else rng.choice(others)
                                  for _ in range(ANSWER_LEN))
             rows.append({"prompt": prompt, "completion": answer, "split": split})
     return rows
