@@ -22,19 +22,19 @@ def _completions(rows):
 
 def test_sample_deterministic_and_batch_invariant(lm):
     model, tok = lm
-    kw = dict(n=3, max_new_tokens=6, temperature=1.0, seed=7, show_progress=False)
-    batched = fa.sample(model, tok, PROMPTS, batch_size=12, **kw)
-    one_by_one = fa.sample(model, tok, PROMPTS, batch_size=1, **kw)
+    prompts = PROMPTS[:3]
+    kw = dict(n=2, max_new_tokens=5, temperature=1.0, seed=7, show_progress=False)
+    batched = fa.sample(model, tok, prompts, batch_size=6, **kw)
+    one_by_one = fa.sample(model, tok, prompts, batch_size=1, **kw)
     assert _completions(batched) == _completions(one_by_one)
-    assert _completions(fa.sample(model, tok, PROMPTS, batch_size=5, **kw)) == _completions(batched)
     # a prompt's samples do not depend on the other prompts in the call
-    alone = fa.sample(model, tok, PROMPTS[1:2], batch_size=3, **kw)
-    assert _completions(alone) == _completions(batched)[3:6]
-    assert [(r["prompt"], r["sample_index"]) for r in batched[:4]] == [("hello", 0), ("hello", 1), ("hello", 2),
+    alone = fa.sample(model, tok, prompts[1:2], batch_size=2, **kw)
+    assert _completions(alone) == _completions(batched)[2:4]
+    assert [(r["prompt"], r["sample_index"]) for r in batched[:3]] == [("hello", 0), ("hello", 1),
                                                                       ("a longer prompt here", 0)]
-    other = fa.sample(model, tok, PROMPTS, batch_size=12, **{**kw, "seed": 8})
+    other = fa.sample(model, tok, prompts, batch_size=6, **{**kw, "seed": 8})
     assert _completions(other) != _completions(batched)
-    assert len(set(_completions(batched)[:3])) > 1  # different samples of one prompt
+    assert len(set(_completions(batched)[:2])) > 1  # different samples of one prompt
 
 
 def test_sample_greedy_matches_argmax_decoding(lm):
