@@ -356,6 +356,12 @@ class BestOfNResult:
     candidates: List[List[str]]
     scores: torch.Tensor
 
+    def __iter__(self):  # chosen, scores = best_of_n(...)
+        return iter((self.chosen, self.scores))
+
+    def __getitem__(self, key):  # result["chosen"], result["scores"], ...
+        return getattr(self, key)
+
     @property
     def chosen_scores(self):
         return self.scores.gather(1, self.chosen_index[:, None])[:, 0]

@@ -171,3 +171,29 @@ def test_cli_bad_inputs(saved_models, capsys):
     assert main(["sample", "--model", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--n", "2",
                  "--max-new-tokens", "2", "--output", str(d / "s.jsonl")]) == 0
     assert len(open(d / "s.jsonl").readlines()) == 4
+
+
+def _run_worker(tmp_path, nproc, name):
+    import socket
+    import subprocess
+    import sys
+    worker = os.path.join(os.path.dirname(__file__), "afd_ddp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, worker] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", worker]
+    out = tmp_path / f"{name}.json"
+    r = subprocess.run(cmd + [str(out), "4", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    one = _run_worker(tmp_path, 1, "one")
+    two = _run_worker(tmp_path, 2, "two")
+    assert two["world"] == 2 and one["world"] == 1
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)

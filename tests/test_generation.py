@@ -150,6 +150,8 @@ def test_best_of_n_picks_the_argmax(lm):
     scorer = lambda prompts, answers: torch.tensor([float(len(a) % 3) for a in answers])  # noqa: E731
     res = fa.best_of_n(None, scorer, tok, ["p", "q"], n=3, candidates=cands, show_progress=False)
     assert res.scores.shape == (2, 3) and res.chosen == ["bb", "ff"] and res.chosen_index.tolist() == [1, 2]
+    chosen, scores = res
+    assert chosen == res["chosen"] == ["bb", "ff"] and scores is res.scores
     # sampled candidates, a reward model as the scorer: the chosen answer has the highest reward of its row
     rm, _ = default_model_and_tokenizer("reward", seed=2)
     res = fa.best_of_n(model, rm, tok, PROMPTS[:2], n=4, max_new_tokens=4, seed=3, score_batch_size=3,

@@ -86,14 +86,14 @@ class AfDRewardTrainer(BaseTrainer):
     config_class = AfDRewardConfig
     data_kind = "reward"  # a sequence-classification model (no lm_head), like RewardTrainer
 
-    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, config=None):
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, config=None, **kwargs):
         inner = _unwrap(model)
         if not isinstance(getattr(inner, "score", None), torch.nn.Module):
             raise TypeError(f"AfDRewardTrainer needs a sequence-classification model with a `score` head and "
                             f"num_labels=1 (e.g. AutoModelForSequenceClassification), got {type(inner).__name__}")
         if getattr(inner.score, "out_features", 1) != 1:
             raise TypeError(f"AfDRewardTrainer needs num_labels=1 (one logit), got {inner.score.out_features}")
-        super().__init__(model, tokenizer, train_dataset, eval_dataset, config)
+        super().__init__(model, tokenizer, train_dataset, eval_dataset, config, **kwargs)
 
     def _prepare(self, data, name):
         from fastalign.generation import chat_prompt
