@@ -86,6 +86,8 @@ def test_bad_rows_and_options(tmp_path):
         fa.AfDRewardTrainer(rm, tokenizer=tok, config=_config(tmp_path), train_dataset=[{"prompt": "a"}] * 4)
     with pytest.raises(ConfigError, match="unknown rm_kind 'sft-init'"):
         fa.AfDRewardConfig(rm_kind="sft-init")
+    with pytest.raises(ConfigError, match="padding_free"):
+        fa.AfDRewardConfig(padding_free=True)
     lm, _ = default_model_and_tokenizer(seed=0)
     with pytest.raises(TypeError, match="sequence-classification"):
         fa.AfDRewardTrainer(lm, tokenizer=tok, config=_config(tmp_path), train_dataset=ROWS)

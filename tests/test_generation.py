@@ -165,3 +165,31 @@ def test_best_of_n_picks_the_argmax(lm):
     assert [a for c in res.candidates for a in c] == _completions(samples)
     with pytest.raises(ValueError, match="fewer than n=4"):
         fa.best_of_n(None, scorer, tok, ["p", "q"], n=4, candidates=cands)
+
+
+def test_chat_template_used_for_sampling_and_scoring(lm):
+    from fastalign.data import byte_tokenizer
+    from fastalign.generation import prompt_ids
+    model_a, _ = lm
+    model_b, _ = default_model_and_tokenizer(seed=3)
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    msgs = [{"role": "user", "content": "hi"}]
+    want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert prompt_ids(tok, "hi") == want  # no BOS: the template owns the framing
+    rows = fa.sample(model_a, tok, ["hi"], n=2, max_new_tokens=3, show_progress=False)
+    assert len(rows) == 2
+    # the score reads the answer after the templated prompt: <|assistant|>answer\n</s>
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "yo"}], tokenize=False)
+    answer_ids = tok(full[len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)):],
+                     add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([want + answer_ids])
+
+    def naive(model):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        return sum(float(logp[len(want) - 1 + k, t]) for k, t in enumerate(answer_ids))
+    got = fa.log_ratio_score(model_a, model_b, tok, ["hi"], ["yo"])
+    assert float(got[0]) == pytest.approx(naive(model_a) - naive(model_b), abs=2e-4)

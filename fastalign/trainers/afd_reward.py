@@ -33,6 +33,9 @@ class AfDRewardConfig(RewardConfig):
         if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
                 or not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.padding_free:
+            raise ConfigError("padding_free=True is not supported by AfDRewardTrainer (its rows are single short "
+                              "answers, right-padded); leave padding_free=False")
 
 
 def validate_labelled_rows(rows):
