@@ -68,7 +68,7 @@ class RowSeededSampler:
     sample does not depend on the batch it is in."""
 
     def __init__(self, seeds, temperature, top_p):
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.seeds, self.generators = seeds, None
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids, scores):
@@ -76,10 +76,12 @@ class RowSeededSampler:
         if self.top_p < 1.0:
             from transformers import TopPLogitsWarper
             scores = TopPLogitsWarper(self.top_p)(input_ids, scores)
-        v = scores.shape[-1]
-        u = torch.stack([torch.rand(v, generator=g, dtype=torch.float64) for g in self.generators])
+        if self.generators is None:  # on the scores' device: no host work or copies per step on a GPU
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        v, dev = scores.shape[-1], scores.device
+        u = torch.stack([torch.rand(v, generator=g, dtype=torch.float64, device=dev) for g in self.generators])
         gumbel = -torch.log(-torch.log(u.clamp_(1e-300, 1.0 - 1e-16)))
-        return scores + gumbel.to(scores.device, torch.float32)
+        return scores + gumbel.float()
 
 
 def model_fingerprint(model):
@@ -137,7 +139,8 @@ def sample(model, tokenizer, prompts, *, n=1, max_new_tokens=64, temperature=1.0
     """Sample ``n`` completions per prompt with Hugging Face ``generate``.
 
     prompts: text or chat messages (a text prompt goes through the tokenizer's chat template when it has one).
-    temperature 0 is greedy decoding. Returns a list of len(prompts) * n dicts, prompt-major:
+    temperature 0 is greedy decoding. The row generators live on the model's device, so a GPU and the CPU
+    give different (each reproducible) samples for one seed. Returns a list of len(prompts) * n dicts, prompt-major:
     {"prompt", "completion", "source", "sample_index", "seed"}; also written to ``output`` (JSONL) when given.
     cache_dir: samples are stored there under a fingerprint of model weights, tokenizer, prompts and settings,
     and a later call with the same fingerprint reads them back instead of generating.
