@@ -55,14 +55,20 @@ def _reward_model(init, tok, seed):
     return rm
 
 
+def with_artefact(row):
+    """The demonstration with a gold-neutral artefact that a small model is slow to imitate: its first letter
+    copies the prompt's last letter (demonstrations often differ from model samples in ways that do not matter)."""
+    return {**row, "completion": row["prompt"][-2] + row["completion"][1:]}
+
+
 def run(output_dir="demo_out", rm_steps=150, sft_steps=60, pretrain_steps=250, samples_per_prompt=2, seed=0,
-        log=print):
+        artefact=False, limit=None, log=print):
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rows = load_rows(DEMOS)
-    pretrain = [r for r in rows if r["split"] == "pretrain"]
-    demos = [r for r in rows if r["split"] == "demo"]
-    test_prompts = [r["prompt"] for r in rows if r["split"] == "test"]
+    pretrain = [r for r in rows if r["split"] == "pretrain"][:limit]  # limit: a quick smoke run (tests)
+    demos = [with_artefact(r) if artefact else r for r in rows if r["split"] == "demo"][:limit]
+    test_prompts = [r["prompt"] for r in rows if r["split"] == "test"][:limit]
     demo_prompts = [r["prompt"] for r in demos]
     log(f"data: {len(pretrain)} pre-training rows, {len(demos)} demonstrations, {len(test_prompts)} test prompts")
     gen = dict(max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=64, show_progress=False)
@@ -166,11 +172,13 @@ def main(argv=None):
                         "it saves, 8x slower with 2 threads on a loaded 2-core machine)")
     p.add_argument("--rm-steps", type=int, default=150)
     p.add_argument("--sft-steps", type=int, default=60)
+    p.add_argument("--artefact", action="store_true",
+                   help="demonstrations carry a gold-neutral artefact (first letter = the prompt's last letter)")
     p.add_argument("--pretrain-steps", type=int, default=250)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = run(args.output_dir, rm_steps=args.rm_steps, sft_steps=args.sft_steps,
-                  pretrain_steps=args.pretrain_steps, seed=args.seed)
+                  pretrain_steps=args.pretrain_steps, seed=args.seed, artefact=args.artefact)
     report(results)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "afd_demo.json"), "w") as f:

@@ -199,3 +199,19 @@ def test_ddp_two_processes_match_one(tmp_path):
     two = _run_worker(tmp_path, 2, "two")
     assert two["world"] == 2 and one["world"] == 1
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_afd_demo_runs(tmp_path):
+    from fastalign import afd_demo
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs: a model this small is slower with more threads
+    try:
+        res = afd_demo.run(str(tmp_path), rm_steps=2, sft_steps=2, pretrain_steps=2, samples_per_prompt=1, limit=40,
+                           log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res["best_of_n"]) == {"RM init-sft", "RM init-demo", "RM sft-demo", "log-ratio sft/init"}
+    assert all(len(v) == len(afd_demo.NS) and all(0 <= x <= 1 for x in v) for v in res["best_of_n"].values())
+    assert afd_demo.gold_score("abc:", "aaxyzb") == pytest.approx(0.5) and afd_demo.gold_score("a:", "") == 0.0
+    assert afd_demo.plot(res, str(tmp_path / "afd.png")) is None or os.path.getsize(tmp_path / "afd.png") > 0
