@@ -17,9 +17,9 @@ _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainer
          "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",
          "TrainConfig": "fastalign.config",
          "AfDRewardTrainer": "fastalign.trainers.afd_reward", "AfDRewardConfig": "fastalign.trainers.afd_reward",
-         "sample": "fastalign.generation", "best_of_n": "fastalign.generation",
-         "log_ratio_score": "fastalign.generation", "log_ratio_scorer": "fastalign.generation",
-         "reward_scores": "fastalign.generation", "BestOfNResult": "fastalign.generation"}
+         "sample": "fastalign.generation", "best_of_n": "fastalign.scoring",
+         "log_ratio_score": "fastalign.scoring", "log_ratio_scorer": "fastalign.scoring",
+         "reward_scores": "fastalign.scoring", "BestOfNResult": "fastalign.scoring"}
 __all__ += list(_LAZY)
 
 

@@ -18,7 +18,8 @@ import torch
 from fastalign import checkpoint as ckpt
 from fastalign.config import ConfigError
 from fastalign.data import DataError, _nonempty, load_rows
-from fastalign.generation import _check_same_tokenizer, best_of_n, read_jsonl, sample, write_jsonl
+from fastalign.generation import read_jsonl, sample, write_jsonl
+from fastalign.scoring import _check_same_tokenizer, best_of_n
 from fastalign.trainers.afd_reward import RM_KINDS, AfDRewardConfig
 
 STAGES = ("samples-init", "samples-sft", "reward-model", "best-of-n")
@@ -169,8 +170,9 @@ def run_afd(init_model, sft_model, demos, prompts=None, *, output_dir, rm_kind="
     """
     if rm_kind not in RM_KINDS:
         raise ConfigError(f"unknown rm_kind {rm_kind!r}; valid: {', '.join(RM_KINDS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n must be an integer >= 1, got {n!r}")
+    for name, value in (("n", n), ("samples_per_prompt", samples_per_prompt)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     demo_rows = load_demos(demos)
     bon_prompts = load_prompts(prompts) if prompts is not None else [r["prompt"] for r in demo_rows]
     demo_prompts = [r["prompt"] for r in demo_rows]

@@ -22,7 +22,8 @@ from fastalign.afd import reward_rows, split_by_prompt
 from fastalign.config import SFTConfig
 from fastalign.data.make_afd_demos import FAVOURITES
 from fastalign.data import DATA_DIR, default_model_and_tokenizer, load_rows
-from fastalign.generation import best_of_n, log_ratio_scorer, sample
+from fastalign.generation import sample
+from fastalign.scoring import best_of_n, log_ratio_scorer
 from fastalign.trainers.afd_reward import RM_KINDS, AfDRewardConfig, AfDRewardTrainer
 from fastalign.trainers.sft import SFTTrainer
 
@@ -184,7 +185,8 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "afd_demo.json"), "w") as f:
         json.dump(results, f, indent=1)
     png = plot(results, os.path.join(args.output_dir, "afd_demo.png"))
-    print(f"\n{results['seconds']:.0f} s; results in {args.output_dir}/afd_demo.json" + (f", plot {png}" if png else ""))
+    plot_note = f", plot {png}" if png else ""
+    print(f"\n{results['seconds']:.0f} s; results in {args.output_dir}/afd_demo.json{plot_note}")
     return 0
 
 

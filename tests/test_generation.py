@@ -1,4 +1,5 @@
-"""Sampling, log-ratio score, reward scores and Best-of-N (fastalign.generation) against naive rewrites."""
+"""Sampling (fastalign.generation), log-ratio score, reward scores and Best-of-N (fastalign.scoring) against naive
+rewrites."""
 import json
 
 import pytest

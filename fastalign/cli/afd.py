@@ -37,7 +37,7 @@ def cmd_sample(args):
 
 def cmd_best_of_n(args):
     from fastalign.afd import load_causal_lm, load_prompts, load_reward_model
-    from fastalign.generation import _check_same_tokenizer, best_of_n, log_ratio_scorer
+    from fastalign.scoring import _check_same_tokenizer, best_of_n, log_ratio_scorer
     if (args.reward_model is None) == (args.log_ratio is None):
         from fastalign.config import ConfigError
         raise ConfigError("give exactly one scorer: --reward-model DIR or --log-ratio MODEL_A MODEL_B")

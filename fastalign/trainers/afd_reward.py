@@ -123,7 +123,7 @@ class AfDRewardTrainer(BaseTrainer):
         return b.to(self.device)
 
     def _loss(self, model, batch, extra):
-        from fastalign.generation import last_token_hidden
+        from fastalign.scoring import last_token_hidden
         inner = _unwrap(model)
         hidden = self._trunk_hidden(trunk_of(inner), batch)
         logits = inner.score(last_token_hidden(hidden, batch.attention_mask)).squeeze(-1).float()
