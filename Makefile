@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: install demo opdemo test test-gpu bench info clean
+.PHONY: install demo opdemo test test-gpu bench info clean afd-demo
 
 $(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,3 +40,6 @@ clean:
 
 opdemo: install
 	$(PY) -m fastalign.opdemo
+
+afd-demo: install
+	$(PY) -m fastalign.afd_demo

@@ -15,7 +15,11 @@ __all__ = [
 # Trainers and configs import transformers: load them on first use, not with `import fastalign`.
 _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainers", "SFTTrainer": "fastalign.trainers",
          "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",
-         "TrainConfig": "fastalign.config"}
+         "TrainConfig": "fastalign.config",
+         "AfDRewardTrainer": "fastalign.trainers.afd_reward", "AfDRewardConfig": "fastalign.trainers.afd_reward",
+         "sample": "fastalign.generation", "best_of_n": "fastalign.scoring",
+         "log_ratio_score": "fastalign.scoring", "log_ratio_scorer": "fastalign.scoring",
+         "reward_scores": "fastalign.scoring", "BestOfNResult": "fastalign.scoring"}
 __all__ += list(_LAZY)
 
 
