@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: install demo opdemo test test-gpu bench info clean
+.PHONY: install demo opdemo test test-gpu bench info clean clone-demo
 
 $(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,3 +40,7 @@ clean:
 
 opdemo: install
 	$(PY) -m fastalign.opdemo
+
+# Clone-robust weights: standard vs weighted MLE before/after duplicating a cluster (prints a table, writes a PNG)
+clone-demo: install
+	$(PY) -m fastalign.clone_demo --out runs/clone_demo.png
