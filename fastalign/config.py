@@ -1,6 +1,7 @@
 """Training configs: dataclasses with TRL-style names, validated when built (bad values fail before any work)."""
 import dataclasses
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
@@ -27,6 +28,20 @@ def _num(name, v, low=None, high=None, low_open=False, high_open=False):
         raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
     if high is not None and (v >= high if high_open else v > high):
         raise ConfigError(f"{name} must be {'<' if high_open else '<='} {high}, got {v!r}")
+
+
+def _validate_clone_robust(cfg):
+    if not isinstance(cfg.clone_robust, bool):
+        raise ConfigError(f"clone_robust must be true or false, got {cfg.clone_robust!r}")
+    if cfg.clone_robust_group_by not in ("prompt", "none"):
+        raise ConfigError(f"clone_robust_group_by must be 'prompt' or 'none', got {cfg.clone_robust_group_by!r}")
+    if cfg.clone_robust_dim is not None:
+        _int("clone_robust_dim", cfg.clone_robust_dim, 1)
+    _int("clone_robust_num_samples", cfg.clone_robust_num_samples, 1)
+    enc = cfg.clone_robust_encoder
+    if not (enc is None or enc in ("model", "ngram") or callable(enc) or (isinstance(enc, str) and os.path.isdir(enc))):
+        raise ConfigError(f"clone_robust_encoder must be 'model' (default), 'ngram', a local sentence-transformers "
+                          f"folder or a callable, got {enc!r} (not a directory)")
 
 
 @dataclass
@@ -126,6 +141,13 @@ class DPOConfig(TrainConfig):
     simpo_gamma: float = 0.5
     precompute_ref_log_probs: bool = False
     ref_cache_dir: Optional[str] = None
+    # clone-robust weights (Clone-Robust AI Alignment): pair weight w(chosen) * w(rejected); see fastalign/clone_robust_train.py
+    clone_robust: bool = False
+    clone_robust_encoder: Optional[str] = None  # None/"model": own final hidden state; "ngram"; a folder; a callable
+    clone_robust_group_by: str = "prompt"
+    clone_robust_dim: Optional[int] = 8
+    clone_robust_num_samples: int = 100_000
+    clone_robust_cache_dir: Optional[str] = None
 
     def validate(self):
         super().validate()
@@ -143,6 +165,7 @@ class DPOConfig(TrainConfig):
         if self.precompute_ref_log_probs and self.loss_type in ("simpo", "orpo"):
             raise ConfigError(f"loss_type={self.loss_type!r} uses no reference model: "
                               "precompute_ref_log_probs does not apply")
+        _validate_clone_robust(self)
 
     @property
     def uses_reference(self):
@@ -153,6 +176,17 @@ class DPOConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     """Bradley-Terry reward model; rows may carry a per-pair `weight` (the weighted MLE)."""
     learning_rate: float = 1e-5
+    # clone-robust weights (Clone-Robust AI Alignment): pair weight w(chosen) * w(rejected); see fastalign/clone_robust_train.py
+    clone_robust: bool = False
+    clone_robust_encoder: Optional[str] = None  # None/"model": own final hidden state; "ngram"; a folder; a callable
+    clone_robust_group_by: str = "prompt"
+    clone_robust_dim: Optional[int] = 8
+    clone_robust_num_samples: int = 100_000
+    clone_robust_cache_dir: Optional[str] = None
+
+    def validate(self):
+        super().validate()
+        _validate_clone_robust(self)
 
 
 @dataclass
