@@ -14,13 +14,12 @@ import math
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import RESULTS, environment  # noqa: E402
 from fastalign.clone_robust import clone_robust_weights  # noqa: E402
 from fastalign.clone_robust_train import alternatives_of, model_embeddings  # noqa: E402
-from fastalign.data import DEFAULT_PREFERENCES, default_model_and_tokenizer, load_rows, tokenize_preference_rows  # noqa: E402
+from fastalign.data import (DEFAULT_PREFERENCES, default_model_and_tokenizer, load_rows,  # noqa: E402
+                            tokenize_preference_rows)
 
 
 def spearman(a, b):

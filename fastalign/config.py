@@ -141,7 +141,7 @@ class DPOConfig(TrainConfig):
     simpo_gamma: float = 0.5
     precompute_ref_log_probs: bool = False
     ref_cache_dir: Optional[str] = None
-    # clone-robust weights (Clone-Robust AI Alignment): pair weight w(chosen) * w(rejected); see fastalign/clone_robust_train.py
+    # clone-robust weights (Clone-Robust AI Alignment): pair weight w(chosen) * w(rejected); clone_robust_train.py
     clone_robust: bool = False
     clone_robust_encoder: Optional[str] = None  # None/"model": own final hidden state; "ngram"; a folder; a callable
     clone_robust_group_by: str = "prompt"
@@ -176,7 +176,7 @@ class DPOConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     """Bradley-Terry reward model; rows may carry a per-pair `weight` (the weighted MLE)."""
     learning_rate: float = 1e-5
-    # clone-robust weights (Clone-Robust AI Alignment): pair weight w(chosen) * w(rejected); see fastalign/clone_robust_train.py
+    # clone-robust weights (Clone-Robust AI Alignment): pair weight w(chosen) * w(rejected); clone_robust_train.py
     clone_robust: bool = False
     clone_robust_encoder: Optional[str] = None  # None/"model": own final hidden state; "ngram"; a folder; a callable
     clone_robust_group_by: str = "prompt"

@@ -19,7 +19,6 @@ def test_fit_recovers_a_consistent_model():
     """Sanity of the fitting routine: with one annotator type (a Bradley-Terry model) and no regularization
     the fitted reward differences are the true ones."""
     import torch
-    from fastalign.losses import weighted_mle_loss  # noqa: F401
     pts, _ = alternatives(2, 0)
     import fastalign.clone_demo as demo
     orig = demo.preference_probs
