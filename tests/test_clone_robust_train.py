@@ -90,3 +90,12 @@ def test_cli_weights_writes_a_weight_column(tmp_path):
     assert len(written) == 8 and all(r["weight"] >= 0 for r in written)
     assert abs(sum(r["weight"] for r in written) / 8 - 1) < 1e-5
     assert written[0]["prompt"] == rows()[0]["prompt"] and "chosen_weight" in written[0]
+
+
+def test_cli_flags_come_from_the_config():
+    from fastalign.cli import build_parser
+    args = build_parser().parse_args(["train", "rm", "--clone-robust", "true", "--clone-robust-dim", "4",
+                                      "--clone-robust-group-by", "none"])
+    assert args.clone_robust is True and args.clone_robust_dim == 4 and args.clone_robust_group_by == "none"
+    args = build_parser().parse_args(["train", "dpo", "--clone-robust", "true", "--clone-robust-encoder", "ngram"])
+    assert args.clone_robust is True and args.clone_robust_encoder == "ngram"
