@@ -10,4 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
         py::arg("temperature"), py::arg("softcap"), py::arg("need_weight"), py::arg("need_bias"),
         py::arg("block_n"), py::arg("block_v"));
+  m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])",
+        py::arg("points"), py::arg("sq_norms"), py::arg("group_start"), py::arg("keys"), py::arg("width"),
+        py::arg("num_samples"), py::arg("block_samples"), py::arg("block_alternatives"));
 }

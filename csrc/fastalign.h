@@ -16,3 +16,8 @@ std::vector<at::Tensor> linear_logprobs_backward_weight(const at::Tensor& grad_i
                                                         const at::Tensor& targets_in, const at::Tensor& lse_in,
                                                         double temperature, double softcap, bool need_weight,
                                                         bool need_bias, int64_t block_n, int64_t block_v);
+
+// nn_count.cpp: nearest-neighbour counts of counter-generated uniform box samples (clone-robust weights).
+at::Tensor nn_count(const at::Tensor& points, const at::Tensor& sq_norms, const at::Tensor& group_start,
+                    const at::Tensor& keys, const at::Tensor& width, int64_t num_samples, int64_t block_samples,
+                    int64_t block_alternatives);

@@ -12,6 +12,12 @@ __all__ = [
     "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss", "FusedSFTLoss", "PreferenceLossOutput", "SFTLossOutput",
 ]
 
+# Clone-robust alignment: Voronoi weights of alternatives and the weighted MLE.
+from fastalign.clone_robust import clone_robust_weights  # noqa: E402
+from fastalign.losses import weighted_mle_loss  # noqa: E402
+
+__all__ += ["clone_robust_weights", "weighted_mle_loss"]
+
 # Trainers and configs import transformers: load them on first use, not with `import fastalign`.
 _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainers", "SFTTrainer": "fastalign.trainers",
          "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",

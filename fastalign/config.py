@@ -2,6 +2,7 @@
 import dataclasses
 import importlib.util
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
@@ -40,6 +41,20 @@ def _num(name, v, low=None, high=None, low_open=False, high_open=False):
         raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
     if high is not None and (v >= high if high_open else v > high):
         raise ConfigError(f"{name} must be {'<' if high_open else '<='} {high}, got {v!r}")
+
+
+def _validate_clone_robust(cfg):
+    if not isinstance(cfg.clone_robust, bool):
+        raise ConfigError(f"clone_robust must be true or false, got {cfg.clone_robust!r}")
+    if cfg.clone_robust_group_by not in ("prompt", "none"):
+        raise ConfigError(f"clone_robust_group_by must be 'prompt' or 'none', got {cfg.clone_robust_group_by!r}")
+    if cfg.clone_robust_dim is not None:
+        _int("clone_robust_dim", cfg.clone_robust_dim, 1)
+    _int("clone_robust_num_samples", cfg.clone_robust_num_samples, 1)
+    enc = cfg.clone_robust_encoder
+    if not (enc is None or enc in ("model", "ngram") or callable(enc) or (isinstance(enc, str) and os.path.isdir(enc))):
+        raise ConfigError(f"clone_robust_encoder must be 'model' (default), 'ngram', a local sentence-transformers "
+                          f"folder or a callable, got {enc!r} (not a directory)")
 
 
 @dataclass
@@ -193,7 +208,25 @@ class TrainConfig:
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class CloneRobustOptions:
+    """Clone-robust weights (Clone-Robust AI Alignment): each training pair weighs w(chosen) * w(rejected), the
+    Voronoi weights of its answers among their prompt's answers; see fastalign/clone_robust_train.py."""
+    clone_robust: bool = _f(False, "weight each pair by w(chosen) * w(rejected), the answers' Voronoi weights "
+                            "(Clone-Robust AI Alignment), computed before training")
+    clone_robust_encoder: Optional[str] = _f(None, "answer embeddings for the weights: None/'model' (the model's own "
+                                             "final hidden state), 'ngram', a local sentence-transformers folder, "
+                                             "or a callable")
+    clone_robust_group_by: str = _f("prompt", "weights computed among each prompt's answers (prompt) or over the "
+                                    "whole dataset (none)", ("prompt", "none"))
+    clone_robust_dim: Optional[int] = _f(8, "project embeddings onto this many principal components first (None: "
+                                         "raw embeddings)")
+    clone_robust_num_samples: int = _f(100_000, "uniform samples per group for the Voronoi cell estimate")
+    clone_robust_cache_dir: Optional[str] = _f(None, "folder of the weights cache (default: "
+                                               "output_dir/clone_robust_cache)")
+
+
+@dataclass
+class DPOConfig(TrainConfig, CloneRobustOptions):
     """DPO and its family. loss_type: sigmoid, robust, hinge, ipo (with a reference), simpo, orpo
     (reference-free). For orpo, beta is ORPO's lambda (as in TRL); for simpo, simpo_gamma is the margin."""
     beta: float = _f(0.1, "strength of the KL regularization (for orpo: ORPO's lambda, as in TRL)")
@@ -221,6 +254,7 @@ class DPOConfig(TrainConfig):
         if self.precompute_ref_log_probs and self.loss_type in ("simpo", "orpo"):
             raise ConfigError(f"loss_type={self.loss_type!r} uses no reference model: "
                               "precompute_ref_log_probs does not apply")
+        _validate_clone_robust(self)
 
     @property
     def uses_reference(self):
@@ -228,9 +262,13 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(TrainConfig, CloneRobustOptions):
     """Bradley-Terry reward model; rows may carry a per-pair `weight` (the weighted MLE)."""
     learning_rate: float = _f(1e-5, "peak learning rate of AdamW")
+
+    def validate(self):
+        super().validate()
+        _validate_clone_robust(self)
 
 
 @dataclass

@@ -363,3 +363,54 @@ class FusedSFTLoss(_FusedLogprobs):
     def forward(self, hidden, weight, labels, *, bias=None, sequence_index=None, n_sequences=None):
         seq, n_tok = self.sequence_logps(hidden, weight, labels, bias, sequence_index, n_sequences)
         return SFTLossOutput(loss=sft_loss(seq, n_tok), sequence_logps=seq, n_tokens=n_tok)
+
+
+def weighted_mle_loss(rewards, pairs, *, weights=None, prob=None, lam=0.0):
+    """The weighted regularized MLE of Clone-Robust AI Alignment (Procaccia, Schiffer and Zhang, 2025); a scalar.
+
+    rewards [M] (one per alternative), pairs [P, 2] int64 (alternatives x1, x2 that were compared), weights [M]
+    (clone-robust weights w(x) >= 0, e.g. ``fastalign.clone_robust_weights``; None: every w = 1, the standard
+    regularized MLE), prob [P] (fraction of comparisons that preferred x1; None: 1), lam >= 0:
+
+        -sum_k w(x1) w(x2) [p_k log sigmoid(r(x1) - r(x2)) + (1 - p_k) log sigmoid(r(x2) - r(x1))]
+        + (lam / 2) sum_x w(x) r(x)^2
+    """
+    if not isinstance(rewards, torch.Tensor) or not rewards.is_floating_point() or rewards.dim() != 1:
+        raise TypeError(f"weighted_mle_loss: rewards must be a float tensor [M], got "
+                        f"{getattr(rewards, 'dtype', type(rewards).__name__)} {tuple(getattr(rewards, 'shape', ()))}")
+    m = rewards.shape[0]
+    if not isinstance(pairs, torch.Tensor) or pairs.is_floating_point() or pairs.dtype == torch.bool:
+        raise TypeError(f"weighted_mle_loss: pairs must be an integer tensor [P, 2], got "
+                        f"{getattr(pairs, 'dtype', type(pairs).__name__)}")
+    if pairs.dim() != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"weighted_mle_loss: pairs must be [P, 2], got shape {tuple(pairs.shape)}")
+    pairs = pairs.to(device=rewards.device, dtype=torch.int64)
+    if pairs.numel() and (int(pairs.min()) < 0 or int(pairs.max()) >= m):
+        bad = pairs[(pairs < 0) | (pairs >= m)]
+        raise ValueError(f"weighted_mle_loss: pairs index alternatives 0..{m - 1} (M = {m} rewards), found "
+                         f"{bad[:5].tolist()}")
+    if weights is None:
+        weights = torch.ones_like(rewards)
+    else:
+        if not isinstance(weights, torch.Tensor) or weights.shape != (m,):
+            raise ValueError(f"weighted_mle_loss: weights must be a tensor [M] = [{m}], got "
+                             f"{tuple(getattr(weights, 'shape', ())) or type(weights).__name__}")
+        weights = weights.to(rewards)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("weighted_mle_loss: weights must be finite and >= 0")
+    p = pairs.shape[0]
+    if prob is None:
+        prob = torch.ones(p, dtype=rewards.dtype, device=rewards.device)
+    else:
+        if not isinstance(prob, torch.Tensor) or prob.shape != (p,):
+            raise ValueError(f"weighted_mle_loss: prob must be a tensor [P] = [{p}], got "
+                             f"{tuple(getattr(prob, 'shape', ())) or type(prob).__name__}")
+        prob = prob.to(rewards)
+        if not bool(((prob >= 0) & (prob <= 1)).all()):
+            raise ValueError("weighted_mle_loss: prob must lie in [0, 1] (the fraction preferring x1)")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0 <= lam < math.inf:
+        raise ValueError(f"weighted_mle_loss: lam must be a finite number >= 0, got {lam!r}")
+    margin = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]
+    pair_w = weights[pairs[:, 0]] * weights[pairs[:, 1]]
+    fit = pair_w * (prob * F.logsigmoid(margin) + (1 - prob) * F.logsigmoid(-margin))
+    return -fit.sum() + 0.5 * lam * (weights * rewards ** 2).sum()

@@ -51,12 +51,18 @@ def available_backends():
 
 
 _MODULES = {}
+# Module of each (op, backend): linear_logprobs in {name}_backend.py, other ops in {op}_{name}.py.
+OPS = ("linear_logprobs", "nn_count")
 
 
-def _module(name):
-    if name not in _MODULES:
-        _MODULES[name] = importlib.import_module(f"fastalign.backends.{name}_backend")
-    return _MODULES[name]
+def _module(name, op="linear_logprobs"):
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    key = (op, name)
+    if key not in _MODULES:
+        path = f"{name}_backend" if op == "linear_logprobs" else f"{op}_{name}"
+        _MODULES[key] = importlib.import_module(f"fastalign.backends.{path}")
+    return _MODULES[key]
 
 
 def resolve_backend(backend, device, dtype=None):
@@ -87,6 +93,7 @@ def resolve_backend(backend, device, dtype=None):
     return backend
 
 
-def get_backend(name):
-    """The backend module implementing forward/backward for ``name`` (already resolved)."""
-    return _module(name)
+def get_backend(name, op="linear_logprobs"):
+    """The backend module implementing ``op`` for ``name`` (already resolved): forward/backward for
+    linear_logprobs, count for nn_count (the contract is in nn_count_torch.py)."""
+    return _module(name, op)

@@ -52,6 +52,9 @@ class DPOTrainer(BaseTrainer):
         if cfg.uses_reference and self.ref_model is None and not cfg.precompute_ref_log_probs \
                 and not _is_peft(self.model):
             self.ref_model = copy.deepcopy(_unwrap(self.model)).eval().requires_grad_(False)
+        if cfg.clone_robust:  # pair weights w(chosen) * w(rejected) before any step (fastalign/clone_robust_train.py)
+            from fastalign.clone_robust_train import apply_to_trainer
+            apply_to_trainer(self)
 
     # reference log-probs ------------------------------------------------------------------------------
     @torch.no_grad()

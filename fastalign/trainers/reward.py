@@ -43,6 +43,11 @@ class RewardTrainer(BaseTrainer):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, config, callbacks=callbacks,
                          peft_config=peft_config)
 
+    def _setup(self):
+        if self.config.clone_robust:  # pair weights w(chosen) * w(rejected) (fastalign/clone_robust_train.py)
+            from fastalign.clone_robust_train import apply_to_trainer
+            apply_to_trainer(self)
+
     def _loss(self, model, batch, extra):
         inner = _unwrap(model)
         hidden = self._trunk_hidden(trunk_of(inner), batch)

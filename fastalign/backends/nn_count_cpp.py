@@ -1,0 +1,28 @@
+"""Nearest-neighbour counting, C++ CPU backend (csrc/nn_count.cpp) as a torch.library custom op.
+Contract: see nn_count_torch.py."""
+import torch
+
+from fastalign import _ext
+
+BLOCK_SAMPLES = 240        # samples per parallel task (a multiple of the 6-row micro-tile)
+PACKED_BYTES = 128 * 1024  # one packed block of alternatives [d, block] stays in L2
+
+
+def _block_alternatives(d):
+    return max(16, min(4096, PACKED_BYTES // (4 * max(d, 1))) // 16 * 16)
+
+
+@torch.library.custom_op("fastalign::cpp_nn_count", mutates_args=())
+def _count(points: torch.Tensor, sq_norms: torch.Tensor, group_start: torch.Tensor, keys: torch.Tensor,
+           width: torch.Tensor, num_samples: int) -> torch.Tensor:
+    return _ext.C.nn_count(points, sq_norms, group_start, keys, width, num_samples, BLOCK_SAMPLES,
+                           _block_alternatives(points.shape[1]))
+
+
+@_count.register_fake
+def _(points, sq_norms, group_start, keys, width, num_samples):
+    return points.new_empty(points.shape[0], dtype=torch.int64)
+
+
+def count(points, sq_norms, group_start, keys, width, num_samples):
+    return _count(points, sq_norms, group_start, keys, width, num_samples)
