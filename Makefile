@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: install demo opdemo test test-gpu bench info clean
+.PHONY: install demo opdemo tax-demo test test-gpu bench info clean
 
 $(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,3 +40,7 @@ clean:
 
 opdemo: install
 	$(PY) -m fastalign.opdemo
+
+# The alignment tax: pretrain, align with DPO, then the averaging / HMA trade-off curve (a few minutes on CPU)
+tax-demo: install
+	$(PY) -m fastalign.tax_demo
