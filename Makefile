@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: install demo opdemo test test-gpu bench info clean clone-demo afd-demo
+.PHONY: install demo opdemo test test-gpu bench info clean clone-demo afd-demo tax-demo
 
 $(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,3 +46,6 @@ afd-demo: install
 # Clone-robust weights: standard vs weighted MLE before/after duplicating a cluster (prints a table, writes a PNG)
 clone-demo: install
 	$(PY) -m fastalign.clone_demo --out runs/clone_demo.png
+# The alignment tax: pretrain, align with DPO, then the averaging / HMA trade-off curve (a few minutes on CPU)
+tax-demo: install
+	$(PY) -m fastalign.tax_demo

@@ -1,5 +1,6 @@
 """fastalign: fused linear -> token log-prob kernels and the preference losses built on them."""
 from fastalign._version import __version__
+from fastalign.averaging import average_models, fit_hma_ratios, hma, hma_groups
 from fastalign.backends import available_backends
 from fastalign.losses import (DPO_LOSS_TYPES, FusedDPOLoss, FusedORPOLoss, FusedSFTLoss, FusedSimPOLoss,
                               PreferenceLossOutput, SFTLossOutput, dpo_loss, orpo_loss, sft_loss, simpo_loss,
@@ -10,6 +11,7 @@ __all__ = [
     "__version__", "available_backends", "linear_logprobs", "sequence_logprobs",
     "dpo_loss", "simpo_loss", "orpo_loss", "sft_loss", "weighted_bt_loss", "DPO_LOSS_TYPES",
     "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss", "FusedSFTLoss", "PreferenceLossOutput", "SFTLossOutput",
+    "average_models", "hma", "hma_groups", "fit_hma_ratios",
 ]
 
 # Clone-robust alignment: Voronoi weights of alternatives and the weighted MLE.

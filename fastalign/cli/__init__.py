@@ -4,7 +4,7 @@ import importlib
 import sys
 
 # Each entry is a module of fastalign.cli with register(subparsers); new command groups add a line here.
-COMMANDS = ("info", "train", "afd", "weights")
+COMMANDS = ("info", "train", "afd", "weights", "averaging")
 
 
 def build_parser():
@@ -22,7 +22,7 @@ def main(argv=None):
     from fastalign.data import DataError
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"fastalign: error: {exc}", file=sys.stderr)
         return 2
     except RunStateError as exc:  # another run holds the folder, resume mismatch, full disk, unsafe checkpoint
