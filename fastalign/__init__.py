@@ -15,7 +15,8 @@ __all__ = [
 # Trainers and configs import transformers: load them on first use, not with `import fastalign`.
 _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainers", "SFTTrainer": "fastalign.trainers",
          "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",
-         "TrainConfig": "fastalign.config"}
+         "TrainConfig": "fastalign.config",
+         "distinguishability": "fastalign.dynamics", "DistinguishabilityResult": "fastalign.dynamics"}
 __all__ += list(_LAZY)
 
 

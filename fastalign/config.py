@@ -126,6 +126,8 @@ class DPOConfig(TrainConfig):
     simpo_gamma: float = 0.5
     precompute_ref_log_probs: bool = False
     ref_cache_dir: Optional[str] = None
+    # the column naming each pair's group (behaviour): per-group metrics groups/<g>/... and eval_groups/<g>/...
+    group_column: Optional[str] = "behaviour"
 
     def validate(self):
         super().validate()
@@ -143,6 +145,8 @@ class DPOConfig(TrainConfig):
         if self.precompute_ref_log_probs and self.loss_type in ("simpo", "orpo"):
             raise ConfigError(f"loss_type={self.loss_type!r} uses no reference model: "
                               "precompute_ref_log_probs does not apply")
+        if self.group_column is not None and (not isinstance(self.group_column, str) or not self.group_column):
+            raise ConfigError(f"group_column must be a column name or None, got {self.group_column!r}")
 
     @property
     def uses_reference(self):
