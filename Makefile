@@ -40,3 +40,8 @@ clean:
 
 opdemo: install
 	$(PY) -m fastalign.opdemo
+
+# Learning dynamics (issue 13): distinguishability next to learning speed, on persona and synthetic data
+.PHONY: dynamics-demo
+dynamics-demo: install
+	$(PY) -m fastalign.dynamics_demo

@@ -55,8 +55,8 @@ def plot_speed_vs_distinguishability(predicted, speed, path, title=""):
         ax[0].errorbar(r.value, s["auc"], xerr=err, fmt="o", capsize=3)
         ax[0].annotate(g, (r.value, s["auc"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         step = s["learning_step"]
-        ax[1].errorbar(r.value, step if step is not None else last, xerr=err, fmt="o" if step is not None else "o",
-                       mfc=None if step is not None else "none", capsize=3)
+        ax[1].errorbar(r.value, step if step is not None else last, xerr=err, fmt="o", capsize=3,
+                       **({} if step is not None else {"mfc": "none"}))
         ax[1].annotate(g if step is not None else f"{g} (not learned)", (r.value, step if step is not None else last),
                        fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax[0].set_ylabel("area under the accuracy curve (higher = sooner)")
@@ -87,15 +87,15 @@ def report_table(predicted, speed=None, threshold=0.8):
     if speed:
         head += f" learned (acc >= {threshold}) at step | accuracy AUC | final accuracy | observed rank |"
         rule += "---:|---:|---:|---:|"
-        order = sorted((g for g in predicted if g in speed), key=lambda g: -speed[g]["auc"])
-        observed = {g: i + 1 for i, g in enumerate(order)}
+        names = [g for g in predicted if g in speed]
+        observed = dict(zip(names, dyn._ranks([-speed[g]["auc"] for g in names])))  # ties share a mean rank
     lines = [head, rule]
     for rank, (g, r) in enumerate(predicted.items(), 1):
         line = f"| {g} | {r.value:.3f} | [{_fmt(r.ci_low, 3)}, {_fmt(r.ci_high, 3)}] | {r.n_pairs} | {rank} |"
         if speed:
             s = speed.get(g)
             line += (f" {s['learning_step'] if s['learning_step'] is not None else 'not yet'} | {s['auc']:.3f} | "
-                     f"{s['final_accuracy']:.2f} | {observed[g]} |" if s else " - | - | - | - |")
+                     f"{s['final_accuracy']:.2f} | {observed[g]:g} |" if s else " - | - | - | - |")
         lines.append(line)
     return "\n".join(lines)
 

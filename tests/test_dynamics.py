@@ -265,3 +265,28 @@ def test_diagnose_flip_group(saved_run, capsys):
     assert "steps to flip" in capsys.readouterr().out
     assert main(["diagnose", "--data", str(data), "--n-bootstrap", "0", "--output-dir", str(out),
                  "--flip-group", "nope", "--aligned", str(run / "final")]) == 2
+
+
+def test_separation_data_controls_the_difference_by_construction():
+    rows = load_rows(dyn_data_path())
+    by = {}
+    for r in rows:
+        k = sum(a != b for a, b in zip(r["chosen"].split(), r["rejected"].split()))
+        assert r["behaviour"] == f"differ-{k}" and len(r["chosen"].split()) == 8
+        by.setdefault(r["prompt"], set()).add(r["behaviour"])
+    assert all(len(v) == 4 for v in by.values())  # every prompt in every group
+
+
+def dyn_data_path():
+    from fastalign.dynamics_demo import SEPARATION
+    return SEPARATION
+
+
+@pytest.mark.slow
+def test_dynamics_demo_runs(tmp_path, capsys):
+    from fastalign.dynamics_demo import main
+    assert main(["--only", "separation", "--separation-steps", "2", "--separation-eval-every", "1",
+                 "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "differ-8" in out and "Spearman rho" in out
+    assert (tmp_path / "separation_speed_vs_distinguishability.png").exists()
