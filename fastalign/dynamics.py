@@ -292,16 +292,24 @@ def read_metrics(run_dir):
     return records
 
 
-# held-out reward accuracy per group, newest naming first: eval_groups/<g>/rewards/accuracies (TRL's eval_
-# prefix), eval/groups/<g>/... (before the rename), and the older eval/accuracy/<g>, eval_accuracy/<g>
-_EVAL_ACCURACY = (("eval_groups/", "/rewards/accuracies"), ("eval/groups/", "/rewards/accuracies"),
-                  ("eval_accuracy/", ""), ("eval/accuracy/", ""))
-_TRAIN_ACCURACY = (("groups/", "/rewards/accuracies"),)
+# held-out per-group metrics, newest naming first: eval_groups/<g>/<metric> (TRL's eval_ prefix),
+# eval/groups/<g>/<metric> (before the rename), and the older eval/accuracy/<g>, eval/margin/<g>
+_OLD_NAMES = {"rewards/accuracies": "accuracy", "rewards/margins": "margin"}
 
 
-def accuracy_curves(records, source="eval"):
-    """{group: (steps [k], accuracies [k])} from a run's records; source "eval" (held-out) or "train"."""
-    patterns = _EVAL_ACCURACY if source == "eval" else _TRAIN_ACCURACY
+def _patterns(source, metric):
+    if source == "train":
+        return (("groups/", "/" + metric),)
+    pats = [("eval_groups/", "/" + metric), ("eval/groups/", "/" + metric)]
+    if metric in _OLD_NAMES:
+        pats += [(f"eval_{_OLD_NAMES[metric]}/", ""), (f"eval/{_OLD_NAMES[metric]}/", "")]
+    return tuple(pats)
+
+
+def accuracy_curves(records, source="eval", metric="rewards/accuracies"):
+    """{group: (steps [k], values [k])} of one per-group metric (default the reward accuracy) from a run's
+    records; source "eval" (held-out) or "train"."""
+    patterns = _patterns(source, metric)
     curves = {}
     for rec in records:
         step = rec.get("step")
@@ -311,7 +319,7 @@ def accuracy_curves(records, source="eval"):
             for head, tail in patterns:
                 if key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail):
                     g = key[len(head):len(key) - len(tail)]
-                    if "/" in g and not tail:  # eval_accuracy/<g> has no '/' after the group
+                    if "/" in g and not tail:  # eval/accuracy/<g> has no '/' after the group
                         continue
                     curves.setdefault(g, {})[step] = float(v)
                     break
@@ -328,7 +336,8 @@ def learning_step(steps, accuracies, threshold=0.8):
 
 def accuracy_auc(steps, accuracies):
     """Area under the accuracy curve over the logged steps, divided by their span: the mean accuracy over
-    training (1 = learned from the first step, 0.5 = chance throughout). Higher = learned sooner."""
+    training (1 = learned from the first step, 0.5 = chance throughout). Higher = learned sooner. The same for
+    any curve (the reward margin's: the mean margin over training)."""
     steps, accuracies = np.asarray(steps, dtype=np.float64), np.asarray(accuracies, dtype=np.float64)
     if len(steps) == 0:
         return float("nan")
@@ -365,20 +374,27 @@ def spearman(x, y):
 
 
 def learning_speed(records, threshold=0.8, source="eval"):
-    """{group: {"learning_step", "auc", "final_accuracy", "steps", "accuracies"}} from a run's records."""
+    """{group: {"learning_step", "auc", "final_accuracy", "steps", "accuracies", "margin_auc"}} from a run's
+    records; margin_auc (the mean reward margin over training) is nan where the run logged no margins."""
     out = {}
+    margins = accuracy_curves(records, source, "rewards/margins")
     for g, (steps, acc) in accuracy_curves(records, source).items():
         out[g] = {"learning_step": learning_step(steps, acc, threshold), "auc": accuracy_auc(steps, acc),
-                  "final_accuracy": float(acc[-1]), "steps": steps.tolist(), "accuracies": acc.tolist()}
+                  "final_accuracy": float(acc[-1]), "steps": steps.tolist(), "accuracies": acc.tolist(),
+                  "margin_auc": accuracy_auc(*margins[g]) if g in margins else float("nan")}
     return out
 
 
 def compare(predicted, observed):
     """Rank agreement of distinguishability (``predicted``: {group: result or value}) with observed speed
     (``observed``: learning_speed's output) on the groups both have: Spearman's rho of distinguishability vs
-    the accuracy AUC, and vs the learning step negated (never learned counts as slowest)."""
+    the accuracy AUC, vs the learning step negated (never learned counts as slowest), and vs the mean reward
+    margin over training (the rate at which the group's preference grows, which the paper's bounds are about)."""
     names = [g for g in predicted if g in observed]
     d = [getattr(predicted[g], "value", predicted[g]) for g in names]
     auc = [observed[g]["auc"] for g in names]
     step = [observed[g]["learning_step"] if observed[g]["learning_step"] is not None else math.inf for g in names]
-    return {"groups": names, "rho_auc": spearman(d, auc), "rho_learning_step": spearman(d, [-s for s in step])}
+    margin = [observed[g].get("margin_auc", math.nan) for g in names]
+    rho_margin = spearman(d, margin) if not any(math.isnan(m) for m in margin) else math.nan
+    return {"groups": names, "rho_auc": spearman(d, auc), "rho_learning_step": spearman(d, [-s for s in step]),
+            "rho_margin": rho_margin}

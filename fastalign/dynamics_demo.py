@@ -41,7 +41,8 @@ def report_run(trainer, train_rows, out_dir, name, before=None, threshold=0.8, n
     print(f"\n[{name}] distinguishability (before training) next to the observed learning speed:\n")
     print(rep.report_table(predicted, speed, threshold))
     print(f"\n[{name}] Spearman rho(distinguishability, accuracy AUC) = {cmp['rho_auc']:.2f}; "
-          f"rho(distinguishability, -learning step) = {cmp['rho_learning_step']:.2f} over {len(cmp['groups'])} groups")
+          f"rho(distinguishability, -learning step) = {cmp['rho_learning_step']:.2f}; rho(distinguishability, "
+          f"mean margin) = {cmp['rho_margin']:.2f} over {len(cmp['groups'])} groups")
     pngs = [rep.plot_accuracy_curves(speed, os.path.join(out_dir, f"{name}_accuracy_per_group.png"), threshold,
                                      f"{name}: held-out reward accuracy per group"),
             rep.plot_speed_vs_distinguishability(predicted, speed, os.path.join(out_dir, f"{name}_speed_vs_"
@@ -78,10 +79,10 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--persona-steps", type=int, default=300)
     p.add_argument("--persona-eval-every", type=int, default=25)
-    p.add_argument("--separation-steps", type=int, default=60)
-    p.add_argument("--separation-eval-every", type=int, default=3)
-    p.add_argument("--separation-learning-rate", type=float, default=1e-4,
-                   help="below the embedded default (1e-3), at which every group is learned within 10 steps")
+    p.add_argument("--separation-steps", type=int, default=30)
+    p.add_argument("--separation-eval-every", type=int, default=1)
+    p.add_argument("--separation-learning-rate", type=float, default=3e-5,
+                   help="below the embedded default (1e-3), at which every group is learned within 3 steps")
     p.add_argument("--only", choices=("personas", "separation"))
     args = p.parse_args(argv)
     results = {}
@@ -97,7 +98,8 @@ def main(argv=None):
     for name, r in results.items():
         if r:
             print(f"  {name}: rho(distinguishability, accuracy AUC) = {r['rho_auc']:.2f}, "
-                  f"rho(distinguishability, -learning step) = {r['rho_learning_step']:.2f}")
+                  f"rho(distinguishability, -learning step) = {r['rho_learning_step']:.2f}, "
+                  f"rho(distinguishability, mean margin) = {r['rho_margin']:.2f}")
     return 0
 
 

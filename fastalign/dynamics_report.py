@@ -40,14 +40,14 @@ def plot_accuracy_curves(speed, path, threshold=0.8, title="held-out reward accu
 
 
 def plot_speed_vs_distinguishability(predicted, speed, path, title=""):
-    """Left: accuracy AUC vs distinguishability (with its bootstrap CI); right: learning step (never learned
-    drawn at the top, hollow)."""
+    """Against distinguishability (with its bootstrap CI): the accuracy AUC; the learning step (never learned
+    drawn at the top, hollow); the mean reward margin over training."""
     plt = _plt()
     if plt is None:
         return None
     cmp = dyn.compare(predicted, speed)
     names = cmp["groups"]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     last = max([s for g in names for s in speed[g]["steps"]] or [1])
     for g in names:
         r, s = predicted[g], speed[g]
@@ -59,10 +59,15 @@ def plot_speed_vs_distinguishability(predicted, speed, path, title=""):
                        **({} if step is not None else {"mfc": "none"}))
         ax[1].annotate(g if step is not None else f"{g} (not learned)", (r.value, step if step is not None else last),
                        fontsize=8, xytext=(4, 4), textcoords="offset points")
+        if math.isfinite(s.get("margin_auc", math.nan)):
+            ax[2].errorbar(r.value, s["margin_auc"], xerr=err, fmt="o", capsize=3)
+            ax[2].annotate(g, (r.value, s["margin_auc"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax[0].set_ylabel("area under the accuracy curve (higher = sooner)")
     ax[0].set_title(f"Spearman rho = {cmp['rho_auc']:.2f}")
     ax[1].set_ylabel("learning step (accuracy first >= threshold)")
     ax[1].set_title(f"Spearman rho (distinguishability vs -step) = {cmp['rho_learning_step']:.2f}")
+    ax[2].set_ylabel("mean held-out reward margin over training")
+    ax[2].set_title(f"Spearman rho = {cmp['rho_margin']:.2f}")
     for a in ax:
         a.set_xlabel("preference distinguishability (before training)")
     if title:
@@ -85,8 +90,8 @@ def report_table(predicted, speed=None, threshold=0.8):
     rule = "|---|---:|---:|---:|---:|"
     observed = {}
     if speed:
-        head += f" learned (acc >= {threshold}) at step | accuracy AUC | final accuracy | observed rank |"
-        rule += "---:|---:|---:|---:|"
+        head += f" learned (acc >= {threshold}) at step | accuracy AUC | mean margin | final accuracy | observed rank |"
+        rule += "---:|---:|---:|---:|---:|"
         names = [g for g in predicted if g in speed]
         observed = dict(zip(names, dyn._ranks([-speed[g]["auc"] for g in names])))  # ties share a mean rank
     lines = [head, rule]
@@ -95,7 +100,8 @@ def report_table(predicted, speed=None, threshold=0.8):
         if speed:
             s = speed.get(g)
             line += (f" {s['learning_step'] if s['learning_step'] is not None else 'not yet'} | {s['auc']:.3f} | "
-                     f"{s['final_accuracy']:.2f} | {observed[g]:g} |" if s else " - | - | - | - |")
+                     f"{_fmt(s.get('margin_auc'), 3)} | {s['final_accuracy']:.2f} | {observed[g]:g} |" if s
+                     else " - | - | - | - | - |")
         lines.append(line)
     return "\n".join(lines)
 

@@ -191,6 +191,11 @@ def test_learning_speed_helpers_on_old_and_new_metric_names(tmp_path):
         assert speed["fast"]["auc"] == pytest.approx((0.7 + 0.95 + 1.0) * 10 / 30)
     cmp = dyn.compare({"fast": 3.0, "slow": 2.0, "never": 1.0}, speed)
     assert cmp["rho_auc"] == pytest.approx(1.0) and cmp["rho_learning_step"] == pytest.approx(1.0)
+    assert math.isnan(cmp["rho_margin"])  # the run logged no margins
+    records += [{"eval_groups/fast/rewards/margins": 0.0, "eval_groups/slow/rewards/margins": 0.0, "step": 0},
+                {"eval_groups/fast/rewards/margins": 2.0, "eval_groups/slow/rewards/margins": 1.0, "step": 30}]
+    speed = dyn.learning_speed(records)
+    assert speed["fast"]["margin_auc"] == pytest.approx(1.0) and speed["slow"]["margin_auc"] == pytest.approx(0.5)
     cmp = dyn.compare({"fast": 1.0, "slow": 2.0, "never": 3.0}, speed)
     assert cmp["rho_auc"] == pytest.approx(-1.0)
 

@@ -68,14 +68,15 @@ def cmd_diagnose(args):
                              "accuracies or groups/<g>/...): train with a group column and eval_steps > 0")
         cmp = dyn.compare(predicted, speed)
         report.update(observed=speed, source=source, threshold=args.threshold, **{k: cmp[k] for k in
-                                                                                  ("rho_auc", "rho_learning_step")})
+                                                                                  ("rho_auc", "rho_learning_step", "rho_margin")})
     print(f"\npreference distinguishability ({args.pooling} {'answer-token' if args.pooling == 'mean' else 'last'}"
           f" hidden state, layer {args.layer}), most distinguishable first = predicted to be learned first:\n")
     print(rep.report_table(predicted, speed, args.threshold))
     if speed:
         print(f"\nobserved from {source} reward accuracy in {args.run}: Spearman rho(distinguishability, accuracy "
               f"AUC) = {report['rho_auc']:.2f}; rho(distinguishability, -learning step) = "
-              f"{report['rho_learning_step']:.2f}  (+1: learned exactly in the predicted order)")
+              f"{report['rho_learning_step']:.2f}; rho(distinguishability, mean margin) = {report['rho_margin']:.2f}"
+              "  (+1: learned exactly in the predicted order)")
         pngs = [rep.plot_accuracy_curves(speed, os.path.join(out_dir, "accuracy_per_group.png"), args.threshold,
                                          f"{source} reward accuracy per group ({args.run})"),
                 rep.plot_speed_vs_distinguishability(predicted, speed, os.path.join(out_dir,
