@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import fastalign as fa
 from fastalign import dynamics as dyn

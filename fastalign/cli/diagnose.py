@@ -67,8 +67,8 @@ def cmd_diagnose(args):
             raise ValueError(f"{args.run}/metrics.jsonl has no per-group reward accuracy (eval_groups/<g>/rewards/"
                              "accuracies or groups/<g>/...): train with a group column and eval_steps > 0")
         cmp = dyn.compare(predicted, speed)
-        report.update(observed=speed, source=source, threshold=args.threshold, **{k: cmp[k] for k in
-                                                                                  ("rho_auc", "rho_learning_step", "rho_margin")})
+        report.update(observed=speed, source=source, threshold=args.threshold,
+                      **{k: cmp[k] for k in ("rho_auc", "rho_learning_step", "rho_margin")})
     print(f"\npreference distinguishability ({args.pooling} {'answer-token' if args.pooling == 'mean' else 'last'}"
           f" hidden state, layer {args.layer}), most distinguishable first = predicted to be learned first:\n")
     print(rep.report_table(predicted, speed, args.threshold))

@@ -37,8 +37,9 @@ def rows(levels=LEVELS, seed=0, test_fraction=0.25):
             swap = set(rng.sample(range(WORDS), k))
             chosen = [PAIRS[p][0] for p in picks]
             rejected = [PAIRS[p][1] if i in swap else PAIRS[p][0] for i, p in enumerate(picks)]
-            out.append({"prompt": f"Describe {topic} in {WORDS} words.\nAnswer:", "chosen": " " + " ".join(chosen) + ".",
-                        "rejected": " " + " ".join(rejected) + ".", "behaviour": f"differ-{k}",
+            out.append({"prompt": f"Describe {topic} in {WORDS} words.\nAnswer:",
+                        "chosen": " " + " ".join(chosen) + ".", "rejected": " " + " ".join(rejected) + ".",
+                        "behaviour": f"differ-{k}",
                         "split": "test" if t_i < n_test else "train"})
     rng.shuffle(out)
     return out
