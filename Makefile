@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: install demo opdemo test test-gpu bench info clean clone-demo afd-demo tax-demo
+.PHONY: install demo opdemo test test-gpu bench info clean clone-demo afd-demo tax-demo dynamics-demo
 
 $(VENV)/.installed: setup.py pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,3 +49,6 @@ clone-demo: install
 # The alignment tax: pretrain, align with DPO, then the averaging / HMA trade-off curve (a few minutes on CPU)
 tax-demo: install
 	$(PY) -m fastalign.tax_demo
+# Learning dynamics (issue 13): distinguishability next to learning speed, on persona and synthetic data
+dynamics-demo: install
+	$(PY) -m fastalign.dynamics_demo

@@ -27,7 +27,8 @@ _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainer
          "AfDRewardTrainer": "fastalign.trainers.afd_reward", "AfDRewardConfig": "fastalign.trainers.afd_reward",
          "sample": "fastalign.generation", "best_of_n": "fastalign.scoring",
          "log_ratio_score": "fastalign.scoring", "log_ratio_scorer": "fastalign.scoring",
-         "reward_scores": "fastalign.scoring", "BestOfNResult": "fastalign.scoring"}
+         "reward_scores": "fastalign.scoring", "BestOfNResult": "fastalign.scoring",
+         "distinguishability": "fastalign.dynamics", "DistinguishabilityResult": "fastalign.dynamics"}
 __all__ += list(_LAZY)
 
 

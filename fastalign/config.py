@@ -237,6 +237,8 @@ class DPOConfig(TrainConfig, CloneRobustOptions):
     precompute_ref_log_probs: bool = _f(False, "compute the reference log-probs once before training and cache "
                                         "them on disk (no reference model held while training)")
     ref_cache_dir: Optional[str] = _f(None, "folder of the reference log-prob cache (default: output_dir/ref_cache)")
+    group_column: Optional[str] = _f("behaviour", "the data column naming each pair's group (behaviour): per-group "
+                                     "metrics groups/<g>/... and eval_groups/<g>/... (None: off)")
 
     def validate(self):
         super().validate()
@@ -255,6 +257,8 @@ class DPOConfig(TrainConfig, CloneRobustOptions):
             raise ConfigError(f"loss_type={self.loss_type!r} uses no reference model: "
                               "precompute_ref_log_probs does not apply")
         _validate_clone_robust(self)
+        if self.group_column is not None and (not isinstance(self.group_column, str) or not self.group_column):
+            raise ConfigError(f"group_column must be a column name or None, got {self.group_column!r}")
 
     @property
     def uses_reference(self):

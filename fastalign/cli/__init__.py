@@ -4,7 +4,7 @@ import importlib
 import sys
 
 # Each entry is a module of fastalign.cli with register(subparsers); new command groups add a line here.
-COMMANDS = ("info", "train", "afd", "weights", "averaging")
+COMMANDS = ("info", "train", "afd", "weights", "averaging", "diagnose")
 
 
 def build_parser():

@@ -8,6 +8,8 @@ import os
 import torch
 
 from fastalign.config import DPOConfig
+from fastalign.data import DataError, load_rows
+from fastalign.dynamics import finalize_group_metrics, group_sums
 from fastalign.integrations.hf import _unwrap, lm_head_config
 from fastalign.losses import FusedDPOLoss, FusedORPOLoss, FusedSimPOLoss
 from fastalign.trainers.loop import BaseTrainer, trl_arguments
@@ -21,6 +23,11 @@ class DPOTrainer(BaseTrainer):
     Reference: ``ref_model`` if given; else, for a peft model, the same model with adapters disabled; else
     a frozen copy of the model made at start; or, with precompute_ref_log_probs, one pass before training
     cached on disk (keyed by model and dataset fingerprints), so no reference model is held while training.
+
+    Rows with a group (``config.group_column``, default ``behaviour``) get per-group metrics from the batch's
+    per-pair outputs (no extra forward): ``groups/<g>/<metric>`` at every logging step and
+    ``eval_groups/<g>/<metric>`` in evaluation, for the metrics in ``fastalign.dynamics.GROUP_METRICS``
+    (unweighted per-pair means; evaluation adds ``n_pairs``).
     """
 
     config_class = DPOConfig
@@ -36,8 +43,27 @@ class DPOTrainer(BaseTrainer):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, config, ref_model, callbacks=callbacks,
                          peft_config=peft_config)
 
+    def _prepare(self, data, name):
+        """Tokenized examples whose "behaviour" field holds the row's group (config.group_column)."""
+        col = self.config.group_column
+        if col == "behaviour":
+            return super()._prepare(data, name)
+        rows = load_rows(data)
+        if col is not None and name == "train_dataset" and not any(col in r for r in rows):
+            cols = sorted({k for r in rows for k in r})
+            raise DataError(f"{name}: group_column {col!r} is in no row; the rows have columns: {', '.join(cols)}")
+        examples = super()._prepare(rows, name)
+        for e in examples:
+            g = rows[e["index"]].get(col) if col is not None else None
+            e["behaviour"] = None if g is None or g == "" else str(g)
+        return examples
+
     def _setup(self):
         cfg = self.config
+        # every step's metrics carry the same group keys (zeros where a batch has none of a group), so that
+        # averaging over micro-batches, steps and processes lines up
+        self.group_names = sorted({str(e["behaviour"]) for e in self.train_examples if e.get("behaviour") is not None})
+        self._batch_groups = None
         temperature, softcap = lm_head_config(self.model)
         common = dict(temperature=temperature, softcap=softcap, backend=cfg.backend, deterministic=cfg.deterministic)
         if cfg.loss_type == "simpo":
@@ -145,6 +171,7 @@ class DPOTrainer(BaseTrainer):
 
     # the step --------------------------------------------------------------------------------------------
     def _loss(self, model, batch, extra):
+        self._batch_groups = batch.behaviours  # for _metrics_of (kept here: DDP may rebuild the output object)
         hidden, head = self._hidden(model, batch)
         h, labels, seq = self._shifted(hidden, batch)
         kw = {}
@@ -159,4 +186,16 @@ class DPOTrainer(BaseTrainer):
         m.update({"logps/chosen": out.chosen_logps.mean().item(), "logps/rejected": out.rejected_logps.mean().item()})
         if out.nll_loss is not None:
             m["nll_loss"] = out.nll_loss.item()
+        groups = self._batch_groups
+        if groups is not None and (self.group_names or any(g is not None for g in groups)):
+            m.update(group_sums(out, groups, self.group_names))
         return m
+
+    def evaluate(self, eval_dataset=None):
+        """Mean metrics over the eval set, with per-group means (``groups/<g>/<metric>``, ``n_pairs``)."""
+        result = super().evaluate(eval_dataset)  # raises when there is no eval data
+        examples = self.eval_examples if eval_dataset is None else self._prepare(eval_dataset, "eval_dataset")
+        return finalize_group_metrics(result, n_total=len(examples))
+
+    def _log(self, metrics, writer=None):
+        super()._log(finalize_group_metrics(metrics), writer)

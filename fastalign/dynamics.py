@@ -1,0 +1,400 @@
+"""Learning dynamics of preference training (Im and Li, 2024, "Understanding the Learning Dynamics of Alignment
+with Human Feedback"): preference distinguishability per behaviour, per-group training metrics, and the
+analysis of a run's per-group learning speed.
+
+The paper shows that under DPO a behaviour is learned at a rate that grows with how far apart its preferred and
+non-preferred answers lie in the model's final representation, so training on several behaviours at once
+prioritizes the more distinguishable ones. ``distinguishability`` measures that distance on your data before
+training; the trainer logs per-group metrics while training (``groups/<g>/<metric>``, held-out
+``eval_groups/<g>/<metric>``); ``fastalign diagnose`` compares the prediction with what a run did.
+"""
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+# ---- distinguishability ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DistinguishabilityResult:
+    """value: ||mean(chosen) - mean(rejected)|| / pooled spread (see ``distinguishability_from_features``);
+    ci_low/ci_high: bias-corrected bootstrap interval over pairs; n_pairs: pairs in the group; distance and spread:
+    the numerator and the denominator of value (distance is the paper's ||mu+ - mu-||)."""
+    value: float
+    ci_low: float
+    ci_high: float
+    n_pairs: int
+    distance: float = float("nan")
+    spread: float = float("nan")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _ratio(distance, spread):
+    """distance / spread, with 0/0 = 0 (identical answers) and d/0 = inf (separated points with no spread)."""
+    distance, spread = np.asarray(distance, dtype=np.float64), np.asarray(spread, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = distance / spread
+    v = np.where(distance <= 0, 0.0, np.where(spread <= 0, np.inf, v))
+    return v
+
+
+def bias_corrected_interval(estimate, resampled, confidence=0.95):
+    """Bias-corrected percentile bootstrap interval (Efron 1981). A norm of a mean difference is biased upwards
+    and most so near 0, where plain percentiles can miss the estimate entirely; with z0 = Phi^-1(fraction of
+    resamples below the estimate), the interval takes the percentiles Phi(2 z0 -+ z_(1+confidence)/2). Order
+    statistics, not interpolation: a resample of one repeated pair has value inf."""
+    from statistics import NormalDist
+    resampled = np.asarray(resampled, dtype=np.float64)
+    k = len(resampled)
+    below = (np.sum(resampled < estimate) + 0.5 * np.sum(resampled == estimate)) / k
+    nd = NormalDist()
+    z0 = nd.inv_cdf(min(max(below, 0.5 / k), 1 - 0.5 / k))
+    z = nd.inv_cdf(0.5 + confidence / 2)
+    q_lo, q_hi = nd.cdf(2 * z0 - z), nd.cdf(2 * z0 + z)
+    return (float(np.percentile(resampled, 100 * q_lo, method="lower")),
+            float(np.percentile(resampled, 100 * q_hi, method="higher")))
+
+
+def distinguishability_from_features(chosen, rejected, *, n_bootstrap=1000, confidence=0.95, seed=0):
+    """Preference distinguishability of one group from pooled answer features.
+
+    chosen, rejected: [n, H] features of the preferred and non-preferred answer of each pair (row i of both is
+    pair i). With means c_bar, r_bar over the n pairs:
+
+        distance = || c_bar - r_bar ||_2
+        spread   = sqrt( (sum_i ||c_i - c_bar||^2 + sum_i ||r_i - r_bar||^2) / (2 (n - 1)) )
+        value    = distance / spread
+
+    ``distance`` is Im and Li's (2024) preference distinguishability ||mu+_b - mu-_b||, the distance between the
+    means of a behaviour's preferred and non-preferred embedding distributions; their bounds hold for spreads
+    that are small against it. Dividing by the pooled spread (the root mean squared distance of an answer to
+    its class mean: the trace of the pooled covariance) makes the value scale-free, comparable across layers
+    and models, and a multivariate Cohen's d: 0 for identical preferred and rejected answers, growing with
+    their separation. The confidence interval resamples pairs (with replacement, keeping each pair together)
+    ``n_bootstrap`` times with numpy's seeded generator: a bias-corrected percentile interval
+    (``bias_corrected_interval``).
+    """
+    c = np.asarray(chosen, dtype=np.float64)
+    r = np.asarray(rejected, dtype=np.float64)
+    if c.ndim != 2 or c.shape != r.shape:
+        raise ValueError(f"chosen and rejected must be [n, H] arrays of one shape, got {c.shape} and {r.shape}")
+    n = c.shape[0]
+    if n < 2:
+        raise ValueError(f"distinguishability needs at least 2 pairs (a spread needs two points), got {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    center = np.concatenate([c, r]).mean(0)  # centring keeps the sums of squares below free of cancellation
+    c, r = c - center, r - center
+    # every estimate (the full sample and each resample) is a weighting of the pairs: counts [R, n]
+    rng = np.random.default_rng(seed)
+    counts = np.ones((1, n))
+    if n_bootstrap:
+        counts = np.concatenate([counts, rng.multinomial(n, np.full(n, 1.0 / n), size=int(n_bootstrap))])
+    c_mean, r_mean = counts @ c / n, counts @ r / n
+    c_ss = counts @ (c * c).sum(1) - n * (c_mean * c_mean).sum(1)
+    r_ss = counts @ (r * r).sum(1) - n * (r_mean * r_mean).sum(1)
+    distance = np.linalg.norm(c_mean - r_mean, axis=1)
+    spread = np.sqrt(np.maximum(c_ss + r_ss, 0.0) / (2 * (n - 1)))
+    values = _ratio(distance, spread)
+    lo, hi = bias_corrected_interval(values[0], values[1:], confidence) if n_bootstrap else (math.nan, math.nan)
+    return DistinguishabilityResult(value=float(values[0]), ci_low=float(lo), ci_high=float(hi), n_pairs=n,
+                                    distance=float(distance[0]), spread=float(spread[0]))
+
+
+def _group_rows(rows, groups, min_pairs):
+    """{group: [row indices]} for the group column ``groups`` (None: one group 'all')."""
+    from fastalign.data import DataError
+    if groups is None:
+        by = {"all": list(range(len(rows)))}
+    else:
+        if not any(groups in r for r in rows):
+            cols = sorted({k for r in rows for k in r})
+            raise DataError(f"group column {groups!r} is in no row; the rows have columns: {', '.join(cols)} "
+                            "(pass groups=<column> or groups=None for one group over all rows)")
+        by, missing = {}, []
+        for i, r in enumerate(rows):
+            g = r.get(groups)
+            if g is None or g == "":
+                missing.append(i)
+            else:
+                by.setdefault(str(g), []).append(i)
+        if missing:
+            warnings.warn(f"{len(missing)} row(s) have no {groups!r} value (first: row {missing[0]}); "
+                          "they belong to no group and are left out", stacklevel=3)
+    small = {g: idx for g, idx in by.items() if len(idx) < min_pairs}
+    if small:
+        desc = "; ".join(f"{g!r}: {len(idx)} pair(s) (row {', '.join(map(str, idx[:3]))})" for g, idx in small.items())
+        raise DataError(f"distinguishability needs at least {min_pairs} pairs per group; too few in {desc}")
+    return by
+
+
+def pool_answer_states(hidden, labels, pooling):
+    """hidden [S, T, H], labels [S, T] (the answer tokens are the labelled ones; -100 elsewhere) -> [S, H]:
+    the mean of the hidden states over each sequence's answer tokens ("mean"), or its last answer token ("last")."""
+    mask = labels != -100
+    if pooling == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+    pos = torch.arange(labels.shape[1], device=labels.device)
+    last = torch.where(mask, pos, -1).amax(1).clamp_min(0)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+@torch.no_grad()
+def answer_features(model, tokenizer, rows, *, layer=-1, pooling="mean", batch_size=16, max_length=512,
+                    max_prompt_length=256, progress=True):
+    """Pooled hidden states of each row's chosen and rejected answer (after its prompt): two float64 numpy
+    arrays [n, H]. One no-grad pass over batches of pairs (chosen and rejected in one forward), through the
+    model's trunk only (no logits); layer -1 is the final hidden state (what the lm_head reads)."""
+    from tqdm.auto import tqdm
+
+    from fastalign.data import collate_preference, tokenize_preference_rows
+    from fastalign.integrations.hf import trunk_and_head
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples = tokenize_preference_rows(rows, tokenizer, max_length, max_prompt_length)
+    trunk, _ = trunk_and_head(model)
+    device = next(model.parameters()).device
+    n_states = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n_states is not None and not -(n_states + 1) <= layer <= n_states:
+        raise ValueError(f"layer {layer} is out of range: the model has {n_states + 1} hidden states "
+                         f"(0 = embeddings ... {n_states} = final; negative counts from the end)")
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        for i in tqdm(range(0, len(examples), batch_size), desc="distinguishability", disable=not progress,
+                      leave=False, dynamic_ncols=True):
+            batch = collate_preference(examples[i:i + batch_size], tokenizer.pad_token_id).to(device)
+            out = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                        output_hidden_states=layer != -1)
+            hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+            pooled = pool_answer_states(hidden.float(), batch.labels, pooling).double().cpu().numpy()
+            b = batch.n_sequences // 2
+            chosen.append(pooled[:b])
+            rejected.append(pooled[b:])
+    finally:
+        model.train(was_training)
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def distinguishability(model, tokenizer, data, *, groups="behaviour", layer=-1, pooling="mean", batch_size=16,
+                       max_length=512, max_prompt_length=256, n_bootstrap=1000, confidence=0.95, seed=0,
+                       min_pairs=2, progress=True):
+    """Preference distinguishability per group: {group: DistinguishabilityResult}, most distinguishable first
+    (the order in which DPO is predicted to learn the groups).
+
+    data: a .json/.jsonl path, a list of preference rows or a datasets.Dataset, in any format the trainers take
+    (text or chat messages). groups: the column naming each row's group (None: one group "all"). layer: which
+    hidden state (-1 the final one). pooling: "mean" over the answer's tokens or the answer's "last" token.
+    The formula is in ``distinguishability_from_features``. Raises DataError for an unknown group column or a
+    group with fewer than ``min_pairs`` (>= 2) pairs.
+    """
+    from fastalign.data import load_rows, validate_rows
+    if min_pairs < 2:
+        raise ValueError(f"min_pairs must be >= 2 (a spread needs two pairs), got {min_pairs}")
+    rows = load_rows(data)
+    validate_rows(rows, "preference")
+    by = _group_rows(rows, groups, min_pairs)
+    keep = sorted(i for idx in by.values() for i in idx)
+    chosen, rejected = answer_features(model, tokenizer, [rows[i] for i in keep], layer=layer, pooling=pooling,
+                                       batch_size=batch_size, max_length=max_length,
+                                       max_prompt_length=max_prompt_length, progress=progress)
+    where = {row: k for k, row in enumerate(keep)}
+    results = {}
+    for g, idx in by.items():
+        sel = [where[i] for i in idx]
+        results[g] = distinguishability_from_features(chosen[sel], rejected[sel], n_bootstrap=n_bootstrap,
+                                                      confidence=confidence, seed=seed)
+    return dict(sorted(results.items(), key=lambda kv: (-kv[1].value, kv[0])))
+
+
+# ---- per-group training metrics ---------------------------------------------------------------------------
+# A trainer's per-batch metrics carry, for each group g, f"groups/{g}/{metric}" = (sum over g's pairs) / B and
+# f"groups/{g}/_pairs" = (g's pairs) / B. Any uniform averaging (micro-batches, steps, processes) or
+# batch-size-weighted averaging (evaluation) keeps their ratio the exact per-pair mean over everything
+# averaged; ``finalize_group_metrics`` turns them into means when the metrics are logged.
+
+GROUP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected")
+PAIRS = "_pairs"
+
+
+def pair_metrics(out):
+    """Per-pair values [B] of every metric in GROUP_METRICS from a preference loss output (no forward)."""
+    return {"loss": out.losses, "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.reward_margins, "rewards/accuracies": out.reward_accuracies,
+            "logps/chosen": out.chosen_logps, "logps/rejected": out.rejected_logps}
+
+
+def group_sums(out, groups, names=(), prefix="groups"):
+    """Per-group sums / B and pair shares of the batch's per-pair outputs (one device-to-host copy).
+
+    groups: the group of each pair [B] (None: no group); names: groups to emit even when absent from the batch
+    (zeros), so that every batch, step and process has the same keys."""
+    per_pair = pair_metrics(out)
+    values = torch.stack([per_pair[m].detach().float().reshape(-1) for m in GROUP_METRICS]).cpu().tolist()
+    b = len(groups)
+    result = {}
+    for g in sorted(set(names) | {str(x) for x in groups if x is not None}):
+        pick = [i for i, x in enumerate(groups) if x is not None and str(x) == g]
+        for m, row in zip(GROUP_METRICS, values):
+            result[f"{prefix}/{g}/{m}"] = sum(row[i] for i in pick) / b
+        result[f"{prefix}/{g}/{PAIRS}"] = len(pick) / b
+    return result
+
+
+def finalize_group_metrics(metrics, n_total=None):
+    """Group sums -> per-pair means; a group with no pair in what was averaged is dropped. With n_total (the
+    number of pairs averaged over, e.g. in an evaluation) each group also gets ``n_pairs``."""
+    bases = [k[:-len(PAIRS) - 1] for k in metrics if k.endswith("/" + PAIRS)]
+    if not bases:
+        return metrics
+    out = {k: v for k, v in metrics.items() if not k.endswith("/" + PAIRS)}
+    for base in bases:
+        share = metrics[f"{base}/{PAIRS}"]
+        for m in GROUP_METRICS:
+            key = f"{base}/{m}"
+            if key in out:
+                if share > 0:
+                    out[key] = out[key] / share
+                else:
+                    del out[key]
+        if share > 0 and n_total is not None:
+            out[f"{base}/n_pairs"] = int(round(share * n_total))
+    return out
+
+
+# ---- a run's learning speed per group ---------------------------------------------------------------------
+
+def read_metrics(run_dir):
+    """The logged records of a run: ``<run_dir>/metrics.jsonl`` (or a path to such a file) as a list of dicts."""
+    import json
+    import os
+    path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir!r}: pass the output_dir of a training run")
+    records = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc})") from None
+    return records
+
+
+# held-out per-group metrics, newest naming first: eval_groups/<g>/<metric> (TRL's eval_ prefix),
+# eval/groups/<g>/<metric> (before the rename), and the older eval/accuracy/<g>, eval/margin/<g>
+_OLD_NAMES = {"rewards/accuracies": "accuracy", "rewards/margins": "margin"}
+
+
+def _patterns(source, metric):
+    if source == "train":
+        return (("groups/", "/" + metric),)
+    pats = [("eval_groups/", "/" + metric), ("eval/groups/", "/" + metric)]
+    if metric in _OLD_NAMES:
+        pats += [(f"eval_{_OLD_NAMES[metric]}/", ""), (f"eval/{_OLD_NAMES[metric]}/", "")]
+    return tuple(pats)
+
+
+def accuracy_curves(records, source="eval", metric="rewards/accuracies"):
+    """{group: (steps [k], values [k])} of one per-group metric (default the reward accuracy) from a run's
+    records; source "eval" (held-out) or "train"."""
+    patterns = _patterns(source, metric)
+    curves = {}
+    for rec in records:
+        step = rec.get("step")
+        if step is None:
+            continue
+        for key, v in rec.items():
+            for head, tail in patterns:
+                if key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail):
+                    g = key[len(head):len(key) - len(tail)]
+                    if "/" in g and not tail:  # eval/accuracy/<g> has no '/' after the group
+                        continue
+                    curves.setdefault(g, {})[step] = float(v)
+                    break
+    return {g: (np.array(sorted(c)), np.array([c[s] for s in sorted(c)])) for g, c in sorted(curves.items())}
+
+
+def learning_step(steps, accuracies, threshold=0.8):
+    """The first step at which the accuracy reaches ``threshold``; None if it never does."""
+    for s, a in zip(steps, accuracies):
+        if a >= threshold:
+            return int(s)
+    return None
+
+
+def accuracy_auc(steps, accuracies):
+    """Area under the accuracy curve over the logged steps, divided by their span: the mean accuracy over
+    training (1 = learned from the first step, 0.5 = chance throughout). Higher = learned sooner. The same for
+    any curve (the reward margin's: the mean margin over training)."""
+    steps, accuracies = np.asarray(steps, dtype=np.float64), np.asarray(accuracies, dtype=np.float64)
+    if len(steps) == 0:
+        return float("nan")
+    if len(steps) == 1 or steps[-1] == steps[0]:
+        return float(accuracies.mean())
+    area = float(np.sum((accuracies[1:] + accuracies[:-1]) / 2 * np.diff(steps)))
+    return area / float(steps[-1] - steps[0])
+
+
+def _ranks(x):
+    """Average ranks (1 = smallest; ties share their mean rank), as Spearman's rho needs."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman rank correlation of x and y (Pearson's r of their average ranks); nan if either is constant
+    or there are fewer than 2 points. +inf sorts last, so a never-learned step can be passed as inf."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-d of one length, got {x.shape} and {y.shape}")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def learning_speed(records, threshold=0.8, source="eval"):
+    """{group: {"learning_step", "auc", "final_accuracy", "steps", "accuracies", "margin_auc"}} from a run's
+    records; margin_auc (the mean reward margin over training) is nan where the run logged no margins."""
+    out = {}
+    margins = accuracy_curves(records, source, "rewards/margins")
+    for g, (steps, acc) in accuracy_curves(records, source).items():
+        out[g] = {"learning_step": learning_step(steps, acc, threshold), "auc": accuracy_auc(steps, acc),
+                  "final_accuracy": float(acc[-1]), "steps": steps.tolist(), "accuracies": acc.tolist(),
+                  "margin_auc": accuracy_auc(*margins[g]) if g in margins else float("nan")}
+    return out
+
+
+def compare(predicted, observed):
+    """Rank agreement of distinguishability (``predicted``: {group: result or value}) with observed speed
+    (``observed``: learning_speed's output) on the groups both have: Spearman's rho of distinguishability vs
+    the accuracy AUC, vs the learning step negated (never learned counts as slowest), and vs the mean reward
+    margin over training (the rate at which the group's preference grows, which the paper's bounds are about)."""
+    names = [g for g in predicted if g in observed]
+    d = [getattr(predicted[g], "value", predicted[g]) for g in names]
+    auc = [observed[g]["auc"] for g in names]
+    step = [observed[g]["learning_step"] if observed[g]["learning_step"] is not None else math.inf for g in names]
+    margin = [observed[g].get("margin_auc", math.nan) for g in names]
+    rho_margin = spearman(d, margin) if not any(math.isnan(m) for m in margin) else math.nan
+    return {"groups": names, "rho_auc": spearman(d, auc), "rho_learning_step": spearman(d, [-s for s in step]),
+            "rho_margin": rho_margin}
