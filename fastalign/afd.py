@@ -17,7 +17,7 @@ import torch
 
 from fastalign import checkpoint as ckpt
 from fastalign.config import ConfigError
-from fastalign.data import DataError, _nonempty, load_rows
+from fastalign.data import DataError, is_nonempty, load_rows
 from fastalign.generation import read_jsonl, sample, write_jsonl
 from fastalign.scoring import _check_same_tokenizer, best_of_n
 from fastalign.trainers.afd_reward import RM_KINDS, AfDRewardConfig
@@ -40,7 +40,7 @@ def load_demos(data):
         raise DataError(f"demonstrations {data if isinstance(data, str) else ''}: {exc}") from None
     bad = [i for i, r in enumerate(rows)
            if "prompt" not in r or not any(k in r for k in ("completion", "answer", "chosen"))
-           or not _nonempty(r["prompt"])]
+           or not is_nonempty(r["prompt"])]
     if bad:
         raise DataError(f"demonstrations: row {bad[0]} (and {len(bad) - 1} more) needs a non-empty prompt and a "
                         f"completion (or answer, or chosen); found keys {sorted(rows[bad[0]])}")
@@ -59,7 +59,7 @@ def load_prompts(data):
             raise DataError(f"{where}: {exc} (expected one {{\"prompt\": ...}} object per line)") from None
     prompts = []
     for i, r in enumerate(rows):
-        if "prompt" not in r or not _nonempty(r["prompt"]):
+        if "prompt" not in r or not is_nonempty(r["prompt"]):
             raise DataError(f"{where}: row {i} needs a non-empty prompt field; found keys {sorted(r)}")
         prompts.append(r["prompt"])
     return prompts

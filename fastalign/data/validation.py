@@ -21,6 +21,15 @@ def is_messages(x):
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
 
 
+def is_nonempty(x):
+    """True for a string with non-space text, or a message list with some non-empty content."""
+    if isinstance(x, str):
+        return bool(x.strip())
+    if is_messages(x):
+        return any(isinstance(m["content"], str) and m["content"].strip() for m in x)
+    return False
+
+
 def _describe(value):
     if isinstance(value, list):
         kinds = sorted({type_name(v) for v in value})

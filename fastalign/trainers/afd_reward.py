@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastalign.config import ConfigError, RewardConfig
-from fastalign.data import DataError, _nonempty, collate_sequences, load_rows, tokenize_pair
+from fastalign.data import DataError, is_nonempty, collate_sequences, load_rows, tokenize_pair
 from fastalign.integrations.hf import _unwrap, trunk_of
 from fastalign.trainers.loop import BaseTrainer
 
@@ -46,7 +46,7 @@ def validate_labelled_rows(rows):
         if "prompt" not in r or answer_key is None or "label" not in r:
             problems.append(f"row {i}: needs prompt, answer (or completion) and label; has {sorted(r)}")
             continue
-        if not _nonempty(r["prompt"]):
+        if not is_nonempty(r["prompt"]):
             problems.append(f"row {i}: empty prompt")
         if not isinstance(r[answer_key], str):
             problems.append(f"row {i}: {answer_key} must be text, got {type(r[answer_key]).__name__}")
