@@ -10,7 +10,8 @@ import json
 import os
 import torch
 
-from fastalign.data import _is_messages, _render
+from fastalign.data import is_messages as _is_messages
+from fastalign.data import render as _render
 from fastalign.integrations.hf import _unwrap
 
 _NO_LIMIT = 1 << 30
