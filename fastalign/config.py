@@ -58,6 +58,8 @@ class TrainConfig:
     deterministic: bool = False
     fsdp: bool = False
     disable_tqdm: bool = False
+    check_model: bool = field(default=True, metadata={"help": "before training, check on a few probe rows that the "
+                              "fused path reproduces the model's own log-probs, and refuse the model if not"})
 
     def __post_init__(self):
         self.validate()

@@ -14,6 +14,7 @@ from fastalign import checkpoint as ckpt
 from fastalign.data import (collate_preference, collate_sft, load_rows, tokenize_preference_rows, tokenize_sft_rows,
                             validate_rows)
 from fastalign.integrations.hf import _unwrap, trunk_and_head
+from fastalign.integrations.probe import check_trainer_model
 from fastalign.trainers.models import StepModule as _StepModule
 from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
 from fastalign.trainers.state import CheckpointMixin
@@ -55,6 +56,7 @@ class BaseTrainer(CheckpointMixin):
                              f"({config.per_device_train_batch_size} x {self.world_size} processes)")
         self._warned_packing = False
         self._setup()  # loss module and reference, before any DDP/FSDP wrapping touches the model
+        self.model_check = check_trainer_model(self)  # fused path vs the model's own logits, or a clear refusal
         self.step_module = _StepModule(self.model, self._loss)
         self.wrapped = self._wrap(self.step_module)
         self.global_step = 0
