@@ -65,6 +65,21 @@ def _import_built(path):
     return module
 
 
+def _ninja_on_path():
+    """torch's loader runs `ninja` from PATH; in a venv that is not activated, the pip `ninja` package's
+    executable is not on it: add its folder."""
+    import shutil
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and os.path.isdir(bin_dir):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def jit_build(verbose=False):
     """Compile the shipped sources once per (sources, torch, Python) into the cache; return (module, .so path)."""
     import torch  # noqa: F401  (libtorch must be loaded before the extension)
@@ -86,6 +101,7 @@ def jit_build(verbose=False):
         stale = os.path.join(build_dir, "lock")  # torch's own baton, left behind if a build was killed:
         if os.path.exists(stale):               # under our lock nobody else can be building here
             os.remove(stale)
+        _ninja_on_path()
         from torch.utils.cpp_extension import load
         module = load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=CXX_FLAGS, build_directory=build_dir,
                       verbose=verbose)
