@@ -42,6 +42,8 @@ FAMILIES = {
     "Bert": ("BertConfig", "BertLMHeadModel", ENCODER, "transform"),
     "Roberta": ("RobertaConfig", "RobertaForCausalLM", ENCODER, "transform"),
     "Electra": ("ElectraConfig", "ElectraForCausalLM", dict(ENCODER, embedding_size=16), "transform"),
+    "RemBert": ("RemBertConfig", "RemBertForCausalLM",
+                dict(ENCODER, input_embedding_size=16, output_embedding_size=24), "transform"),
     "XLM": ("XLMConfig", "XLMWithLMHeadModel", dict(vocab_size=64, emb_dim=32, n_layers=2, n_heads=4, causal=True),
             "nothing"),
 }
@@ -98,7 +100,7 @@ def model_sum(model, ids):
     return (logp * torch.linspace(0.5, 1.5, logp.numel(), dtype=logp.dtype)).sum()
 
 
-@pytest.mark.parametrize("family", ["Dory", "Bert", "Roberta", "Electra"])
+@pytest.mark.parametrize("family", ["Dory", "Bert", "Roberta", "Electra", "RemBert"])
 def test_fused_gradients_equal_model_gradients(family):
     """float64: every parameter's gradient (transform and per-token scale included) equals the model's own
     (Dory's head casts its logits to float32, hence 1e-6 relative to each tensor's largest entry)."""
@@ -112,7 +114,8 @@ def test_fused_gradients_equal_model_gradients(family):
     fused, own = grads
     assert set(fused) == set(own)
     special = [n for n in own if "logit_scale" in n or "transform" in n or "generator_predictions" in n
-               or "lm_head.dense" in n or "lm_head.layer_norm" in n]
+               or "lm_head.dense" in n or "lm_head.layer_norm" in n or "predictions.dense" in n
+               or "predictions.LayerNorm" in n]
     if FAMILIES[family][3] in ("scale", "transform"):
         assert special and all(own[n].abs().sum() > 0 for n in special)
     for n in own:

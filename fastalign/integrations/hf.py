@@ -3,7 +3,7 @@
 A model's logits are ``transform(trunk(x)) @ W.T + b``, then scaled and soft-capped. The fused op computes
 ``(h @ W'.T + b') / temperature`` and ``softcap * tanh(. / softcap)`` without materializing them, so each
 model is mapped onto that form here:
-- a transform module before the decoder (Bert/Roberta/Electra causal-LM heads: dense -> activation ->
+- a transform module before the decoder (Bert/Roberta/Electra/RemBert causal-LM heads: dense -> activation ->
   LayerNorm) runs on the trunk side (``trunk_and_head`` returns a trunk that applies it), so it trains;
 - a per-vocabulary-token learned scale (Dory's ``lm_head.logit_scale``) folds into the weight and bias
   (``W'_v = s_v W_v``), so it gets its gradient through autograd;
@@ -96,31 +96,35 @@ def trunk_of(model):
     return trunk
 
 
-class _RobertaTransform(torch.nn.Module):
-    """Roberta-family ``lm_head`` minus its decoder: layer_norm(gelu(dense(x))), sharing the head's modules."""
+class _DenseActNorm(torch.nn.Module):
+    """A prediction head minus its decoder: norm(act(dense(x))), sharing the head's modules (so they train)."""
 
-    def __init__(self, lm_head):
+    def __init__(self, dense, act, norm):
         super().__init__()
-        self.dense, self.layer_norm = lm_head.dense, lm_head.layer_norm
+        self.dense, self.act, self.norm = dense, act, norm
 
     def forward(self, x):
-        return self.layer_norm(torch.nn.functional.gelu(self.dense(x)))
+        return self.norm(self.act(self.dense(x)))
 
 
 def head_transform(model):
     """The module between the trunk's last hidden state and the decoder, or None for a plain lm_head.
 
-    Bert-style ``cls.predictions.transform``, Electra's ``generator_predictions``, Roberta-style ``lm_head``
-    with dense and layer_norm in front of its decoder."""
+    Bert-style ``cls.predictions.transform``, Electra's ``generator_predictions``, RemBert-style
+    ``cls.predictions`` (dense, activation, LayerNorm, decoder) and Roberta-style ``lm_head`` (dense, gelu,
+    layer_norm, decoder)."""
     inner = _unwrap(model)
     predictions = getattr(getattr(inner, "cls", None), "predictions", None)
     if isinstance(getattr(predictions, "transform", None), torch.nn.Module):
         return predictions.transform
     if isinstance(getattr(inner, "generator_predictions", None), torch.nn.Module):
         return inner.generator_predictions
+    if all(isinstance(getattr(predictions, a, None), torch.nn.Module) for a in ("dense", "LayerNorm", "decoder")) \
+            and callable(getattr(predictions, "activation", None)):
+        return _DenseActNorm(predictions.dense, predictions.activation, predictions.LayerNorm)
     lm_head = getattr(inner, "lm_head", None)
     if all(isinstance(getattr(lm_head, a, None), torch.nn.Module) for a in ("dense", "layer_norm", "decoder")):
-        return _RobertaTransform(lm_head)
+        return _DenseActNorm(lm_head.dense, torch.nn.functional.gelu, lm_head.layer_norm)
     return None
 
 
