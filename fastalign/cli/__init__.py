@@ -25,8 +25,9 @@ def _version():
 
 def _add_debug_flag(parser, top=False):
     """--debug on the top parser and every sub-command's (so it may follow the sub-command too)."""
-    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
-                        help="on an error, show the full traceback instead of one line")
+    if "--debug" not in parser._option_string_actions:  # a command may define its own
+        parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                            help="on an error, show the full traceback instead of one line")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
