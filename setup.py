@@ -1,4 +1,6 @@
 """Build script. The C++ extension ``fastalign._C`` is optional: the package installs and runs without it.
+Where it is not built here (no torch in an isolated build, no compiler), the C++ sources ship as package data
+(fastalign/csrc) and fastalign/_ext.py compiles them on first use (cached), wherever a compiler is.
 
 Environment flags (flash-attention's habits):
   FASTALIGN_NO_EXT=1   skip building the extension entirely
@@ -31,8 +33,9 @@ def extension_modules():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # torch absent at build time: the pure-Python package still works
         warnings.warn(f"fastalign: torch is not importable at build time ({exc}); "
-                      "building without the C++ extension (backend 'cpp' unavailable). "
-                      "Install torch first and use `pip install --no-build-isolation` to get it.")
+                      "building without the C++ extension; "
+                      "it will be compiled on first use instead (or install torch first and use "
+                      "`pip install --no-build-isolation` to build it now).")
         return [], {}
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
@@ -42,7 +45,7 @@ def extension_modules():
     ext = CppExtension(
         name="fastalign._C",
         sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),  # every kernel file plus bindings.cpp
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},  # the same flags as fastalign/_ext.py CXX_FLAGS
     )
 
     class TolerantBuildExtension(BuildExtension):
@@ -68,11 +71,12 @@ ext_modules, cmdclass = extension_modules()
 
 setup(
     version=read_version(),
-    packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels"],
+    packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels", "fastalign.csrc"],
     # The Triton kernels live in kernels/ but install as fastalign.kernels: a top-level `kernels`
     # module would collide with an unrelated PyPI project.
-    package_dir={"fastalign.kernels": "kernels"},
-    package_data={"fastalign.data": ["*.json", "*.jsonl"]},
+    # csrc/ installs as fastalign/csrc (sources only) for the build-on-first-use fallback in fastalign/_ext.py.
+    package_dir={"fastalign.kernels": "kernels", "fastalign.csrc": "csrc"},
+    package_data={"fastalign.data": ["*.json", "*.jsonl"], "fastalign.csrc": ["*.cpp", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -114,6 +114,8 @@ class TrainConfig:
                                    "checkpoint's (the differences are logged)")
     save_strategy: str = _f("steps", "when to save checkpoints: never (no), every save_steps steps (steps), at each "
                             "epoch's end (epoch); steps and epoch also save at the last step", SAVE_STRATEGIES)
+    check_model: bool = _f(True, "before training, check on a few probe rows that the fused path reproduces the "
+                           "model's own log-probs, and refuse the model if not")
 
     def __post_init__(self):
         self.validate()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from fastalign.config import ConfigError
 from fastalign.data import check_enough_rows, collate_preference, collate_sft, prepare_examples
 from fastalign.integrations.hf import _unwrap, trunk_and_head
+from fastalign.integrations.probe import check_trainer_model
 from fastalign.trainers.models import StepModule as _StepModule
 from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
 from fastalign.trainers.models import disable_dropout as _disable_dropout
@@ -80,6 +81,7 @@ class BaseTrainer(CheckpointMixin):
                           config.gradient_accumulation_steps)
         self._warned_packing = False
         self._setup()  # loss module and reference, before any DDP/FSDP wrapping touches the model
+        self.model_check = check_trainer_model(self)  # fused path vs the model's own logits, or a clear refusal
         self.step_module = _StepModule(self.model, self._loss)
         self.wrapped = self._wrap(self.step_module)
         self.global_step = 0

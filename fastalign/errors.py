@@ -1,0 +1,22 @@
+"""fastalign's user-facing errors: one base class the CLI turns into `fastalign: error: ...` and exit code 2.
+
+Errors caused by what the user gave (options, data, model, paths) derive from ``FastalignError``; anything
+else is a bug and keeps its traceback. ``FastalignError`` subclasses ValueError, so code that catches
+ValueError for bad input keeps working.
+"""
+
+
+class FastalignError(ValueError):
+    """Bad input from the user: the message says what was found and what was expected."""
+
+
+class UnsupportedModelError(FastalignError, TypeError):
+    """A model whose logits the fused path cannot reproduce (an adaptive softmax, no lm_head, an unknown head
+    transform); a TypeError too, as the lookups that raise it did before."""
+
+
+class ModelCheckError(UnsupportedModelError):
+    """The probe found the fused path's log-probs differ from the model's own forward."""
+
+
+__all__ = ["FastalignError", "UnsupportedModelError", "ModelCheckError"]
