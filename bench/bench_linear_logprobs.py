@@ -181,9 +181,13 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default fp32 and bf16 on CPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for every variant (default: torch's)")
+    p.add_argument("--tag", default="", help="suffix of the result file names (several runs on one day)")
     p.add_argument("--only", help="comma-separated substrings: run only the variants whose name holds one "
                                    "(naive always runs: it is the baseline)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"]))]
     default = ["16384,4096,128256"] if device.type == "cuda" else ["1024,512,32000", "2048,1024,32000"]
@@ -212,8 +216,9 @@ def main(argv=None):
     print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, on {env['device']}, "
           f"{env.get('cpu_model')} [{env.get('cpu_flags')}], load {env.get('load_average')}, {env['date']}\n")
     print(table)
-    path = write_results("linear_logprobs", env, rows, table)
-    plot = ratio_plot("linear_logprobs", env, [r for r in rows if r["mode"] == "fwd+bwd" and "seconds" in r],
+    name = "linear_logprobs" + (f"-{args.tag}" if args.tag else "")
+    path = write_results(name, env, rows, table)
+    plot = ratio_plot(name, env, [r for r in rows if r["mode"] == "fwd+bwd" and "seconds" in r],
                       "shape", "variant", [("time_vs_naive", "fwd+bwd time vs naive"),
                                            ("memory_vs_naive", "peak extra memory vs naive")])
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))

@@ -18,8 +18,8 @@
 //             the target logit is read from the tile that holds it.
 //   backward: L recomputed (GEMM), D formed in place per row, then d_W_blk += D^T h and d_h += D W_blk
 //             (two GEMMs). Deterministic. grad_filter_eps > 0 drops, per vocabulary block, the rows whose
-//             probabilities are all below eps and that do not hold their target (Cut Cross-Entropy's filter);
-//             the two products then run on the remaining rows only.
+//             p_v * c'_v (c' the softcap's chain factor, 1 without) are all below eps and that do not hold
+//             their target (Cut Cross-Entropy's filter); the two products then run on the remaining rows only.
 // Extra memory: one [block_n, block_v] tile, fp32 copies of hidden (non-fp32 inputs) and fp32 gradients.
 // Tiles are fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 inputs (gradcheck).
 #include "fastalign.h"
@@ -293,9 +293,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& hidden, const at::T
             const T ly = has_target ? x[local] : T(0);
             pmax = 0;
             for (int64_t j = 0; j < cols; ++j) {
-              const T r = x[j] * inv_cap, p = std::exp(x[j] - lse[r0 + i]);
-              pmax = std::max(pmax, p);
-              x[j] = -gs * p * (T(1) - r * r);
+              const T r = x[j] * inv_cap, pc = std::exp(x[j] - lse[r0 + i]) * (T(1) - r * r);
+              pmax = std::max(pmax, pc);  // the filter compares p * c', the entry's share of |D| / |g / tau|
+              x[j] = -gs * pc;
             }
             if (has_target) x[local] += gs * (T(1) - (ly * inv_cap) * (ly * inv_cap));
           } else {

@@ -35,15 +35,24 @@ def signature(fn, dtype, consts):
             sig[name] = "*" + dtype
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name in ("inv_temp", "softcap"):
+        elif name in ("inv_temp", "softcap", "grad_filter_eps"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig
 
+# What the JIT specializes on a GPU with realistic shapes: 16-aligned pointers and 16-divisible sizes and
+# strides get tt.divisibility=16 (vectorized, pipelined loads: more shared memory than an unspecialized build).
+DIVISIBLE_INTS = ("N", "V", "H", "v_begin", "v_len")
+
+def divisibility(fn, consts):
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name not in consts and (name.endswith("_ptr") or name in DIVISIBLE_INTS or name.startswith("stride"))}
+
 def compile_one(fn, dtype, consts, num_warps, num_stages):
     src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, dtype, consts),
-                                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+                                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                                    attrs=divisibility(fn, consts))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     return {"kernel": fn.__name__, "dtype": dtype, "consts": {k2: str(v) for k2, v in consts.items()},
             "shared": k.metadata.shared, "wgmma": "warp_group_dot" in k.asm["ttgir"], "cubin": len(k.asm["cubin"])}
@@ -63,13 +72,14 @@ for dtype in ("bf16", "fp32"):
         jobs.append(("fwd", dtype, {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
                      shared_memory_estimate(cfg, size, F.PRUNE.factor)))
     for cfg in B.PRUNE(B._CONFIGS, probe):
-        jobs.append(("bwd", dtype, {**flags, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True, **cfg.kwargs},
+        jobs.append(("bwd", dtype, {**flags, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
+                                    "FILTER_GRAD": False, **cfg.kwargs},
                      cfg.num_warps, cfg.num_stages, shared_memory_estimate(cfg, size, B.PRUNE.factor)))
-    blocks = {k: v for k, v in D.GPU_BLOCKS.items() if k.startswith("BLOCK")}
+    blocks = {k: v for k, v in D.GPU_BLOCKS.items() if k not in ("num_warps", "num_stages")}
     jobs.append(("det_dh", dtype, {**flags, **blocks}, D.GPU_BLOCKS["num_warps"], D.GPU_BLOCKS["num_stages"], None))
     jobs.append(("det_dw", dtype, {**flags, "COMPUTE_DW": True, "COMPUTE_DB": True, **blocks},
                  D.GPU_BLOCKS["num_warps"], D.GPU_BLOCKS["num_stages"], None))
-    cblocks = {k: v for k, v in C.GPU_BLOCKS.items() if k.startswith("BLOCK")}
+    cblocks = {k: v for k, v in C.GPU_BLOCKS.items() if k not in ("num_warps", "num_stages")}
     jobs.append(("d_chunk", dtype, {**flags, **cblocks}, C.GPU_BLOCKS["num_warps"], C.GPU_BLOCKS["num_stages"], None))
 KERNELS = {"fwd": F._linear_logprobs_fwd_kernel, "bwd": B._linear_logprobs_bwd_kernel, "det_dh": D._dh_kernel,
            "det_dw": D._dw_kernel, "d_chunk": C._d_chunk_kernel}

@@ -389,3 +389,59 @@ def test_cpp_no_blas_inside_parallel_regions():
             hit = re.search(_BLAS_CALL, body)
             assert hit is None, f"{os.path.basename(path)}: BLAS call {hit.group(0)!r} inside at::parallel_for"
     assert n_regions >= 2  # the forward and backward row passes of linear_logprobs.cpp
+
+
+FILTER_BACKENDS = [b for b in ("cpp", "triton") if b in CPU_BACKENDS]
+
+
+def _small_blocks(monkeypatch, backend):
+    """cpp: vocabulary blocks of 37 columns, so that a row's target is outside most blocks (filterable)."""
+    if backend == "cpp":
+        from fastalign.backends import cpp_backend
+        monkeypatch.setattr(cpp_backend, "TILE_ELEMENTS", 0)
+        monkeypatch.setattr(cpp_backend, "MIN_BLOCK_V", 37)
+
+
+@pytest.mark.parametrize("backend", FILTER_BACKENDS)
+def test_grad_filter_eps_zero_or_none_is_exact(monkeypatch, backend):
+    _small_blocks(monkeypatch, backend)
+    hidden, weight, bias, targets, grad = make_case(21, 32, 301, bias=True, scale=4.0)
+    exact = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, softcap=20.0)
+    for eps in (None, 0, 0.0):
+        got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, softcap=20.0,
+                  grad_filter_eps=eps)
+        if backend == "cpp":  # deterministic: bitwise
+            assert all(torch.equal(a, b) for a, b in zip(got, exact))
+        else:
+            assert_close_to_reference(got, exact, 1e-6)
+
+
+@pytest.mark.parametrize("backend", FILTER_BACKENDS)
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "softcap": 20.0}])
+def test_grad_filter_eps_error_is_bounded(monkeypatch, backend, kw):
+    """A peaked distribution (logits with std ~12, as in a trained model): the filter skips tiles, the values
+    stay exact, and each gradient's error is within the filter's bound (every dropped entry of dlogp/dlogits
+    is below eps * |g| / tau) plus the fp32 tolerance; a large eps shows the filter does act."""
+    _small_blocks(monkeypatch, backend)
+    hidden, weight, bias, targets, grad = make_case(21, 32, 301, bias=True, scale=4.0)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
+    tau = kw.get("temperature", 1.0)
+    eps = 1e-6
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, grad_filter_eps=eps, **kw)
+    exact = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, **kw)
+    assert torch.equal(got[0], exact[0])  # forward untouched
+    g = grad.abs().double() * (targets != -100) / tau
+    bound_dh = eps * g.max() * weight.double().abs().sum(0).max() + ATOL[torch.float32]
+    bound_dw = eps * (g[:, None] * hidden.double().abs()).sum(0).max() + ATOL[torch.float32]
+    bound_db = eps * g.sum() + ATOL[torch.float32]
+    for name, gg, r, bound in zip(("d_hidden", "d_weight", "d_bias"), got[1:], ref[1:], (bound_dh, bound_dw, bound_db)):
+        assert max_err(gg, r) <= bound * max(1.0, r.abs().max().item()), (name, max_err(gg, r), float(bound))
+    coarse = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, grad_filter_eps=0.999, **kw)
+    assert max_err(coarse[2], ref[2]) > 10 * max_err(exact[2], ref[2])  # tiles were skipped
+
+
+def test_grad_filter_eps_rejects_bad_values():
+    hidden, weight, _, targets, _ = make_case(5, 16, 40)
+    for bad in (-0.1, 1.0, "1e-6", True):
+        with pytest.raises(ValueError, match="grad_filter_eps must be None or a number in \\[0, 1\\)"):
+            fa.linear_logprobs(hidden, weight, targets, grad_filter_eps=bad)
