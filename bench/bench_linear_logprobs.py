@@ -175,6 +175,63 @@ def cpu_checks(rows):
     return checks
 
 
+def peaked_case(n, h, v, logit_std, seed=0):
+    """hidden, weight, targets whose logits have standard deviation ~logit_std and a Zipf-like bias (a few
+    frequent tokens), targets drawn from the model's own softmax: a peaked, trained-looking distribution."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (logit_std / h ** 0.5)
+    bias = -torch.log1p(torch.arange(v, dtype=torch.float32))  # Zipf: p ~ 1 / rank before the hidden term
+    probs = torch.softmax(hidden[:256] @ weight.t() + bias, -1)
+    targets = torch.multinomial(probs, 1, generator=gen).squeeze(1).repeat(-(-n // 256))[:n]
+    return hidden, weight, bias, targets
+
+
+def grad_filter_study(repeats, epsilons=(None, 1e-8, 1e-6, 2 ** -12), logit_std=6.0):
+    """grad_filter_eps on the cpp backend: fwd+bwd time vs unfiltered (same run, interleaved) at
+    N=1024 H=512 V=32000, and the max gradient errors vs the float64 reference at N=256 H=256 V=32000."""
+    from tests.reference import reference_linear_logprobs
+    rows = []
+    hidden, weight, bias, targets = peaked_case(256, 256, 32000, logit_std)
+    grad = torch.randn(256, generator=torch.Generator().manual_seed(1))
+
+    def grads(fn, dtype, **kw):
+        h = hidden.to(dtype).detach().clone().requires_grad_()  # fresh leaves: no grad accumulates across runs
+        w = weight.to(dtype).detach().clone().requires_grad_()
+        b = bias.to(dtype).detach().clone().requires_grad_()
+        (fn(h, w, targets, b, **kw).double() * grad.double()).sum().backward()
+        return h.grad.double(), w.grad.double(), b.grad.double()
+
+    ref = grads(reference_linear_logprobs, torch.float64)
+    p_top = torch.softmax(hidden.double() @ weight.double().t() + bias.double(), -1).max(-1).values
+    errors = {}
+    for eps in epsilons:
+        got = grads(lambda *a, **k: fa.linear_logprobs(*a, **k, backend="cpp", grad_filter_eps=eps), torch.float32)
+        errors[eps] = [(g - r).abs().max().item() / r.abs().max().item() for g, r in zip(got, ref)]
+    hidden, weight, bias, targets = peaked_case(1024, 512, 32000, logit_std)
+
+    def step(eps):
+        def run():
+            h = hidden.detach().requires_grad_()
+            w = weight.detach().requires_grad_()
+            fa.linear_logprobs(h, w, targets, bias, backend="cpp", grad_filter_eps=eps).sum().backward()
+        return run
+    steps = {eps: step(eps) for eps in epsilons}
+    for s in steps.values():
+        s()
+    medians = interleaved_medians(steps, torch.device("cpu"), repeats)
+    for eps in epsilons:
+        rows.append(dict(shape="N=1024 H=512 V=32000 float32", mode="fwd+bwd",
+                         variant=f"fastalign[cpp] grad_filter_eps={eps}", seconds=medians[eps],
+                         time_vs_unfiltered=medians[eps] / medians[None], logit_std=logit_std,
+                         median_top_prob=p_top.median().item(),
+                         rel_err_d_hidden=errors[eps][0], rel_err_d_weight=errors[eps][1],
+                         rel_err_d_bias=errors[eps][2]))
+        print(f"  eps={eps}: {medians[eps] * 1e3:.0f} ms ({medians[eps] / medians[None]:.2f}x), rel. errors "
+              f"d_h {errors[eps][0]:.1e} d_w {errors[eps][1]:.1e} d_b {errors[eps][2]:.1e}", file=sys.stderr)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", action="append", help="N,H,V (repeatable)")
@@ -183,6 +240,8 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for every variant (default: torch's)")
     p.add_argument("--tag", default="", help="suffix of the result file names (several runs on one day)")
+    p.add_argument("--grad-filter", action="store_true",
+                   help="instead: grad_filter_eps on cpp, speed-up and gradient error on a peaked distribution")
     p.add_argument("--only", help="comma-separated substrings: run only the variants whose name holds one "
                                    "(naive always runs: it is the baseline)")
     args = p.parse_args(argv)
@@ -195,6 +254,18 @@ def main(argv=None):
     env = environment()
     env.update(cpu_model())
     env["git_commit"] = git_commit()
+    if args.grad_filter:
+        rows = grad_filter_study(args.repeats)
+        columns = [("variant", "variant", None), ("seconds_ms", "time (ms)", "{:.0f}"),
+                   ("time_vs_unfiltered", "time vs unfiltered", "{:.2f}x"),
+                   ("rel_err_d_hidden", "d_hidden rel. err", "{:.1e}"), ("rel_err_d_weight", "d_weight rel. err", "{:.1e}"),
+                   ("rel_err_d_bias", "d_bias rel. err", "{:.1e}")]
+        for r in rows:
+            r["seconds_ms"] = r["seconds"] * 1e3
+        table = markdown_table(rows, columns)
+        print(table)
+        print(write_results("linear_logprobs-grad-filter" + (f"-{args.tag}" if args.tag else ""), env, rows, table))
+        return 0
     rows = []
     for n, h, v in shapes:
         for dtype in dtypes:
