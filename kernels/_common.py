@@ -29,27 +29,14 @@ def shared_memory_estimate(config, element_size, factor=1):
     return factor * (config.num_stages - 1) * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * element_size
 
 
-def configs_for_dtype(configs, element_size, fp32_configs):
-    """The configs the autotuner may try for inputs of this element size: fp32 has its own, smaller tiles
-    (an fp32 D tile and fp32 dot operands spill registers at the 16-bit tile sizes)."""
-    if not fp32_configs:
-        return list(configs)
-    fp32_ids = {id(c) for c in fp32_configs}
-    own = [c for c in configs if (id(c) in fp32_ids) == (element_size == 4)]
-    return own or list(configs)
-
-
-def shared_memory_pruner(factor, fp32_configs=None):
-    """Autotuner early_config_prune hook: keep this dtype's configs (see configs_for_dtype), then drop those
-    that may not fit in shared memory (fp32 tiles are twice the bf16 ones), so the tuner never compiles a
-    config that cannot launch."""
+def shared_memory_pruner(factor):
+    """Autotuner early_config_prune hook: drop configs that may not fit in shared memory for this dtype (fp32
+    tiles are twice the bf16 ones), so the tuner never compiles a config that cannot launch."""
     def prune(configs, named_args, **kwargs):
         size = named_args["h_ptr"].element_size()
-        own = configs_for_dtype(configs, size, fp32_configs)
-        fitting = [c for c in own if shared_memory_estimate(c, size, factor) <= SHARED_MEMORY_BUDGET]
-        return fitting or [min(own, key=lambda c: shared_memory_estimate(c, size, factor))]
+        fitting = [c for c in configs if shared_memory_estimate(c, size, factor) <= SHARED_MEMORY_BUDGET]
+        return fitting or [min(configs, key=lambda c: shared_memory_estimate(c, size, factor))]
     prune.factor = factor
-    prune.fp32_configs = fp32_configs
     return prune
 
 

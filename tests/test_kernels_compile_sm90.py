@@ -41,18 +41,9 @@ def signature(fn, dtype, consts):
             sig[name] = "i32"
     return sig
 
-# What the JIT specializes on a GPU with realistic shapes: 16-aligned pointers and 16-divisible sizes and
-# strides get tt.divisibility=16 (vectorized, pipelined loads: more shared memory than an unspecialized build).
-DIVISIBLE_INTS = ("N", "V", "H", "v_begin", "v_len")
-
-def divisibility(fn, consts):
-    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if name not in consts and (name.endswith("_ptr") or name in DIVISIBLE_INTS or name.startswith("stride"))}
-
 def compile_one(fn, dtype, consts, num_warps, num_stages):
     src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, dtype, consts),
-                                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                                    attrs=divisibility(fn, consts))
+                                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     return {"kernel": fn.__name__, "dtype": dtype, "consts": {k2: str(v) for k2, v in consts.items()},
             "shared": k.metadata.shared, "wgmma": "warp_group_dot" in k.asm["ttgir"], "cubin": len(k.asm["cubin"])}
