@@ -313,7 +313,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& hidden, const at::T
         for (int64_t i = 0; i < rows; ++i)
           if (keep[i]) kept.push_back(i);
         if (kept.empty()) continue;
-        if (static_cast<int64_t>(kept.size()) < rows) {
+        // Gathering rows costs copies of D and h: only worth it when most rows drop out; otherwise the full
+        // products run (exact for the rows that could have been dropped).
+        if (2 * static_cast<int64_t>(kept.size()) < rows) {
           index = at::tensor(kept, at::TensorOptions().dtype(at::kLong));
           d_tile = tile.index_select(0, index);
           h_rows = h.index_select(0, index);
