@@ -3,13 +3,13 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastalign C++ CPU kernels";
-  m.def("linear_logprobs_forward", &linear_logprobs_forward, "forward: {logp, lse, d_hidden basis}",
+  m.def("linear_logprobs_forward", &linear_logprobs_forward, "forward: {logp, lse}",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("temperature"),
-        py::arg("softcap"), py::arg("with_basis"), py::arg("block_n"), py::arg("block_v"));
-  m.def("linear_logprobs_backward_weight", &linear_logprobs_backward_weight, "backward: {d_weight, d_bias} in fp32",
+        py::arg("softcap"), py::arg("block_n"), py::arg("block_v"));
+  m.def("linear_logprobs_backward", &linear_logprobs_backward, "backward: {d_hidden, d_weight, d_bias}",
         py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("need_weight"), py::arg("need_bias"),
-        py::arg("block_n"), py::arg("block_v"));
+        py::arg("temperature"), py::arg("softcap"), py::arg("need_hidden"), py::arg("need_weight"),
+        py::arg("need_bias"), py::arg("grad_filter_eps"), py::arg("block_n"), py::arg("block_v"));
   m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])",
         py::arg("points"), py::arg("sq_norms"), py::arg("group_start"), py::arg("keys"), py::arg("width"),
         py::arg("num_samples"), py::arg("block_samples"), py::arg("block_alternatives"));

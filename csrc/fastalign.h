@@ -5,17 +5,17 @@
 
 #include <vector>
 
-// linear_logprobs.cpp: fused linear -> token log-prob (forward with optional d_hidden basis; d_weight/d_bias).
+// linear_logprobs.cpp: fused linear -> token log-prob (forward {logp, lse}; backward {d_hidden, d_weight, d_bias}).
 std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
                                                 const c10::optional<at::Tensor>& bias, const at::Tensor& targets_in,
-                                                double temperature, double softcap, bool with_basis,
-                                                int64_t block_n, int64_t block_v);
-std::vector<at::Tensor> linear_logprobs_backward_weight(const at::Tensor& grad_in, const at::Tensor& hidden_in,
-                                                        const at::Tensor& weight_in,
-                                                        const c10::optional<at::Tensor>& bias,
-                                                        const at::Tensor& targets_in, const at::Tensor& lse_in,
-                                                        double temperature, double softcap, bool need_weight,
-                                                        bool need_bias, int64_t block_n, int64_t block_v);
+                                                double temperature, double softcap, int64_t block_n,
+                                                int64_t block_v);
+std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_in, const at::Tensor& hidden_in,
+                                                 const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias,
+                                                 const at::Tensor& targets_in, const at::Tensor& lse_in,
+                                                 double temperature, double softcap, bool need_hidden,
+                                                 bool need_weight, bool need_bias, double grad_filter_eps,
+                                                 int64_t block_n, int64_t block_v);
 
 // nn_count.cpp: nearest-neighbour counts of counter-generated uniform box samples (clone-robust weights).
 at::Tensor nn_count(const at::Tensor& points, const at::Tensor& sq_norms, const at::Tensor& group_start,

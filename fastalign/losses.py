@@ -175,8 +175,10 @@ class SFTLossOutput:
 class _FusedLogprobs(torch.nn.Module):
     """Shared base: runs the fused op from hidden states and the lm_head to per-sequence log-probs."""
 
-    def __init__(self, *, ignore_index=-100, temperature=1.0, softcap=None, backend="auto", deterministic=False):
+    def __init__(self, *, ignore_index=-100, temperature=1.0, softcap=None, backend="auto", deterministic=False,
+                 grad_filter_eps=None):
         super().__init__()
+        self.grad_filter_eps = grad_filter_eps  # opt-in approximate backward; see linear_logprobs
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.softcap = softcap
@@ -197,6 +199,8 @@ class _FusedLogprobs(torch.nn.Module):
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
         kw = dict(ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
                   backend=self.backend, deterministic=self.deterministic)
+        if self.grad_filter_eps is not None:
+            kw["grad_filter_eps"] = self.grad_filter_eps
         if sequence_index is None:
             return sequence_logprobs(hidden, weight, labels, bias, **kw)
         if tuple(sequence_index.shape) != tuple(labels.shape):

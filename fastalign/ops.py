@@ -116,7 +116,7 @@ def _autocast_inputs(hidden, weight, bias):
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
-                    backend="auto", deterministic=False):
+                    backend="auto", deterministic=False, grad_filter_eps=None):
     """Log-probability of each target token, fused from hidden states and the output projection.
 
     hidden [N, H] (fp32/bf16/fp16), weight [V, H] (same dtype), targets [N] int, bias [V] or None.
@@ -126,14 +126,24 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
     bias are cast to the autocast dtype first, as ``F.linear`` would.
     backend: "auto" (CUDA -> triton, CPU -> cpp when built, else torch), "triton", "cpp" or "torch".
     deterministic: bitwise reproducible gradients; on triton this costs one more logits recompute in backward.
+    grad_filter_eps: opt-in approximate backward (Cut Cross-Entropy's filter): backward skips the tiles (cpp:
+    a row's share of a vocabulary block) where every p_v * c'_v (c' the softcap's derivative, 1 without) is
+    below eps and no row holds its target, so each dropped entry of dlogp/dlogits is below eps * |upstream
+    grad| / temperature. None or 0: exact. cpp and triton (atomic strategy) backends; the torch backend and
+    triton's deterministic strategies compute exact gradients.
     """
     if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
         hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap)
+    if grad_filter_eps is not None and (isinstance(grad_filter_eps, bool) or
+                                        not isinstance(grad_filter_eps, numbers.Real) or not 0 <= grad_filter_eps < 1):
+        raise ValueError(f"grad_filter_eps must be None or a number in [0, 1) (a probability), "
+                         f"got {grad_filter_eps!r}")
     n, v = hidden.shape[0], weight.shape[0]
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     opts = LogprobOptions(backend=name, temperature=float(temperature),
-                          softcap=None if softcap is None else float(softcap), deterministic=bool(deterministic))
+                          softcap=None if softcap is None else float(softcap), deterministic=bool(deterministic),
+                          grad_filter_eps=None if not grad_filter_eps else float(grad_filter_eps))
     targets = targets.long()
     ignored = targets == ignore_index
     bad = ~ignored & ((targets < 0) | (targets >= v))
@@ -159,7 +169,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
 
 
 def sequence_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
-                      backend="auto", deterministic=False):
+                      backend="auto", deterministic=False, grad_filter_eps=None):
     """Summed log-probability of each sequence's labelled tokens.
 
     hidden [B, T, H], labels [B, T] already aligned (hidden[b, t] predicts labels[b, t]; shift before calling).
@@ -174,6 +184,6 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, t
     b, t, h = hidden.shape
     token_logps = linear_logprobs(hidden.reshape(b * t, h), weight, labels.reshape(b * t), bias,
                                   ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                                  backend=backend, deterministic=deterministic)
+                                  backend=backend, deterministic=deterministic, grad_filter_eps=grad_filter_eps)
     n_tokens = (labels != ignore_index).sum(-1)
     return token_logps.view(b, t).sum(-1), n_tokens

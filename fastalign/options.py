@@ -14,3 +14,6 @@ class LogprobOptions:
     temperature: float = 1.0
     softcap: Optional[float] = None
     deterministic: bool = False
+    # Opt-in approximate backward (Cut Cross-Entropy's gradient filter): skip backward tiles whose softmax
+    # probabilities are all below this value and that hold no target. None: exact. cpp and triton; torch is exact.
+    grad_filter_eps: Optional[float] = None

@@ -4,7 +4,11 @@ chunk of the vocabulary into a bounded buffer [N, Vc]; cuBLAS then does the two 
 - d_weight[chunk] = D^T @ hidden is one GEMM over all N rows: no accumulation across chunks, one rounding,
   as in an unfused backward.
 - d_bias[chunk] = column sums of D (fp32).
-- d_hidden += D @ weight[chunk] accumulates across chunks in an fp32 [N, H] buffer.
+- d_hidden += D @ weight[chunk] accumulates across chunks in an fp32 [N, H] buffer, in place (addmm_; no
+  [N, H] temporary per chunk).
+The D kernel orders its tiles in groups of GROUP_N row blocks (as the atomic backward does), so programs
+running at the same time read the same weight tiles and a weight chunk is streamed from HBM about once per
+group rather than once per row block.
 No atomics (deterministic), the products run at GEMM speed, and the extra memory is the chunk buffer (at most
 CHUNK_BYTES) plus the fp32 d_hidden. The recompute costs 2NHV, as in the fused-atomics backward.
 """
@@ -21,11 +25,15 @@ CHUNK_BYTES = 256 * 1024 * 1024
 def _d_chunk_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, d_ptr, N, V, H, v_begin, v_len, stride_h, stride_w,
                     stride_d, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    UPCAST_DOT: tl.constexpr):
+                    UPCAST_DOT: tl.constexpr, GROUP_N: tl.constexpr):
     pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
     n_v_blocks = tl.cdiv(v_len, BLOCK_V)
-    pid_n = pid // n_v_blocks
-    pid_v = pid % n_v_blocks
+    per_group = GROUP_N * n_v_blocks
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_row_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = v_begin + local
@@ -37,20 +45,23 @@ def _d_chunk_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, d_ptr, N, V, H
     tl.store(out, d.to(d_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-GPU_BLOCKS = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
+GPU_BLOCKS = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8, "num_warps": 8, "num_stages": 3}
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2}
 
 
-def _matmul_fp32(a, b):
-    """a @ b with an fp32 result: on CUDA straight from the GEMM (bf16 inputs, fp32 output) where torch has it."""
+def _add_matmul_fp32(acc, a, b):
+    """acc (fp32) += a @ b, in place. fp32 inputs: addmm_. bf16/fp16 on CUDA: the GEMM's fp32 output written
+    into acc (torch.addmm with out_dtype, torch >= 2.8); elsewhere a widened product is added."""
     if a.dtype == torch.float32:
-        return a @ b
+        acc.addmm_(a, b)
+        return
     if a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    return a.float() @ b.float()
+    acc.addmm_(a.float(), b.float())
 
 
 def linear_logprobs_backward_vocab_chunked(grad, hidden, weight, bias, targets, lse, temperature, softcap,
@@ -79,5 +90,5 @@ def linear_logprobs_backward_vocab_chunked(grad, hidden, weight, bias, targets, 
         if need_bias:
             db[v0:v0 + cur] = d.sum(0, dtype=torch.float32)
         if need_hidden:
-            dh += _matmul_fp32(d, weight[v0:v0 + cur])
+            _add_matmul_fp32(dh, d, weight[v0:v0 + cur])
     return dh, dw, db

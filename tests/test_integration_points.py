@@ -21,9 +21,9 @@ def _args(n=9, h=16, v=70):
 def test_cpp_custom_ops_pass_opcheck():
     from fastalign.backends import cpp_backend
     h, w, b, t = _args()
-    torch.library.opcheck(cpp_backend._fwd, (h, w, b, t, 1.0, -1.0, True))
+    torch.library.opcheck(cpp_backend._fwd, (h, w, b, t, 1.0, -1.0))
     lse = torch.logsumexp(h @ w.t() + b, -1)
-    torch.library.opcheck(cpp_backend._bwd_weight, (torch.randn(9), h, w, b, t, lse, 1.0, -1.0, True, True))
+    torch.library.opcheck(cpp_backend._bwd, (torch.randn(9), h, w, b, t, lse, 1.0, -1.0, True, True, True, 0.0))
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="triton unavailable")

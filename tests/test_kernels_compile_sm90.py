@@ -35,7 +35,7 @@ def signature(fn, dtype, consts):
             sig[name] = "*" + dtype
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name in ("inv_temp", "softcap"):
+        elif name in ("inv_temp", "softcap", "grad_filter_eps"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -63,13 +63,14 @@ for dtype in ("bf16", "fp32"):
         jobs.append(("fwd", dtype, {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
                      shared_memory_estimate(cfg, size, F.PRUNE.factor)))
     for cfg in B.PRUNE(B._CONFIGS, probe):
-        jobs.append(("bwd", dtype, {**flags, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True, **cfg.kwargs},
+        jobs.append(("bwd", dtype, {**flags, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
+                                    "FILTER_GRAD": False, **cfg.kwargs},
                      cfg.num_warps, cfg.num_stages, shared_memory_estimate(cfg, size, B.PRUNE.factor)))
-    blocks = {k: v for k, v in D.GPU_BLOCKS.items() if k.startswith("BLOCK")}
+    blocks = {k: v for k, v in D.GPU_BLOCKS.items() if k not in ("num_warps", "num_stages")}
     jobs.append(("det_dh", dtype, {**flags, **blocks}, D.GPU_BLOCKS["num_warps"], D.GPU_BLOCKS["num_stages"], None))
     jobs.append(("det_dw", dtype, {**flags, "COMPUTE_DW": True, "COMPUTE_DB": True, **blocks},
                  D.GPU_BLOCKS["num_warps"], D.GPU_BLOCKS["num_stages"], None))
-    cblocks = {k: v for k, v in C.GPU_BLOCKS.items() if k.startswith("BLOCK")}
+    cblocks = {k: v for k, v in C.GPU_BLOCKS.items() if k not in ("num_warps", "num_stages")}
     jobs.append(("d_chunk", dtype, {**flags, **cblocks}, C.GPU_BLOCKS["num_warps"], C.GPU_BLOCKS["num_stages"], None))
 KERNELS = {"fwd": F._linear_logprobs_fwd_kernel, "bwd": B._linear_logprobs_bwd_kernel, "det_dh": D._dh_kernel,
            "det_dw": D._dw_kernel, "d_chunk": C._d_chunk_kernel}

@@ -320,3 +320,128 @@ def test_autocast_casts_inputs_like_linear():
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32  # grads land in the params' dtype
     ref = reference_linear_logprobs(hidden.bfloat16(), weight.bfloat16(), targets, bias.bfloat16())
     assert max_err(out, ref) < ATOL[torch.bfloat16]
+
+
+@pytest.mark.skipif("cpp" not in fa.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.8, "softcap": 3.0}])
+def test_cpp_row_chunks_and_vocab_blocks(monkeypatch, dtype, kw):
+    """The cpp sweep with several row chunks (16, 16, 5) and ragged vocabulary blocks (37 columns), with bias,
+    ignored rows, and each of d_hidden / d_weight alone."""
+    from fastalign.backends import cpp_backend
+    monkeypatch.setattr(cpp_backend, "BLOCK_N", 16)
+    monkeypatch.setattr(cpp_backend, "TILE_ELEMENTS", 0)
+    monkeypatch.setattr(cpp_backend, "MIN_BLOCK_V", 37)
+    assert cpp_backend._blocks(37, 1003) == (16, 37)
+    hidden, weight, bias, targets, grad = make_case(37, 48, 1003, dtype=dtype, bias=True)
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="cpp", **kw)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
+    if dtype == torch.float32:
+        assert_close_to_reference(got, ref, ATOL[dtype])
+    else:
+        naive = run(naive_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
+        for name, g, n, r in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, ref):
+            assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype], (name, max_err(g, r), max_err(n, r))
+    for frozen in ("weight", "hidden"):
+        h = hidden.clone().requires_grad_(frozen != "hidden")
+        w = weight.clone().requires_grad_(frozen != "weight")
+        (fa.linear_logprobs(h, w, targets, bias, backend="cpp", **kw).double() * grad.double()).sum().backward()
+        assert (w.grad is None) == (frozen == "weight") and (h.grad is None) == (frozen == "hidden")
+        live, want = (h.grad, got[1]) if frozen == "weight" else (w.grad, got[2])
+        assert torch.equal(live, want)
+
+
+def _parallel_regions(source):
+    """The text of every at::parallel_for(...) call in C++ source (parentheses matched, comments dropped)."""
+    import re
+    source = re.sub(r"//[^\n]*", "", source)
+    out = []
+    for m in re.finditer(r"\bat::parallel_for\s*\(", source):
+        depth, i = 1, m.end()
+        while depth and i < len(source):
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        out.append(source[m.end():i])
+    return out
+
+
+_BLAS_CALL = r"\b(at::|torch::)?(mm|addmm|matmul|bmm|baddbmm|addbmm|mv|addmv|linear|einsum|tensordot|dot)(_out|_)?\s*\("
+
+
+def test_cpp_no_blas_inside_parallel_regions():
+    """DESIGN.md's threading rule, checked on the source: no GEMM-shaped ATen call inside an at::parallel_for
+    body (a BLAS call there may start its own threads inside the region and oversubscribe the cores)."""
+    import glob
+    import os
+    import re
+    # the checker itself must be able to fail
+    bad = "at::parallel_for(0, n, 1, [&](int64_t a, int64_t b) { acc.addmm_(p, w); });"
+    assert any(re.search(_BLAS_CALL, r) for r in _parallel_regions(bad))
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    sources = sorted(glob.glob(os.path.join(root, "*.cpp")))
+    assert sources
+    n_regions = 0
+    for path in sources:
+        with open(path) as f:
+            regions = _parallel_regions(f.read())
+        n_regions += len(regions)
+        for body in regions:
+            hit = re.search(_BLAS_CALL, body)
+            assert hit is None, f"{os.path.basename(path)}: BLAS call {hit.group(0)!r} inside at::parallel_for"
+    assert n_regions >= 2  # the forward and backward row passes of linear_logprobs.cpp
+
+
+FILTER_BACKENDS = [b for b in ("cpp", "triton") if b in CPU_BACKENDS]
+
+
+def _small_blocks(monkeypatch, backend):
+    """cpp: vocabulary blocks of 37 columns, so that a row's target is outside most blocks (filterable)."""
+    if backend == "cpp":
+        from fastalign.backends import cpp_backend
+        monkeypatch.setattr(cpp_backend, "TILE_ELEMENTS", 0)
+        monkeypatch.setattr(cpp_backend, "MIN_BLOCK_V", 37)
+
+
+@pytest.mark.parametrize("backend", FILTER_BACKENDS)
+def test_grad_filter_eps_zero_or_none_is_exact(monkeypatch, backend):
+    _small_blocks(monkeypatch, backend)
+    hidden, weight, bias, targets, grad = make_case(21, 32, 301, bias=True, scale=4.0)
+    exact = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, softcap=20.0)
+    for eps in (None, 0, 0.0):
+        got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, softcap=20.0,
+                  grad_filter_eps=eps)
+        if backend == "cpp":  # deterministic: bitwise
+            assert all(torch.equal(a, b) for a, b in zip(got, exact))
+        else:
+            assert_close_to_reference(got, exact, 1e-6)
+
+
+@pytest.mark.parametrize("backend", FILTER_BACKENDS)
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "softcap": 20.0}])
+def test_grad_filter_eps_error_is_bounded(monkeypatch, backend, kw):
+    """A peaked distribution (logits with std ~12, as in a trained model): the filter skips tiles, the values
+    stay exact, and each gradient's error is within the filter's bound (every dropped entry of dlogp/dlogits
+    is below eps * |g| / tau) plus the fp32 tolerance; a large eps shows the filter does act."""
+    _small_blocks(monkeypatch, backend)
+    hidden, weight, bias, targets, grad = make_case(21, 32, 301, bias=True, scale=4.0)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
+    tau = kw.get("temperature", 1.0)
+    eps = 1e-6
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, grad_filter_eps=eps, **kw)
+    exact = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, **kw)
+    assert torch.equal(got[0], exact[0])  # forward untouched
+    g = grad.abs().double() * (targets != -100) / tau
+    bound_dh = eps * g.max() * weight.double().abs().sum(0).max() + ATOL[torch.float32]
+    bound_dw = eps * (g[:, None] * hidden.double().abs()).sum(0).max() + ATOL[torch.float32]
+    bound_db = eps * g.sum() + ATOL[torch.float32]
+    for name, gg, r, bound in zip(("d_hidden", "d_weight", "d_bias"), got[1:], ref[1:], (bound_dh, bound_dw, bound_db)):
+        assert max_err(gg, r) <= bound * max(1.0, r.abs().max().item()), (name, max_err(gg, r), float(bound))
+    coarse = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend, grad_filter_eps=0.999, **kw)
+    assert max_err(coarse[2], ref[2]) > 10 * max_err(exact[2], ref[2])  # tiles were skipped
+
+
+def test_grad_filter_eps_rejects_bad_values():
+    hidden, weight, _, targets, _ = make_case(5, 16, 40)
+    for bad in (-0.1, 1.0, "1e-6", True):
+        with pytest.raises(ValueError, match="grad_filter_eps must be None or a number in \\[0, 1\\)"):
+            fa.linear_logprobs(hidden, weight, targets, grad_filter_eps=bad)

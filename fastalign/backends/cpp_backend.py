@@ -1,21 +1,31 @@
-"""C++ CPU backend (fastalign._C), exposed as torch.library custom ops so torch.compile can trace through."""
+"""C++ CPU backend (fastalign._C), exposed as torch.library custom ops so torch.compile can trace through.
+
+Forward: per vocabulary block one BLAS GEMM over a chunk of rows, then the online logsumexp per row.
+Backward: per vocabulary block the tile is recomputed, D formed per row, then d_weight and d_hidden as two
+GEMMs (4 GEMM-equivalents in all for forward+backward; the unfused floor is 3 plus the stored [N, V] logits).
+See csrc/linear_logprobs.cpp for the threading rule that keeps BLAS out of parallel regions.
+"""
 from typing import List, Optional
 
 import torch
 
 from fastalign import _ext
 
-# Measured on 2 cores at N=2048, H=1024, V=32000 fp32 (fwd+bwd ms): 128x1024: 2283, 256x1024: 2126,
-# 256x512: 2114, 512x512: 1998. Larger row blocks reuse each weight tile read from memory more often.
-BLOCK_N = 512   # rows per tile (capped per call so that every thread gets row blocks in forward)
-BLOCK_V = 512   # vocabulary entries per tile
-MIN_BLOCK_N = 16
+# The one [rows, block_v] fp32 tile holds about TILE_ELEMENTS (8 MiB): the op's only O(N*V)-shaped memory.
+# Wider vocabulary blocks mean fewer BLAS calls and parallel regions, each a synchronisation point: on a
+# shared 2-core machine (load ~20) fwd+bwd at N=1024, H=512, V=32000 took 2.36x / 1.79x / 1.50x / 1.36x the
+# 3-GEMM floor with blocks of 512 / 2048 / 4096 / 8192 columns (same run). The budget keeps the extra
+# memory (with the fp32 d_weight) under 0.2x naive PyTorch's at the benchmark shapes.
+TILE_ELEMENTS = 1 << 21
+BLOCK_N = 4096        # rows per chunk at most (long inputs are swept chunk by chunk)
+MIN_BLOCK_V = 512
 
 
-def _block_n(n):
-    """Forward threads own row blocks: with few rows, smaller blocks keep every thread busy."""
-    per_thread = -(-n // max(1, torch.get_num_threads()))
-    return max(MIN_BLOCK_N, min(BLOCK_N, per_thread))
+def _blocks(n, v):
+    """(block_n, block_v) for N rows and V vocabulary entries: block_v as wide as the tile budget allows."""
+    block_n = max(1, min(n, BLOCK_N))
+    block_v = max(MIN_BLOCK_V, TILE_ELEMENTS // block_n // 128 * 128)
+    return block_n, min(v, block_v)
 
 
 def _compute_dtype(hidden):
@@ -26,53 +36,52 @@ def _softcap_arg(opts):
     return -1.0 if opts.softcap is None else opts.softcap
 
 
+def _filter_arg(opts):
+    eps = getattr(opts, "grad_filter_eps", None)
+    return 0.0 if eps is None else float(eps)
+
+
 @torch.library.custom_op("fastalign::cpp_linear_logprobs_fwd", mutates_args=())
 def _fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-         temperature: float, softcap: float, with_basis: bool) -> List[torch.Tensor]:
-    return list(_ext.C.linear_logprobs_forward(hidden, weight, bias, targets, temperature, softcap, with_basis,
-                                               _block_n(hidden.shape[0]), BLOCK_V))
+         temperature: float, softcap: float) -> List[torch.Tensor]:
+    return list(_ext.C.linear_logprobs_forward(hidden, weight, bias, targets, temperature, softcap,
+                                               *_blocks(hidden.shape[0], weight.shape[0])))
 
 
 @_fwd.register_fake
-def _(hidden, weight, bias, targets, temperature, softcap, with_basis):
-    n, h = hidden.shape
+def _(hidden, weight, bias, targets, temperature, softcap):
+    n = hidden.shape[0]
     f32 = dict(dtype=_compute_dtype(hidden), device=hidden.device)
-    return [hidden.new_empty(n, **f32), hidden.new_empty(n, **f32),
-            hidden.new_empty((n, h) if with_basis else (0,), **f32)]
+    return [hidden.new_empty(n, **f32), hidden.new_empty(n, **f32)]
 
 
-@torch.library.custom_op("fastalign::cpp_linear_logprobs_bwd_weight", mutates_args=())
-def _bwd_weight(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                targets: torch.Tensor, lse: torch.Tensor, temperature: float, softcap: float, need_weight: bool,
-                need_bias: bool) -> List[torch.Tensor]:
-    return list(_ext.C.linear_logprobs_backward_weight(grad, hidden, weight, bias, targets, lse, temperature,
-                                                       softcap, need_weight, need_bias, BLOCK_N, BLOCK_V))
+@torch.library.custom_op("fastalign::cpp_linear_logprobs_bwd", mutates_args=())
+def _bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+         targets: torch.Tensor, lse: torch.Tensor, temperature: float, softcap: float, need_hidden: bool,
+         need_weight: bool, need_bias: bool, grad_filter_eps: float) -> List[torch.Tensor]:
+    return list(_ext.C.linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, temperature, softcap,
+                                                need_hidden, need_weight, need_bias, grad_filter_eps,
+                                                *_blocks(hidden.shape[0], weight.shape[0])))
 
 
-@_bwd_weight.register_fake
-def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_weight, need_bias):
-    v, h = weight.shape
-    f32 = dict(dtype=_compute_dtype(hidden), device=weight.device)
-    return [weight.new_empty((v, h) if need_weight else (0,), **f32),
-            weight.new_empty((v,) if need_bias else (0,), **f32)]
+@_bwd.register_fake
+def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias,
+      grad_filter_eps):
+    f32 = dict(dtype=_compute_dtype(hidden), device=hidden.device)
+    return [hidden.new_empty(hidden.shape if need_hidden else (0,), **f32),
+            weight.new_empty(weight.shape if need_weight else (0,), **f32),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,), **f32)]
 
 
 def forward(hidden, weight, bias, targets, opts, save_for_hidden=False):
-    logp, lse, basis = _fwd(hidden, weight, bias, targets, opts.temperature, _softcap_arg(opts), save_for_hidden)
-    return logp, lse, (basis if save_for_hidden else None)
+    logp, lse = _fwd(hidden, weight, bias, targets, opts.temperature, _softcap_arg(opts))
+    return logp, lse, None
 
 
 def backward(grad, hidden, weight, bias, targets, lse, basis, opts, need_hidden, need_weight, need_bias):
-    d_h = None
-    if need_hidden:
-        if basis is None:
-            raise RuntimeError("cpp backend: d_hidden requested but forward kept no basis (internal error)")
-        d_h = (basis * grad.unsqueeze(1)).to(hidden.dtype)
-    d_w = d_b = None
-    if need_weight or need_bias:
-        g = torch.where(targets >= 0, grad, torch.zeros_like(grad))
-        d_w32, d_b32 = _bwd_weight(g, hidden, weight, bias, targets, lse, opts.temperature, _softcap_arg(opts),
-                                   need_weight, need_bias)
-        d_w = d_w32.to(weight.dtype) if need_weight else None
-        d_b = d_b32.to(bias.dtype) if need_bias else None
-    return d_h, d_w, d_b
+    g = torch.where(targets >= 0, grad, torch.zeros_like(grad))
+    d_h, d_w, d_b = _bwd(g, hidden, weight, bias, targets, lse, opts.temperature, _softcap_arg(opts),
+                         need_hidden, need_weight, need_bias, _filter_arg(opts))
+    return (d_h.to(hidden.dtype) if need_hidden else None,
+            d_w.to(weight.dtype) if need_weight else None,
+            d_b.to(bias.dtype) if need_bias else None)

@@ -5,7 +5,10 @@ Three backward strategies, same results (to rounding):
   vocab-chunked  a kernel writes D for one vocabulary chunk, cuBLAS does D @ W and D^T @ h (deterministic)
   two-pass       two atomics-free kernels, one owning row blocks, one owning vocabulary blocks (deterministic)
 BACKWARD picks the default (env FASTALIGN_TRITON_BACKWARD); deterministic=True never uses "atomic".
+grad_filter_eps (opt-in, approximate) is honoured by the atomic strategy; the deterministic ones stay exact.
+Every launch runs under torch.cuda.device(hidden.device): tensors on cuda:1 launch on cuda:1.
 """
+import contextlib
 import os
 from typing import List, Optional
 
@@ -35,10 +38,16 @@ def _softcap(value):
     return None if value <= 0 else value
 
 
+def _on_device(tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("fastalign::triton_linear_logprobs_fwd", mutates_args=())
 def _fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
          temperature: float, softcap: float) -> List[torch.Tensor]:
-    return list(linear_logprobs_forward(hidden, weight, bias, targets, temperature, _softcap(softcap)))
+    with _on_device(hidden):
+        return list(linear_logprobs_forward(hidden, weight, bias, targets, temperature, _softcap(softcap)))
 
 
 @_fwd.register_fake
@@ -50,15 +59,18 @@ def _(hidden, weight, bias, targets, temperature, softcap):
 @torch.library.custom_op("fastalign::triton_linear_logprobs_bwd", mutates_args=())
 def _bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          targets: torch.Tensor, lse: torch.Tensor, temperature: float, softcap: float, need_hidden: bool,
-         need_weight: bool, need_bias: bool, strategy: str) -> List[torch.Tensor]:
-    d_h, d_w, d_b = STRATEGIES[strategy](grad, hidden, weight, bias, targets, lse, temperature, _softcap(softcap),
-                                         need_hidden, need_weight, need_bias)
+         need_weight: bool, need_bias: bool, strategy: str, grad_filter_eps: float = 0.0) -> List[torch.Tensor]:
+    extra = {"grad_filter_eps": grad_filter_eps} if strategy == "atomic" and grad_filter_eps > 0 else {}
+    with _on_device(hidden):
+        d_h, d_w, d_b = STRATEGIES[strategy](grad, hidden, weight, bias, targets, lse, temperature, _softcap(softcap),
+                                             need_hidden, need_weight, need_bias, **extra)
     # each missing gradient gets its own empty tensor: custom op outputs may not alias each other
     return [hidden.new_empty(0, dtype=torch.float32) if x is None else x for x in (d_h, d_w, d_b)]
 
 
 @_bwd.register_fake
-def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias, strategy):
+def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidden, need_weight, need_bias, strategy,
+      grad_filter_eps=0.0):
     f32 = dict(dtype=torch.float32)
     w_dtype = weight.dtype if strategy == "vocab-chunked" else torch.float32
     return [hidden.new_empty(hidden.shape if need_hidden else (0,), **f32),
@@ -78,7 +90,8 @@ def forward(hidden, weight, bias, targets, opts, save_for_hidden=False):
 def backward(grad, hidden, weight, bias, targets, lse, basis, opts, need_hidden, need_weight, need_bias):
     g = torch.where(targets >= 0, grad, torch.zeros_like(grad)).contiguous()
     d_h, d_w, d_b = _bwd(g, hidden, weight, bias, targets, lse, opts.temperature, _softcap_arg(opts),
-                         need_hidden, need_weight, need_bias, backward_strategy(opts.deterministic))
+                         need_hidden, need_weight, need_bias, backward_strategy(opts.deterministic),
+                         float(getattr(opts, "grad_filter_eps", None) or 0.0))
     return (d_h.to(hidden.dtype) if need_hidden else None,
             d_w.to(weight.dtype) if need_weight else None,
             d_b.to(bias.dtype) if need_bias else None)
