@@ -1,5 +1,6 @@
 """Training configs: dataclasses with TRL-style names, validated when built (bad values fail before any work)."""
 import dataclasses
+import json
 import importlib.util
 import numbers
 import os
@@ -208,6 +209,12 @@ class TrainConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    def to_json_dict(self):
+        """to_dict() with values JSON cannot hold (a callable encoder) named by their qualified name, stable run to run."""
+        def name(o):
+            return f"<{getattr(o, '__module__', '?')}.{getattr(o, '__qualname__', type(o).__name__)}>"
+        return json.loads(json.dumps(self.to_dict(), default=name))
+
 
 @dataclass
 class CloneRobustOptions:
@@ -228,7 +235,7 @@ class CloneRobustOptions:
 
 
 @dataclass
-class DPOConfig(TrainConfig, CloneRobustOptions):
+class DPOConfig(CloneRobustOptions, TrainConfig):
     """DPO and its family. loss_type: sigmoid, robust, hinge, ipo (with a reference), simpo, orpo
     (reference-free). For orpo, beta is ORPO's lambda (as in TRL); for simpo, simpo_gamma is the margin."""
     beta: float = _f(0.1, "strength of the KL regularization (for orpo: ORPO's lambda, as in TRL)")
@@ -268,7 +275,7 @@ class DPOConfig(TrainConfig, CloneRobustOptions):
 
 
 @dataclass
-class RewardConfig(TrainConfig, CloneRobustOptions):
+class RewardConfig(CloneRobustOptions, TrainConfig):
     """Bradley-Terry reward model; rows may carry a per-pair `weight` (the weighted MLE)."""
     learning_rate: float = _f(1e-5, "peak learning rate of AdamW")
 

@@ -62,7 +62,7 @@ def run(name, train_rows, test_rows, out_dir, steps, eval_every, threshold, seed
     model, tok = default_model_and_tokenizer(seed=seed)
     config = DPOConfig(**{**EMBEDDED_DEFAULTS["dpo"], "max_steps": steps, "eval_steps": eval_every,
                           "logging_steps": eval_every, "output_dir": run_dir, "save_steps": 0, "seed": 42 + seed,
-                          "disable_tqdm": True,
+                          "overwrite_output_dir": True, "disable_tqdm": True,
                           **({"learning_rate": learning_rate} if learning_rate else {})})
     trainer = DPOTrainer(model, tokenizer=tok, train_dataset=train_rows, eval_dataset=test_rows, config=config)
     before = trainer.evaluate()

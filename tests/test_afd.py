@@ -68,8 +68,9 @@ def test_trainer_trains_evaluates_and_resumes(tmp_path):
     assert history[-1]["step"] == 4 and os.path.isdir(tmp_path / "rm" / "checkpoint-4")
     # resume from step 2 reaches the same weights as the uninterrupted run
     rm2, _ = default_model_and_tokenizer("reward", seed=0)
+    # (resuming an earlier checkpoint abandons the later ones: the run must say so with overwrite_output_dir)
     t2 = fa.AfDRewardTrainer(rm2, tokenizer=tok, train_dataset=rows, eval_dataset=rows,
-                             config=_config(tmp_path, max_steps=4, save_steps=0))
+                             config=_config(tmp_path, max_steps=4, save_steps=0, overwrite_output_dir=True))
     t2.train(resume_from_checkpoint=str(tmp_path / "rm" / "checkpoint-2"))
     for (n, a), b in zip(rm.state_dict().items(), rm2.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda msg: f"{n}: {msg}")
@@ -162,7 +163,7 @@ def test_cli_bad_inputs(saved_models, capsys):
     (d / "empty.jsonl").write_text("")
     assert main(["sample", "--model", str(d / "init"), "--prompts", str(d / "empty.jsonl"),
                  "--output", str(d / "s.jsonl")]) == 2
-    assert "empty.jsonl: no rows in the data" in capsys.readouterr().err
+    assert "empty.jsonl: the file is empty" in capsys.readouterr().err
     (d / "bad.jsonl").write_text('{"text": "hi"}\n')
     assert main(["sample", "--model", str(d / "init"), "--prompts", str(d / "bad.jsonl"),
                  "--output", str(d / "s.jsonl")]) == 2

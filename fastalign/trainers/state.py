@@ -195,7 +195,7 @@ class CheckpointMixin:
         path = None
         full = self._full_states()
         if self.is_main:
-            state = {"global_step": self.global_step, "config": self.config.to_dict(),
+            state = {"global_step": self.global_step, "config": self.config.to_json_dict(),
                      "trainer": type(self).__name__, "world_size": self.world_size,
                      "run_id": self._run_id, "data_fingerprint": self.data_fingerprint(),
                      "train_rows": len(self.train_examples), "log_window": list(self._log_window or []),
@@ -231,7 +231,7 @@ class CheckpointMixin:
         of processes and the training data must match the checkpoint's (unless allow_config_change)."""
         cfg = self.config
         saved = state.get("config") or {}
-        now = json.loads(json.dumps(cfg.to_dict(), default=str))
+        now = cfg.to_json_dict()
         schedule_fixed = saved.get("lr_scheduler_type") == now.get("lr_scheduler_type") == "constant"
         diffs = []
         for name in sorted(set(saved) & set(now)):
