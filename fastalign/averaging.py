@@ -423,7 +423,7 @@ def fit_hma_ratios(pre, post, data, *, weight_on_pre, groups=3, steps=50, lr=0.0
         opt.step()
         with torch.no_grad():
             a.copy_(project_ratios(a.detach(), a0))
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         bar.set_postfix(nll=f"{history[-1]:.4f}", ratios=",".join(f"{x:.2f}" for x in a.tolist()))
     ratios = [float(x) for x in a.detach()]
     # the projection's bisection leaves ~1e-16 of slack: restore the mean exactly

@@ -154,9 +154,9 @@ def test_group_metrics_equal_recomputation_from_per_pair_outputs(tmp_path, loss_
     for r in EVAL:
         by.setdefault(r["behaviour"], []).append(r)
     for g, rows in by.items():
-        assert ev[f"groups/{g}/n_pairs"] == len(rows)
-        assert ev[f"groups/{g}/rewards/accuracies"] == pytest.approx(ev[f"accuracy/{g}"], abs=1e-9)
-        assert ev[f"groups/{g}/rewards/margins"] == pytest.approx(ev[f"margin/{g}"], rel=1e-5, abs=1e-6)
+        assert ev[f"eval_groups/{g}/n_pairs"] == len(rows)
+        assert ev[f"eval_groups/{g}/rewards/accuracies"] == pytest.approx(ev[f"eval_accuracy/{g}"], abs=1e-9)
+        assert ev[f"eval_groups/{g}/rewards/margins"] == pytest.approx(ev[f"eval_margin/{g}"], rel=1e-5, abs=1e-6)
 
 
 def test_group_column_is_configurable_and_checked(tmp_path):
