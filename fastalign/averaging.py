@@ -16,7 +16,7 @@ import math
 import numbers
 import re
 from collections import OrderedDict
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, Sequence
 
 import torch
 
@@ -313,6 +313,22 @@ class _AveragedModel:
         return grad
 
 
+def prompt_and_answer(row, where="data row"):
+    """(prompt, answer) of a text row ({"text"}: empty prompt), a preference row (its chosen answer), an SFT row
+    (prompt + completion) or a conversation (its last assistant turn)."""
+    if "text" in row:
+        return "", row["text"]
+    if "chosen" in row:
+        return row.get("prompt", ""), row["chosen"]
+    if "completion" in row:
+        return row.get("prompt", ""), row["completion"]
+    if "messages" in row:
+        msgs = row["messages"]
+        last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], [msgs[last]]
+    raise ValueError(f"{where}: expected a 'text', 'chosen', 'completion' or 'messages' field, got fields {sorted(row)}")
+
+
 def _encode_rows(data, tokenizer, max_length, max_prompt_length):
     """Token ids and labels (-100 on prompts) of alignment data: preference rows (prompt + chosen), SFT rows
     (prompt + completion, or messages), text rows ({"text": ...}), or pre-tokenized {"input_ids", "labels"}."""
@@ -326,19 +342,7 @@ def _encode_rows(data, tokenizer, max_length, max_prompt_length):
         else:
             if tokenizer is None:
                 raise ValueError("data holds text: pass tokenizer= to tokenize it")
-            if "text" in r:
-                prompt, answer = "", r["text"]
-            elif "chosen" in r:
-                prompt, answer = r.get("prompt", ""), r["chosen"]
-            elif "completion" in r:
-                prompt, answer = r.get("prompt", ""), r["completion"]
-            elif "messages" in r:
-                msgs = r["messages"]
-                last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
-                prompt, answer = msgs[:last], [msgs[last]]
-            else:
-                raise ValueError(f"data row {i}: expected a 'text', 'chosen', 'completion' or 'messages' field, "
-                                 f"got fields {sorted(r)}")
+            prompt, answer = prompt_and_answer(r, f"data row {i}")
             ids, labels = tokenize_pair(tokenizer, prompt, answer, max_length, max_prompt_length)
         if not any(t != -100 for t in labels):
             raise ValueError(f"data row {i} has no labelled token after tokenization")

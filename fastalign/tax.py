@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from fastalign.averaging import average_models, check_weight_on_pre, fit_hma_ratios, hma
+from fastalign.averaging import average_models, check_weight_on_pre, fit_hma_ratios, hma, prompt_and_answer
 
 _CHUNK_ROWS = 256  # rows of logits at a time for next-token accuracy
 
@@ -59,15 +59,7 @@ def _text_examples(rows, tokenizer, max_length):
     from fastalign.data import tokenize_pair
     out = []
     for i, r in enumerate(rows):
-        if "text" in r:
-            prompt, answer = "", r["text"]
-        elif "completion" in r:
-            prompt, answer = r.get("prompt", ""), r["completion"]
-        elif "chosen" in r:
-            prompt, answer = r.get("prompt", ""), r["chosen"]
-        else:
-            raise ValueError(f"general data row {i}: expected a 'text' (or 'completion' / 'chosen') field, got "
-                             f"fields {sorted(r)}")
+        prompt, answer = prompt_and_answer(r, f"general data row {i}")
         out.append(tokenize_pair(tokenizer, prompt, answer, max_length, max(1, max_length // 2)))
     return out
 
