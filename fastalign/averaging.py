@@ -391,7 +391,7 @@ def fit_hma_ratios(pre, post, data, *, weight_on_pre, groups=3, steps=50, lr=0.0
     answers), or text rows. Minimizes the mean token NLL (fused op) over ratios a [K] under mean(a) =
     weight_on_pre and 0 <= a_k <= 1: each step takes one minibatch (``batch_size`` rows, a seeded order),
     computes d loss / d a_k = sum over group k of <grad_theta loss, theta_pre - theta_post>, takes an Adam step
-    on a and projects back onto the constraint set. Starts from a_k = weight_on_pre (plain averaging).
+    on a along its mean-free part and projects back onto the constraint set. Starts from a_k = weight_on_pre (plain averaging).
     Returns the ratios as a list of K floats (bottom group first); with return_history, also the per-step losses.
     """
     a0 = check_weight_on_pre(weight_on_pre)
@@ -423,7 +423,11 @@ def fit_hma_ratios(pre, post, data, *, weight_on_pre, groups=3, steps=50, lr=0.0
         loss = _nll(avg.model, chunk, pad, backend)
         loss.backward()
         opt.zero_grad()
-        a.grad = avg.ratio_grad()
+        # only moves that keep the mean are allowed: step along the gradient's mean-free part (Adam normalizes
+        # each coordinate, so a raw gradient whose components share a sign would step every ratio alike and the
+        # projection would undo the step)
+        grad = avg.ratio_grad()
+        a.grad = grad - grad.mean()
         opt.step()
         with torch.no_grad():
             a.copy_(project_ratios(a.detach(), a0))

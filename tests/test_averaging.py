@@ -285,3 +285,18 @@ def test_cli_merge_and_tax(pair, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "tax" / "tax.png")
     assert cli_main(["merge", "--pre", a, "--post", str(tmp_path / "nope"), "--weight-on-pre", "0.3", "--out",
                      str(tmp_path / "m2")]) == 2
+
+
+def test_fit_moves_ratios_when_every_group_gradient_has_one_sign():
+    """Adam on the raw ratio gradient steps every ratio alike when its components share a sign, and the mean
+    projection then undoes the step: the fit must step along the gradient's mean-free part."""
+    tok = byte_tokenizer()
+    cfg = tiny_llama_config(len(tok), num_hidden_layers=4)
+    torch.manual_seed(2)
+    pre, post = transformers.LlamaForCausalLM(cfg), transformers.LlamaForCausalLM(cfg)
+    rows = ROWS[:2]
+    start, grad = hma_ratio_grad(pre, post, rows, [0.3] * 3, tokenizer=tok)
+    assert bool((grad < 0).all()) or bool((grad > 0).all())  # the case this test is about
+    ratios = fa.fit_hma_ratios(pre, post, rows, weight_on_pre=0.3, steps=20, tokenizer=tok, progress=False)
+    assert max(abs(r - 0.3) for r in ratios) > 0.05
+    assert hma_ratio_grad(pre, post, rows, ratios, tokenizer=tok)[0] < start
