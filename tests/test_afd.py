@@ -216,3 +216,12 @@ def test_afd_demo_runs(tmp_path):
     assert all(len(v) == len(afd_demo.NS) and all(0 <= x <= 1 for x in v) for v in res["best_of_n"].values())
     assert afd_demo.gold_score("abc:", "aaxyzb") == pytest.approx(0.5) and afd_demo.gold_score("a:", "") == 0.0
     assert afd_demo.plot(res, str(tmp_path / "afd.png")) is None or os.path.getsize(tmp_path / "afd.png") > 0
+
+
+def test_trainer_takes_trl_names(tmp_path):
+    rows = [{"prompt": f"{c}:", "answer": "aaaa" if k % 2 else "zzzz", "label": k % 2} for k, c in enumerate("abcdefgh")]
+    rm, tok = default_model_and_tokenizer("reward", seed=0)
+    t = fa.AfDRewardTrainer(rm, args=_config(tmp_path), processing_class=tok, train_dataset=rows)
+    assert t.tokenizer is tok and t.config.output_dir == str(tmp_path / "rm")
+    with pytest.raises(TypeError, match="not both"):
+        fa.AfDRewardTrainer(rm, tokenizer=tok, processing_class=tok, train_dataset=rows, config=_config(tmp_path))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastalign.config import ConfigError, RewardConfig
 from fastalign.data import DataError, is_nonempty, collate_sequences, load_rows, tokenize_pair
 from fastalign.integrations.hf import _unwrap, trunk_of
-from fastalign.trainers.loop import BaseTrainer
+from fastalign.trainers.loop import BaseTrainer, trl_arguments
 
 # positives vs negatives of each reward-model kind (the paper's names)
 RM_KINDS = {"init-sft": ("sft", "init"), "init-demo": ("demo", "init"), "sft-demo": ("demo", "sft")}
@@ -89,7 +89,10 @@ class AfDRewardTrainer(BaseTrainer):
     config_class = AfDRewardConfig
     data_kind = "reward"  # a sequence-classification model (no lm_head), like RewardTrainer
 
-    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, config=None, **kwargs):
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, config=None, *, args=None,
+                 processing_class=None, **kwargs):
+        """fastalign's names (tokenizer=, config=) or TRL's (processing_class=, args=), as the other trainers."""
+        config, tokenizer = trl_arguments(type(self).__name__, args, config, processing_class, tokenizer, {})
         inner = _unwrap(model)
         if not isinstance(getattr(inner, "score", None), torch.nn.Module):
             raise TypeError(f"AfDRewardTrainer needs a sequence-classification model with a `score` head and "
