@@ -88,14 +88,8 @@ def model_embeddings(model, seqs, pad_id, batch_size=16, device=None, progress=N
 def _encoder_fingerprint(encoder, model):
     h = hashlib.sha256()
     if encoder in (None, "model"):
-        from fastalign.integrations.hf import _unwrap
-        inner = _unwrap(model)
-        h.update(json.dumps(inner.config.to_dict(), sort_keys=True, default=str).encode())
-        for name, p in inner.state_dict().items():
-            flat = p.detach().reshape(-1).float()
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            h.update(flat[:64].cpu().numpy().tobytes())
-            h.update(flat.sum().cpu().numpy().tobytes())
+        from fastalign.integrations.hf import hash_model
+        hash_model(h, model)
     elif callable(encoder):
         h.update(str(getattr(encoder, "fingerprint", f"{getattr(encoder, '__module__', '')}."
                                                       f"{getattr(encoder, '__qualname__', type(encoder))}")).encode())

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from fastalign.averaging import average_models, check_weight_on_pre, fit_hma_ratios, hma, prompt_and_answer
+from fastalign.averaging import _pad_id, average_models, check_weight_on_pre, fit_hma_ratios, hma, prompt_and_answer
 
 _CHUNK_ROWS = 256  # rows of logits at a time for next-token accuracy
 
@@ -74,7 +74,7 @@ def ability(model, tokenizer, general_rows, *, batch_size=16, max_length=256):
     device = next(model.parameters()).device
     total_nll, correct, n = 0.0, 0, 0
     for chunk in _batches(examples, batch_size):
-        b = collate_sequences([e[0] for e in chunk], [e[1] for e in chunk], _pad(tokenizer))
+        b = collate_sequences([e[0] for e in chunk], [e[1] for e in chunk], _pad_id(tokenizer))
         inp = head_inputs(model, b.input_ids.to(device), b.attention_mask.to(device), labels=b.labels.to(device))
         h = inp.hidden.reshape(-1, inp.hidden.shape[-1])
         y = inp.labels.reshape(-1)
@@ -91,13 +91,9 @@ def ability(model, tokenizer, general_rows, *, batch_size=16, max_length=256):
     return {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "token_accuracy": correct / max(n, 1), "n_tokens": n}
 
 
-def _pad(tokenizer):
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
 def alignment(model, pre_logps, tokenizer, pair_examples, *, beta=0.1, batch_size=16):
     """{"reward_accuracy", "reward_margin"} of the model against the pre model's log-probs (see module doc)."""
-    logps = _sequence_logps(model, pair_examples, _pad(tokenizer), batch_size)
+    logps = _sequence_logps(model, pair_examples, _pad_id(tokenizer), batch_size)
     r = beta * (logps - pre_logps)
     b = r.shape[0] // 2
     diff = r[:b] - r[b:]
@@ -115,7 +111,7 @@ def reward_model_score(model, reward_model, tokenizer, prompts, *, max_new_token
     try:
         for chunk in _batches(prompts, batch_size):
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad(tokenizer))
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer))
             texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
             enc2 = tokenizer(texts, return_tensors="pt", padding=True).to(device)
             scores.append(reward_model(**enc2).logits[:, 0].double().cpu())
@@ -145,7 +141,7 @@ def alignment_tax(pre, post, tokenizer, align_data, general_data, *, grid=None, 
     pairs = _pair_examples(align_rows, tokenizer, max_length, max_prompt_length)
     pre.eval()
     post.eval()
-    pre_logps = _sequence_logps(pre, pairs, _pad(tokenizer), batch_size)
+    pre_logps = _sequence_logps(pre, pairs, _pad_id(tokenizer), batch_size)
     prompts = [r["prompt"] for r in align_rows if isinstance(r["prompt"], str)]
 
     def measure(model):

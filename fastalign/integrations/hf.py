@@ -53,6 +53,20 @@ def _number(cfg, name):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def hash_model(h, model):
+    """Feed a model's config and a cheap digest of every tensor (name, shape, dtype, first 64 values, sum) into
+    hashlib object ``h``: the key of caches computed from the model (reference log-probs, embeddings)."""
+    import json
+    inner = _unwrap(model)
+    h.update(json.dumps(inner.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in inner.state_dict().items():
+        flat = p.detach().reshape(-1).float()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(flat[:64].cpu().numpy().tobytes())
+        h.update(flat.sum().cpu().numpy().tobytes())
+    return h
+
+
 def lm_head_config(model):
     """(temperature, softcap) that turn lm_head outputs into the model's logits, from its config.
 

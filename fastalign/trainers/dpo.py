@@ -10,7 +10,7 @@ import torch
 from fastalign.config import DPOConfig
 from fastalign.data import DataError, load_rows
 from fastalign.dynamics import finalize_group_metrics, group_sums
-from fastalign.integrations.hf import _unwrap, lm_head_config
+from fastalign.integrations.hf import _unwrap, hash_model, lm_head_config
 from fastalign.losses import FusedDPOLoss, FusedORPOLoss, FusedSimPOLoss
 from fastalign.trainers.loop import BaseTrainer, trl_arguments
 from fastalign.trainers.models import is_peft as _is_peft
@@ -103,13 +103,7 @@ class DPOTrainer(BaseTrainer):
 
     def _fingerprint(self):
         h = hashlib.sha256()
-        model = _unwrap(self.ref_model if self.ref_model is not None else self.model)
-        h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-        for name, p in model.state_dict().items():
-            flat = p.detach().reshape(-1).float()
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            h.update(flat[:64].cpu().numpy().tobytes())
-            h.update(flat.sum().cpu().numpy().tobytes())
+        hash_model(h, self.ref_model if self.ref_model is not None else self.model)
         for examples in (self.train_examples, self.eval_examples or []):
             h.update(json.dumps([(e["chosen_ids"], e["chosen_labels"], e["rejected_ids"], e["rejected_labels"])
                                  for e in examples]).encode())
