@@ -20,6 +20,8 @@ from typing import List, Mapping, Sequence
 
 import torch
 
+from fastalign.integrations.hf import is_peft
+
 # The first "<prefix>.<index>." in a parameter name: decoder blocks live in a ModuleList such as model.layers.
 _BLOCK = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.")
 # Names that belong to the input side when the order of names is unknown (safetensors files sort their keys).
@@ -44,14 +46,10 @@ def _check_groups(groups):
     return int(groups)
 
 
-def _is_peft(model):
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
-
 def _as_state(x, name):
     """(ordered state dict, module or None) of a model or a state dict."""
     if isinstance(x, torch.nn.Module):
-        if _is_peft(x):
+        if is_peft(x):
             raise AveragingError(f"{name} is a peft (LoRA) model: merge its adapters into the weights first "
                                  "(model = model.merge_and_unload()) and average the merged models")
         return x.state_dict(), x
@@ -282,7 +280,7 @@ class _AveragedModel:
         if not (isinstance(pre, torch.nn.Module) and isinstance(post, torch.nn.Module)):
             raise TypeError("fit_hma_ratios needs two models (nn.Module), not state dicts")
         for name, m in (("pre", pre), ("post", post)):
-            if _is_peft(m):
+            if is_peft(m):
                 raise AveragingError(f"{name} is a peft (LoRA) model: merge its adapters first (merge_and_unload())")
         if type(pre) is not type(post):
             raise AveragingError(f"pre is a {type(pre).__name__} but post is a {type(post).__name__}")

@@ -53,6 +53,18 @@ def _number(cfg, name):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def strip_parallel(model):
+    """The module inside DDP/FSDP wrappers, keeping a peft wrapper (unlike integrations.hf._unwrap)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def is_peft(model):
+    model = strip_parallel(model)
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
 def hash_model(h, model):
     """Feed a model's config and a cheap digest of every tensor (name, shape, dtype, first 64 values, sum) into
     hashlib object ``h``: the key of caches computed from the model (reference log-probs, embeddings)."""

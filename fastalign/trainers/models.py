@@ -1,19 +1,7 @@
 """Model plumbing the trainers share: unwrapping DDP/FSDP/peft, the step module DDP wraps."""
 import torch
 
-from fastalign.integrations.hf import _unwrap
-
-
-def strip_parallel(model):
-    """The module inside DDP/FSDP wrappers, keeping a peft wrapper (unlike integrations.hf._unwrap)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
-def is_peft(model):
-    model = strip_parallel(model)
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+from fastalign.integrations.hf import _unwrap, is_peft, strip_parallel  # noqa: F401 (re-exported)
 
 
 def flash_varlen_ready(model):
