@@ -20,6 +20,12 @@ from fastalign.losses import weighted_mle_loss  # noqa: E402
 
 __all__ += ["clone_robust_weights", "weighted_mle_loss"]
 
+# The gradient-in-forward loss path (3 GEMMs for forward+backward): token NLL; the Fused*Loss classes take
+# grad_in_forward=True.
+from fastalign.fused_grad import fused_linear_nll_loss  # noqa: E402
+
+__all__ += ["fused_linear_nll_loss"]
+
 # Trainers and configs import transformers: load them on first use, not with `import fastalign`.
 _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainers", "SFTTrainer": "fastalign.trainers",
          "DPOConfig": "fastalign.config", "RewardConfig": "fastalign.config", "SFTConfig": "fastalign.config",

@@ -52,7 +52,7 @@ def available_backends():
 
 _MODULES = {}
 # Module of each (op, backend): linear_logprobs in {name}_backend.py, other ops in {op}_{name}.py.
-OPS = ("linear_logprobs", "nn_count")
+OPS = ("linear_logprobs", "nn_count", "loss_rows")
 
 
 def _module(name, op="linear_logprobs"):
@@ -95,5 +95,6 @@ def resolve_backend(backend, device, dtype=None):
 
 def get_backend(name, op="linear_logprobs"):
     """The backend module implementing ``op`` for ``name`` (already resolved): forward/backward for
-    linear_logprobs, count for nn_count (the contract is in nn_count_torch.py)."""
+    linear_logprobs, count for nn_count (the contract is in nn_count_torch.py), the row passes of the
+    gradient-in-forward losses for loss_rows (the contract is in loss_rows_cpp.py)."""
     return _module(name, op)

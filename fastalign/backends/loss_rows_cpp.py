@@ -1,0 +1,44 @@
+"""C++ row passes of the gradient-in-forward loss path (fastalign.fused_grad), in place on an fp32 logits tile.
+
+The contract every ``loss_rows_<backend>`` module follows (tile [C, V] fp32 (fp64 for fp64 inputs), contiguous,
+already (h W^T + b) / temperature; targets [C] int64 with -1 for ignored rows):
+
+    rows_logsumexp_(tile, targets, opts) -> (logp [C], lse [C])      applies the softcap in place
+    rows_dlogits_(tile, lse, targets, coeff [C], opts) -> None        tile <- coeff (onehot - p) c' / temperature
+"""
+from typing import List
+
+import torch
+
+from fastalign import _ext
+
+
+@torch.library.custom_op("fastalign::cpp_rows_logsumexp_", mutates_args=("tile",))
+def _rows_logsumexp(tile: torch.Tensor, targets: torch.Tensor, softcap: float) -> List[torch.Tensor]:
+    return list(_ext.C.rows_logsumexp_(tile, targets, softcap))
+
+
+@_rows_logsumexp.register_fake
+def _(tile, targets, softcap):
+    return [tile.new_empty(tile.shape[0]), tile.new_empty(tile.shape[0])]
+
+
+@torch.library.custom_op("fastalign::cpp_rows_dlogits_", mutates_args=("tile",))
+def _rows_dlogits(tile: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coeff: torch.Tensor,
+                  softcap: float, inv_temp: float) -> None:
+    _ext.C.rows_dlogits_(tile, lse, targets, coeff, softcap, inv_temp)
+
+
+@_rows_dlogits.register_fake
+def _(tile, lse, targets, coeff, softcap, inv_temp):
+    return None
+
+
+def rows_logsumexp_(tile, targets, opts):
+    logp, lse = _rows_logsumexp(tile, targets, -1.0 if opts.softcap is None else opts.softcap)
+    return logp, lse
+
+
+def rows_dlogits_(tile, lse, targets, coeff, opts):
+    _rows_dlogits(tile, lse, targets, coeff, -1.0 if opts.softcap is None else opts.softcap,
+                  1.0 / opts.temperature)

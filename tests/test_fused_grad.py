@@ -1,0 +1,152 @@
+"""The gradient-in-forward losses (fastalign.fused_grad) against float64 references written in the tests:
+values and gradients, several chunks (pairs larger than a chunk too), ignored tokens, softcap, temperature,
+bias, pair weights (zero included), packed sequences, bf16."""
+import pytest
+import torch
+
+import fastalign as fa
+from fastalign.fused_grad import fused_linear_nll_loss, group_bounds
+from tests.backends import cpu_backends
+from tests.reference import reference_linear_logprobs, reference_sequence_logprobs
+from tests.test_losses import assert_grads_close, batch, grads, logsig, naive_dpo, naive_pair_logps
+
+BACKENDS = [b for b in cpu_backends() if b in ("cpp", "torch")]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def test_group_bounds_keep_groups_whole():
+    assert group_bounds([3, 4, 2, 9, 1], 7) == ((0, 7), (7, 9), (9, 18), (18, 19))
+    assert group_bounds([], 5) == ()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss_type, eps, rpo_alpha", [("sigmoid", 0.0, None), ("robust", 0.1, None),
+                                                        ("ipo", 0.0, None), ("sigmoid", 0.0, 0.5)])
+def test_dpo_grad_in_forward_matches_reference(backend, dtype, loss_type, eps, rpo_alpha):
+    hidden, weight, labels, ref_hidden, ref_weight = batch(dtype=dtype)
+    pw = torch.tensor([0.5, 0.0, 2.0])  # a zero-weight pair contributes nothing
+    fn = fa.FusedDPOLoss(beta=0.4, loss_type=loss_type, label_smoothing=eps, rpo_alpha=rpo_alpha, backend=backend,
+                         grad_in_forward=True, chunk_rows=5)  # pairs of 7-12 tokens: several chunks, some too big
+    got = grads(lambda h, w: fn(h, w, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                pair_weights=pw).loss, hidden, weight)
+    want = grads(lambda h, w: naive_dpo(h.double(), w.double(), labels, ref_hidden.double(), ref_weight.double(),
+                                        0.4, loss_type, eps, rpo_alpha, w=pw.double()), hidden, weight)
+    assert_grads_close(got, want, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpo_grad_in_forward_outputs_equal_op_path(backend):
+    hidden, weight, labels, ref_hidden, ref_weight = batch()
+    kw = dict(ref_hidden=ref_hidden, ref_weight=ref_weight)
+    h = hidden.clone().requires_grad_()
+    a = fa.FusedDPOLoss(beta=0.1, backend=backend, grad_in_forward=True, chunk_rows=8)(h, weight, labels, **kw)
+    b = fa.FusedDPOLoss(beta=0.1, backend=backend)(h, weight, labels, **kw)
+    for name in ("loss", "losses", "chosen_logps", "rejected_logps", "chosen_rewards", "reward_margins",
+                 "chosen_n_tokens", "rejected_n_tokens"):
+        torch.testing.assert_close(getattr(a, name).detach(), getattr(b, name).detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.reward_accuracies, b.reward_accuracies)
+    assert a.loss.requires_grad and not a.chosen_logps.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_simpo_orpo_sft_grad_in_forward_match_reference(backend):
+    hidden, weight, labels, _, _ = batch(seed=1, dtype=torch.float64)
+
+    def avgs(h, w):
+        pc, pr, nc, nr = naive_pair_logps(h, w, labels)
+        return pc / nc, pr / nr
+
+    kw = dict(backend=backend, grad_in_forward=True, chunk_rows=6)
+    simpo = fa.FusedSimPOLoss(beta=2.0, gamma=0.3, **kw)
+    want = grads(lambda h, w: (lambda c, r: -logsig(2.0 * (c - r) - 0.3).mean())(*avgs(h, w)), hidden, weight)
+    assert_grads_close(grads(lambda h, w: simpo(h, w, labels).loss, hidden, weight), want, tol=1e-10)
+    orpo = fa.FusedORPOLoss(lam=0.2, **kw)
+
+    def naive_orpo(h, w):
+        c, r = avgs(h, w)
+        lo = lambda a: a - torch.log(1 - torch.exp(a))  # noqa: E731
+        return (-c - 0.2 * logsig(lo(c) - lo(r))).mean()
+    assert_grads_close(grads(lambda h, w: orpo(h, w, labels).loss, hidden, weight),
+                       grads(naive_orpo, hidden, weight), tol=1e-10)
+    sft = fa.FusedSFTLoss(**kw)
+
+    def naive_sft(h, w):
+        seq, n = reference_sequence_logprobs(h, w, labels)
+        return -seq.sum() / n.sum()
+    assert_grads_close(grads(lambda h, w: sft(h, w, labels).loss, hidden, weight), grads(naive_sft, hidden, weight),
+                       tol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_grad_in_forward_equals_padded(backend):
+    hidden, weight, labels, ref_hidden, ref_weight = batch(dtype=torch.float64)
+    lengths = [9, 6, 9, 9, 9, 5]
+    keep = torch.zeros(labels.shape, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        keep[i, :n] = True
+    seq_index = torch.arange(6)[:, None].expand(6, 9)[keep][None]
+    fn = fa.FusedDPOLoss(beta=0.2, backend=backend, grad_in_forward=True, chunk_rows=4)
+    padded = grads(lambda h, w: naive_dpo(h, w, labels, ref_hidden, ref_weight, 0.2, "sigmoid", 0.0, None),
+                   hidden, weight)
+    packed = grads(lambda h, w: fn(h[keep][None], w, labels[keep][None], ref_hidden=ref_hidden[keep][None],
+                                   ref_weight=ref_weight, sequence_index=seq_index, n_sequences=6).loss,
+                   hidden, weight)
+    assert_grads_close(packed, padded, tol=1e-10)
+
+
+def _reference_nll(h, w, y, b, tw, temperature, softcap, reduction):
+    lp = reference_linear_logprobs(h, w, y, b, temperature=temperature, softcap=softcap)
+    m = (y != -100).double()
+    loss = -(tw * m * lp).sum()
+    return loss / (tw * m).sum() if reduction == "mean" else loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("softcap, temperature, with_bias, reduction", [(None, 1.0, False, "mean"),
+                                                                         (4.0, 0.7, True, "sum")])
+def test_nll_loss_matches_reference(backend, dtype, tol, softcap, temperature, with_bias, reduction):
+    g = torch.Generator().manual_seed(3)
+    n, hdim, v = 29, 12, 67
+    h64 = torch.randn(n, hdim, generator=g, dtype=torch.float64)
+    w64 = torch.randn(v, hdim, generator=g, dtype=torch.float64) * 0.4
+    b64 = torch.randn(v, generator=g, dtype=torch.float64) if with_bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::4] = -100
+    tw = torch.rand(n, generator=g, dtype=torch.float64)
+    leaves = [t.to(dtype).requires_grad_() for t in (h64, w64) + ((b64,) if with_bias else ())]
+    loss = fused_linear_nll_loss(leaves[0], leaves[1], y, leaves[2] if with_bias else None, token_weights=tw,
+                                 reduction=reduction, temperature=temperature, softcap=softcap, backend=backend,
+                                 chunk_rows=8)
+    (2.0 * loss).backward()  # the upstream gradient scales the gradients computed in forward
+    ref_leaves = [t.to(dtype).double().requires_grad_() for t in (h64, w64) + ((b64,) if with_bias else ())]
+    want = _reference_nll(ref_leaves[0], ref_leaves[1], y, ref_leaves[2] if with_bias else None, tw, temperature,
+                          softcap, reduction)
+    (2.0 * want).backward()
+    assert abs(loss.item() - want.item()) <= tol * max(1.0, abs(want.item()))
+    for got, ref in zip(leaves, ref_leaves):
+        assert got.grad.dtype == dtype
+        err = (got.grad.double() - ref.grad).abs().max().item()
+        assert err <= tol * max(1.0, ref.grad.abs().max().item()), err
+
+
+def test_nll_loss_edges_and_bad_input():
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    y = torch.full((4,), -100)
+    loss = fused_linear_nll_loss(h, w, y)  # nothing labelled: zero loss, zero gradients
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
+    with torch.no_grad():  # forward only: the value, nothing saved
+        y2 = torch.tensor([1, 2, -100, 3])
+        want = -reference_linear_logprobs(h.double(), w.double(), y2)[[0, 1, 3]].sum() / 3
+        assert abs(fused_linear_nll_loss(h, w, y2).item() - want.item()) < 1e-5
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        fused_linear_nll_loss(h, w, y, reduction="none")
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        fused_linear_nll_loss(h, w, torch.tensor([1, 2, 3, 4]), chunk_rows=0)
+    with pytest.raises(ValueError, match=r"token_weights must be a tensor \[N\] = \[4\]"):
+        fused_linear_nll_loss(h, w, y, token_weights=torch.ones(3))
+    with pytest.raises(ValueError, match=r"targets\[1\] = 11 is outside \[0, 11\)"):
+        fused_linear_nll_loss(h, w, torch.tensor([0, 11, 1, 2]))
