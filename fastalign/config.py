@@ -117,6 +117,9 @@ class TrainConfig:
                             "epoch's end (epoch); steps and epoch also save at the last step", SAVE_STRATEGIES)
     check_model: bool = _f(True, "before training, check on a few probe rows that the fused path reproduces the "
                            "model's own log-probs, and refuse the model if not")
+    grad_in_forward: str = _f("auto", "compute the loss's gradient in its forward pass (3 GEMMs for the lm_head "
+                              "instead of 4; fastalign.fused_grad): on, off, or auto (on for CPU training)",
+                              ("auto", "on", "off"))
 
     def __post_init__(self):
         self.validate()
@@ -157,6 +160,8 @@ class TrainConfig:
                                   f"(pip install {tracker}), or drop it from report_to")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.grad_in_forward not in ("auto", "on", "off"):
+            raise ConfigError(f"unknown grad_in_forward {self.grad_in_forward!r}; valid: auto, on, off")
         _int("warmup_steps", self.warmup_steps, 0)
         if self.max_completion_length is not None:
             _int("max_completion_length", self.max_completion_length, 1)

@@ -95,6 +95,8 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
                 tile.mul_(inv_t)
         lp, lse = rows_impl.rows_logsumexp_(tile, tgt, plan)
         logp[s:e] = lp
+        if not (need_h or need_w or need_b):
+            continue
         coeff = plan.coeff_fn(s, e, lp)
         rows_impl.rows_dlogits_(tile, lse, tgt, coeff, plan)
         if need_b:
@@ -227,6 +229,44 @@ def _token_layout(hidden, labels, ignore_index, sequence_index, n_sequences):
     return hidden.reshape(r * t, h), targets, torch.where(active, seq, torch.full_like(seq, -1)), n_sequences
 
 
+def _pair_order(seq, live, n_tok, b):
+    """Labelled tokens ordered pair 0 chosen, pair 0 rejected, pair 1 chosen, ... (a stable sort keeps the
+    token order within each answer): (order [n] into the flat rows, pair-local key [n], tokens per pair)."""
+    s_live = seq[live]
+    key = (s_live % b) * 2 + (s_live >= b).long()
+    key_sorted, perm = torch.sort(key, stable=True)
+    return live[perm], key_sorted, (n_tok[:b] + n_tok[b:]).tolist()
+
+
+def forward_logps(loss_module, hidden, weight, labels, bias=None, sequence_index=None, n_sequences=None,
+                  pairs=False):
+    """(summed log-probs [S], token counts [S]) by the same row pass, chunks and row order as the
+    gradient-in-forward losses, without gradients: a reference model's log-probs computed here cancel the
+    policy's exactly when the two models are equal (DPO's first loss is then exactly ln 2)."""
+    flat_h, targets, seq, n_seq = _token_layout(hidden, labels, loss_module.ignore_index, sequence_index,
+                                                n_sequences)
+    live = (seq >= 0).nonzero().squeeze(1)
+    n_tok = torch.zeros(n_seq, dtype=torch.long, device=seq.device).index_add_(0, seq[live], torch.ones_like(live))
+    step = rows_per_chunk(weight.shape[0], loss_module.chunk_rows)
+    if pairs and n_seq % 2 == 0 and n_seq > 0:
+        order, _, sizes = _pair_order(seq, live, n_tok, n_seq // 2)
+        bounds = group_bounds(sizes, step)
+    else:
+        order = live
+        bounds = tuple((s, min(s + step, order.numel())) for s in range(0, order.numel(), step))
+    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if order.numel() == 0:
+        return torch.zeros(n_seq, dtype=ct, device=hidden.device), n_tok
+    name = resolve_backend(loss_module.backend, hidden.device, hidden.dtype)
+    plan = GradInForwardPlan(backend=name, temperature=float(loss_module.temperature),
+                             softcap=None if loss_module.softcap is None else float(loss_module.softcap),
+                             bounds=bounds, coeff_fn=None)
+    with torch.no_grad():
+        logp, _, _, _ = _chunk_pass(flat_h.index_select(0, order), weight, bias, targets[order], plan,
+                                    False, False, False)
+    return torch.zeros(n_seq, dtype=logp.dtype, device=logp.device).index_add_(0, seq[order], logp), n_tok
+
+
 def preference_forward(loss_module, hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, ref_hidden,
                        ref_weight, bias, ref_bias, pair_weights, sequence_index, n_sequences):
     """_FusedPreferenceLoss.forward with the gradient computed in forward (see the module docstring).
@@ -253,12 +293,7 @@ def preference_forward(loss_module, hidden, weight, labels, ref_chosen_logps, re
     if loss_module.uses_reference:
         rc, rr = loss_module._reference(labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
                                         ref_bias, sequence_index, n_seq)
-    # order: pair 0 chosen, pair 0 rejected, pair 1 chosen, ... (a stable sort keeps token order within each)
-    s_live = seq[live]
-    key = (s_live % b) * 2 + (s_live >= b).long()
-    key_sorted, perm = torch.sort(key, stable=True)
-    order = live[perm]
-    tokens_per_pair = (n_tok[:b] + n_tok[b:]).tolist()
+    order, key_sorted, tokens_per_pair = _pair_order(seq, live, n_tok, b)
     bounds = group_bounds(tokens_per_pair, rows_per_chunk(weight.shape[0], loss_module.chunk_rows))
     starts = [0]
     for c in tokens_per_pair:

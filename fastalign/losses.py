@@ -203,6 +203,12 @@ class _FusedLogprobs(torch.nn.Module):
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
             raise ValueError(f"labels must be [rows, T] = {tuple(hidden.shape[:2])} to match hidden, got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if self.grad_in_forward and not self.grad_filter_eps and not torch.is_grad_enabled():
+            # a reference or evaluation pass: the row pass and row order of the gradient-in-forward path, so that
+            # equal policy and reference models give equal log-probs bit for bit
+            from fastalign.fused_grad import forward_logps
+            return forward_logps(self, hidden, weight, labels, bias, sequence_index, n_sequences,
+                                 pairs=isinstance(self, _FusedPreferenceLoss))
         kw = dict(ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
                   backend=self.backend, deterministic=self.deterministic)
         if self.grad_filter_eps is not None:

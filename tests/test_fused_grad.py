@@ -150,3 +150,19 @@ def test_nll_loss_edges_and_bad_input():
         fused_linear_nll_loss(h, w, y, token_weights=torch.ones(3))
     with pytest.raises(ValueError, match=r"targets\[1\] = 11 is outside \[0, 11\)"):
         fused_linear_nll_loss(h, w, torch.tensor([0, 11, 1, 2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_pass_cancels_policy_exactly(backend):
+    """With grad_in_forward, a no-grad sequence_logps (the reference pass) uses the same rows, order and chunks
+    as the policy's pass: equal models give equal log-probs bit for bit, so DPO starts at exactly ln 2."""
+    hidden, weight, labels, _, _ = batch()
+    fn = fa.FusedDPOLoss(beta=0.1, backend=backend, grad_in_forward=True, chunk_rows=7)
+    with torch.no_grad():
+        seq, n = fn.sequence_logps(hidden, weight, labels)
+    want, want_n = reference_sequence_logprobs(hidden.double(), weight.double(), labels)
+    torch.testing.assert_close(seq.double(), want, rtol=1e-5, atol=1e-4)
+    assert n.tolist() == want_n.tolist()
+    out = fn(hidden.clone().requires_grad_(), weight, labels, seq[:3], seq[3:])
+    assert out.loss.item() == pytest.approx(0.6931471805599453, abs=1e-7)
+    assert torch.equal(out.chosen_logps, seq[:3]) and torch.equal(out.rejected_logps, seq[3:])

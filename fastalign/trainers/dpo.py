@@ -65,7 +65,8 @@ class DPOTrainer(BaseTrainer):
         self.group_names = sorted({str(e["behaviour"]) for e in self.train_examples if e.get("behaviour") is not None})
         self._batch_groups = None
         temperature, softcap = lm_head_config(self.model)
-        common = dict(temperature=temperature, softcap=softcap, backend=cfg.backend, deterministic=cfg.deterministic)
+        common = dict(temperature=temperature, softcap=softcap, backend=cfg.backend, deterministic=cfg.deterministic,
+                      grad_in_forward=self._grad_in_forward())
         if cfg.loss_type == "simpo":
             self.loss_module = FusedSimPOLoss(beta=cfg.beta, gamma=cfg.simpo_gamma,
                                               label_smoothing=cfg.label_smoothing, **common)

@@ -158,6 +158,12 @@ class BaseTrainer(CheckpointMixin):
         b = self.config.per_device_train_batch_size
         return global_batch[self.rank * b:(self.rank + 1) * b]
 
+    def _grad_in_forward(self):
+        """Whether the loss computes its gradient in forward (fastalign.fused_grad): config on/off, auto = CPU,
+        where it was measured (bench/bench_linear_logprobs.py); on CUDA the triton op path is the default."""
+        choice = self.config.grad_in_forward
+        return choice == "on" or (choice == "auto" and self.device.type == "cpu")
+
     # ---- the model ------------------------------------------------------------------------------------
     @staticmethod
     def _trunk_hidden(trunk, batch):

@@ -32,7 +32,8 @@ class SFTTrainer(BaseTrainer):
     def _setup(self):
         temperature, softcap = lm_head_config(self.model)
         self.loss_module = FusedSFTLoss(temperature=temperature, softcap=softcap, backend=self.config.backend,
-                                        deterministic=self.config.deterministic)
+                                        deterministic=self.config.deterministic,
+                                        grad_in_forward=self._grad_in_forward())
 
     def _loss(self, model, batch, extra):
         hidden, head = self._hidden(model, batch)
