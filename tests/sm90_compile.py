@@ -25,11 +25,14 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-import torch
-import triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # jit functions would become interpreter functions
+    sys.exit("tests/sm90_compile.py compiles for the GPU: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastalign.kernels import _common  # noqa: E402
