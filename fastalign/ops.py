@@ -152,9 +152,8 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
         raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not "
                          f"ignore_index={ignore_index}; {int(bad.sum())} such target(s) in all")
     targets = torch.where(ignored, torch.full_like(targets, -1), targets)
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    # No .contiguous() here: each backend decides (triton reads any strides in place, so a transposed or tied
+    # weight is not copied on every call; cpp copies what its C++ needs contiguous).
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:

@@ -13,34 +13,34 @@ from ._common import as_dot_operand, d_tile, interpreting, launch_common, load_c
 
 
 @triton.jit
-def _dh_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, N, V, H, stride_h, stride_w, inv_temp, softcap,
-               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _dh_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, N, V, H, stride_hn, stride_hk, stride_wv,
+               stride_wk, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h,
-                    stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION,
-                    UPCAST_DOT)
+        d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_hn,
+                   stride_hk, stride_wv, stride_wk, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K,
+                   DOT_PRECISION, UPCAST_DOT)
         d_in = as_dot_operand(d, h_ptr, UPCAST_DOT)
         cols64 = cols.to(tl.int64)
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < H
-            w = load_chunk(w_ptr, cols64, stride_w, ks, col_mask, k_mask, UPCAST_DOT)
+            w = load_chunk(w_ptr, cols64, stride_wv, stride_wk, ks, col_mask, k_mask, UPCAST_DOT)
             out = dh_ptr + rows64[:, None] * H + ks[None, :]
             m = row_mask[:, None] & k_mask[None, :]
             tl.store(out, tl.load(out, mask=m, other=0.0) + tl.dot(d_in, w, input_precision=DOT_PRECISION), mask=m)
 
 
 @triton.jit
-def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, V, H, stride_h, stride_w, inv_temp,
-               softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DW: tl.constexpr,
-               COMPUTE_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, V, H, stride_hn, stride_hk, stride_wv,
+               stride_wk, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     cols64 = cols.to(tl.int64)
@@ -48,9 +48,9 @@ def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, 
     for r0 in range(0, N, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h,
-                    stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION,
-                    UPCAST_DOT)
+        d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_hn,
+                   stride_hk, stride_wv, stride_wk, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K,
+                   DOT_PRECISION, UPCAST_DOT)
         if COMPUTE_DB:
             db += tl.sum(d, axis=0)
         if COMPUTE_DW:
@@ -59,7 +59,7 @@ def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, 
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_mask = ks < H
-                h = load_chunk(h_ptr, rows64, stride_h, ks, row_mask, k_mask, UPCAST_DOT)
+                h = load_chunk(h_ptr, rows64, stride_hn, stride_hk, ks, row_mask, k_mask, UPCAST_DOT)
                 out = dw_ptr + cols64[:, None] * H + ks[None, :]
                 m = col_mask[:, None] & k_mask[None, :]
                 tl.store(out, tl.load(out, mask=m, other=0.0) +
@@ -68,8 +68,10 @@ def _dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, 
         tl.store(db_ptr + cols, db, mask=col_mask)
 
 
-# Fixed tiles (no autotuning): a deterministic result must not depend on which config a tuner picked.
+# Fixed tiles (no autotuning): a deterministic result must not depend on which config a tuner picked. fp32 has
+# smaller ones: at the 16-bit tiles its _dw_kernel build spilled (32 registers, a 13 KB stack frame on sm_90).
 GPU_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+GPU_BLOCKS_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
 
 
@@ -79,11 +81,11 @@ def linear_logprobs_backward_deterministic(grad, hidden, weight, bias, targets, 
     n, h = hidden.shape
     v = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    blocks = INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
+    blocks = INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS_FP32 if hidden.dtype == torch.float32 else GPU_BLOCKS
     bias_arg, inv_temp, softcap_arg, meta = launch_common(hidden, bias, temperature, softcap)
     meta.update(blocks)
     common = (hidden, weight, bias_arg, targets, lse, grad)
-    scalars = (n, v, h, hidden.stride(0), weight.stride(0), inv_temp, softcap_arg)
+    scalars = (n, v, h, *hidden.stride(), *weight.stride(), inv_temp, softcap_arg)
     dh = dw = db = None
     if need_hidden:
         dh = torch.zeros((n, h), **f32)

@@ -22,10 +22,10 @@ CHUNK_BYTES = 256 * 1024 * 1024
 
 
 @triton.jit
-def _d_chunk_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, d_ptr, N, V, H, v_begin, v_len, stride_h, stride_w,
-                    stride_d, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    UPCAST_DOT: tl.constexpr, GROUP_N: tl.constexpr):
+def _d_chunk_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, d_ptr, N, V, H, v_begin, v_len, stride_hn, stride_hk,
+                    stride_wv, stride_wk, stride_d, inv_temp, softcap, HAS_BIAS: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GROUP_N: tl.constexpr):
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(N, BLOCK_N)
     n_v_blocks = tl.cdiv(v_len, BLOCK_V)
@@ -39,8 +39,9 @@ def _d_chunk_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, d_ptr, N, V, H
     cols = v_begin + local
     row_mask = rows < N
     col_mask = local < v_len
-    d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-               inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    d = d_tile(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_hk,
+               stride_wv, stride_wk, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION,
+               UPCAST_DOT)
     out = d_ptr + rows.to(tl.int64)[:, None] * stride_d + local[None, :]
     tl.store(out, d.to(d_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -75,7 +76,8 @@ def linear_logprobs_backward_vocab_chunked(grad, hidden, weight, bias, targets, 
     vc = min(vc, v)
     buf = torch.empty((n, vc), dtype=hidden.dtype, device=hidden.device)
     dh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_hidden else None
-    dw = torch.empty_like(weight) if need_weight else None
+    # contiguous whatever weight's layout (empty_like would copy a transposed weight's strides)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
     db = torch.empty(v, dtype=torch.float32, device=hidden.device) if need_bias else None
     bias_arg, inv_temp, softcap_arg, meta = launch_common(hidden, bias, temperature, softcap)
     meta.update(blocks)
@@ -83,8 +85,8 @@ def linear_logprobs_backward_vocab_chunked(grad, hidden, weight, bias, targets, 
         cur = min(vc, v - v0)
         d = buf[:, :cur]
         grid = (triton.cdiv(n, blocks["BLOCK_N"]) * triton.cdiv(cur, blocks["BLOCK_V"]),)
-        _d_chunk_kernel[grid](hidden, weight, bias_arg, targets, lse, grad, buf, n, v, h, v0, cur, hidden.stride(0),
-                              weight.stride(0), buf.stride(0), inv_temp, softcap_arg, **meta)
+        _d_chunk_kernel[grid](hidden, weight, bias_arg, targets, lse, grad, buf, n, v, h, v0, cur, *hidden.stride(),
+                              *weight.stride(), buf.stride(0), inv_temp, softcap_arg, **meta)
         if need_weight:
             torch.mm(d.t(), hidden, out=dw[v0:v0 + cur])
         if need_bias:

@@ -12,10 +12,10 @@ from ._common import interpreting, launch_common, logits_tile, shared_memory_pru
 
 
 @triton.jit
-def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, N, V, H, stride_h, stride_w,
-                                n_splits, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, N, V, H, stride_hn, stride_hk,
+                                stride_wv, stride_wk, n_splits, inv_temp, softcap, HAS_BIAS: tl.constexpr,
+                                HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                                BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(N, BLOCK_N)
     pid_n = pid % n_row_blocks
@@ -34,8 +34,9 @@ def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_pt
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        l = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp,
-                        softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+        l = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_hk, stride_wv,
+                        stride_wk, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION,
+                        UPCAST_DOT)
         l = tl.where(col_mask[None, :], l, float("-inf"))
         t += tl.sum(tl.where(cols[None, :] == tgt[:, None], l, 0.0), axis=1)
         new_m = tl.maximum(m, tl.max(l, axis=1))
@@ -47,12 +48,20 @@ def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_pt
     tl.store(t_ptr + out, t, mask=row_mask)
 
 
-PRUNE = shared_memory_pruner(factor=1)
-_CONFIGS = [
+# 16-bit inputs: tensor-core (wgmma) tiles. fp32 inputs (dot in IEEE fp32, no tensor cores) get smaller tiles:
+# at the 16-bit sizes the fp32 builds spill (e.g. (128, 256, 64): 32 registers and a 14 KB stack frame); these
+# compile for sm_90 without spills (tests/sm90_compile.py reports registers and spills per config).
+_CONFIGS_16BIT = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bn, bv, bk, w, st in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
                               (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4)]
 ]
+_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bn, bv, bk, w, st in [(64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (32, 128, 32, 4, 3), (64, 64, 32, 4, 3)]
+]
+_CONFIGS = _CONFIGS_16BIT + _CONFIGS_FP32
+PRUNE = shared_memory_pruner("fwd", fp32_configs=_CONFIGS_FP32)
 # Keyed on what changes the best tile (H, V; dtypes are added by Triton), not on N: a new batch length
 # must not retune.
 _autotuned = triton.autotune(_CONFIGS, key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"],
@@ -72,8 +81,8 @@ def _num_splits(n, v, device):
 
 
 def linear_logprobs_forward(hidden, weight, bias, targets, temperature, softcap):
-    """hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64 (-1 ignored)
-    -> (logp fp32 [N], lse fp32 [N])."""
+    """hidden [N, H], weight [V, H] (any strides: read in place, never copied), bias [V] or None, targets [N]
+    int64 (-1 ignored) -> (logp fp32 [N], lse fp32 [N])."""
     n, h = hidden.shape
     v = weight.shape[0]
     splits = _num_splits(n, v, hidden.device)
@@ -82,7 +91,7 @@ def linear_logprobs_forward(hidden, weight, bias, targets, temperature, softcap)
     s = torch.empty((splits, n), **f32)
     t = torch.empty((splits, n), **f32)
     bias_arg, inv_temp, softcap_arg, meta = launch_common(hidden, bias, temperature, softcap)
-    args = (hidden, weight, bias_arg, targets, m, s, t, n, v, h, hidden.stride(0), weight.stride(0), splits, inv_temp,
+    args = (hidden, weight, bias_arg, targets, m, s, t, n, v, h, *hidden.stride(), *weight.stride(), splits, inv_temp,
             softcap_arg)
     if interpreting():
         _linear_logprobs_fwd_kernel[(triton.cdiv(n, INTERPRETER_BLOCKS["BLOCK_N"]) * splits,)](

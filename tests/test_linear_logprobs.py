@@ -108,6 +108,75 @@ def test_triton_backward_strategies(monkeypatch, strategy, dtype):
         assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
+STRIDED_LAYOUTS = {
+    # lm_head stored as [H, V] and used transposed (weight.stride() == (1, V))
+    "transposed_weight": (lambda h, w: (h, w.t().contiguous()), lambda hb, wb: (hb, wb.t())),
+    # weight a view into a larger (e.g. tied embedding) table: row stride H + 8, non-zero storage offset
+    "tied_weight_view": (lambda h, w: (h, torch.nn.functional.pad(w, (8, 0, 3, 0))), lambda hb, wb: (hb, wb[3:, 8:])),
+    # hidden a column slice of a wider buffer: row stride H + 5
+    "strided_hidden": (lambda h, w: (torch.nn.functional.pad(h, (0, 5)), w),
+                       lambda hb, wb: (hb[:, :hb.shape[1] - 5], wb)),
+}
+
+
+class _LaunchSpy:
+    """Stands in for a kernel in its launcher's module: records the (hidden, weight) data pointers of each launch."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def spy(*args, **kwargs):
+            self.seen.append((args[0].data_ptr(), args[1].data_ptr()))
+            return launch(*args, **kwargs)
+        return spy
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("layout,strategy", [("transposed_weight", "atomic"), ("transposed_weight", "vocab-chunked"),
+                                             ("transposed_weight", "two-pass"), ("tied_weight_view", "atomic"),
+                                             ("strided_hidden", "atomic"), ("strided_hidden", "two-pass")])
+def test_triton_strided_inputs_read_in_place(monkeypatch, layout, strategy):
+    """A transposed or tied weight and a row-strided hidden: values and gradients (through the views, onto
+    their bases) match the float64 reference, and every kernel launch reads the caller's hidden and weight
+    storage itself (no copy)."""
+    from fastalign.backends import triton_backend
+    from fastalign.kernels import linear_logprobs_bwd as bwd, linear_logprobs_bwd_deterministic as det
+    from fastalign.kernels import linear_logprobs_bwd_vocab_chunked as vc, linear_logprobs_fwd as fwd
+    monkeypatch.setattr(triton_backend, "BACKWARD", strategy)
+    monkeypatch.setattr(vc, "CHUNK_BYTES", 37 * 96 * 4)  # several vocabulary chunks
+    seen = []
+    for module, name in ((fwd, "_linear_logprobs_fwd_kernel"), (bwd, "_linear_logprobs_bwd_kernel"),
+                         (det, "_dh_kernel"), (det, "_dw_kernel"), (vc, "_d_chunk_kernel")):
+        monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), seen))
+    # no ignored rows: backward then gets hidden itself (it gathers the active rows when some are ignored)
+    hidden, weight, bias, targets, grad = make_case(37, 48, 203, bias=True, ignore_every=0)
+    make_bases, views = STRIDED_LAYOUTS[layout]
+    h_base, w_base = make_bases(hidden, weight)
+    h_view, w_view = views(h_base, w_base)
+    assert torch.equal(h_view, hidden) and torch.equal(w_view, weight)
+    assert not (h_view.is_contiguous() and w_view.is_contiguous())
+
+    def run_views(fn, **kw):
+        hb, wb = h_base.clone().requires_grad_(), w_base.clone().requires_grad_()
+        b = bias.clone().requires_grad_()
+        h, w = views(hb, wb)
+        if fn is fa.linear_logprobs:
+            seen.clear()
+            views_ptrs = (h.data_ptr(), w.data_ptr())
+        out = fn(h, w, targets, b, temperature=0.9, softcap=5.0, **kw)
+        (out.double() * grad.double()).sum().backward()
+        if fn is fa.linear_logprobs:
+            assert len(seen) >= 2 and all(ptrs == views_ptrs for ptrs in seen), (views_ptrs, seen)
+        return out.detach(), hb.grad, wb.grad, b.grad
+
+    got = run_views(fa.linear_logprobs, backend="triton")
+    ref = run_views(reference_linear_logprobs)
+    assert_close_to_reference(got, ref, ATOL[torch.float32])
+
+
 def test_unknown_triton_strategy_is_a_clear_error(monkeypatch):
     if "triton" not in CPU_BACKENDS:
         pytest.skip("triton unavailable")

@@ -74,11 +74,13 @@ def _(grad, hidden, weight, bias, targets, lse, temperature, softcap, need_hidde
 
 
 def forward(hidden, weight, bias, targets, opts, save_for_hidden=False):
+    hidden, weight, bias = hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
     logp, lse = _fwd(hidden, weight, bias, targets, opts.temperature, _softcap_arg(opts))
     return logp, lse, None
 
 
 def backward(grad, hidden, weight, bias, targets, lse, basis, opts, need_hidden, need_weight, need_bias):
+    hidden, weight, bias = hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
     g = torch.where(targets >= 0, grad, torch.zeros_like(grad))
     d_h, d_w, d_b = _bwd(g, hidden, weight, bias, targets, lse, opts.temperature, _softcap_arg(opts),
                          need_hidden, need_weight, need_bias, _filter_arg(opts))

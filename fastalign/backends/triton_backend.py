@@ -7,6 +7,8 @@ Three backward strategies, same results (to rounding):
 BACKWARD picks the default (env FASTALIGN_TRITON_BACKWARD); deterministic=True never uses "atomic".
 grad_filter_eps (opt-in, approximate) is honoured by the atomic strategy; the deterministic ones stay exact.
 Every launch runs under torch.cuda.device(hidden.device): tensors on cuda:1 launch on cuda:1.
+hidden and weight are read through both of their strides: a transposed ([H, V] storage), tied or sliced weight
+and a row-strided hidden are never copied (only the tiny bias [V], grad [N] and targets are made contiguous).
 """
 import contextlib
 import os
