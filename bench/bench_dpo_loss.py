@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastalign as fa  # noqa: E402
-from bench.common import environment, markdown_table, measure, ratio_plot, write_results  # noqa: E402
+from bench.common import (JsonlStream, add_common_args, dryrun, environment, markdown_table, measure,  # noqa: E402
+                          ratio_plot, write_results)
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
 
@@ -58,11 +59,14 @@ def main(argv=None):
     p.add_argument("--hidden", type=int)
     p.add_argument("--vocab", type=int)
     p.add_argument("--repeats", type=int, default=3)
+    add_common_args(p)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     d = dict(pairs=4, seq=1024, hidden=4096, vocab=128256) if device.type == "cuda" else \
         dict(pairs=4, seq=256, hidden=1024, vocab=32000)
+    if dryrun():  # the plumbing in seconds: tiny shapes, one repeat
+        d, args.repeats = dict(pairs=2, seq=16, hidden=32, vocab=256), 1
     b, t, h, v = (getattr(args, k) or d[k] for k in ("pairs", "seq", "hidden", "vocab"))
     torch.manual_seed(0)
     hidden = (torch.randn(2 * b, t, h, device=device) * 0.5).to(dtype)
@@ -73,6 +77,7 @@ def main(argv=None):
     labels[:, : t // 4] = -100  # prompt tokens, as in real preference data
     shape = f"B={b} pairs T={t} H={h} V={v} {str(dtype).split('.')[-1]}"
     env = environment()
+    stream = JsonlStream(args.jsonl, "dpo_loss", env)
     rows = []
     for name, fn in variants(device):
         def step():
@@ -81,24 +86,25 @@ def main(argv=None):
             fn(hh, ww, labels, ref_hidden, ref_weight).backward()
         seconds, peak = measure(step, device, args.repeats, name)
         if seconds is None:
-            rows.append(dict(shape=shape, variant=name, error=peak))
+            rows.append(stream.row(dict(shape=shape, variant=name, error=peak)))
             continue
-        rows.append(dict(shape=shape, variant=name, seconds_ms=seconds * 1e3, peak_extra_mib=peak / 2**20))
+        row = dict(shape=shape, variant=name, seconds_ms=seconds * 1e3, peak_extra_mib=peak / 2**20)
+        base = rows[0] if rows else row  # naive DPO runs first: the baseline
+        if "seconds_ms" in base:
+            row["time_vs_naive"] = row["seconds_ms"] / base["seconds_ms"]
+            row["memory_vs_naive"] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+        rows.append(stream.row(row))
         print(f"  {name:32s} {seconds * 1e3:9.1f} ms {peak / 2**20:8.0f} MiB", file=sys.stderr)
-    base = rows[0]
-    for r in rows:
-        if "seconds_ms" in r and "seconds_ms" in base:
-            r["time_vs_naive"] = r["seconds_ms"] / base["seconds_ms"]
-            r["memory_vs_naive"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
     table = markdown_table(rows, [("shape", "shape", None), ("variant", "variant", None),
                                   ("seconds_ms", "fwd+bwd (ms)", "{:.1f}"), ("time_vs_naive", "time vs naive", "{:.2f}x"),
                                   ("peak_extra_mib", "peak extra (MiB)", "{:.0f}"),
                                   ("memory_vs_naive", "memory vs naive", "{:.3f}x")])
     print(f"\nfastalign {env['fastalign']}, torch {env['torch']}, on {env['device']}, {env['date']}\n")
     print(table)
-    path = write_results("dpo_loss", env, rows, table)
+    path = write_results("dpo_loss", env, rows, table, args.out)
     plot = ratio_plot("dpo_loss", env, [r for r in rows if "time_vs_naive" in r], "shape", "variant",
-                      [("time_vs_naive", "fwd+bwd time vs naive DPO"), ("memory_vs_naive", "peak extra memory vs naive")])
+                      [("time_vs_naive", "fwd+bwd time vs naive DPO"), ("memory_vs_naive", "peak extra memory vs naive")],
+                      args.out)
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
     return 0
 

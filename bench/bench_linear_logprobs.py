@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastalign as fa  # noqa: E402
-from bench.common import environment, markdown_table, ratio_plot, write_results  # noqa: E402
+from bench.common import (JsonlStream, add_common_args, dryrun, environment, markdown_table, ratio_plot,  # noqa: E402
+                          write_results)
 from fastalign.profiling import PeakMemory, _sync  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
@@ -33,35 +34,6 @@ def floor_gemms(hidden, weight, backward):
         d_logits = logits  # same shape and dtype; the values do not matter for time
         _ = d_logits @ weight
         _ = d_logits.t() @ hidden
-
-
-def cpu_model():
-    """CPU model name and the SIMD flags that decide BLAS and vector speed, from /proc/cpuinfo (Linux)."""
-    out = {"cpu_model": None, "cpu_flags": None}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and out["cpu_model"] is None:
-                    out["cpu_model"] = value.strip()
-                elif key == "flags" and out["cpu_flags"] is None:
-                    out["cpu_flags"] = " ".join(x for x in value.split() if x.startswith(("avx", "fma", "amx", "sse4")))
-                elif key == "cpu family" and "cpu_family" not in out:
-                    out["cpu_family"] = value.strip()
-    except OSError:
-        pass
-    out["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return out
-
-
-def git_commit():
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except Exception:
-        return None
 
 
 def interleaved_medians(steps, device, repeats):
@@ -116,7 +88,8 @@ def _with_strategy(module, strategy, fn):
     return fn()
 
 
-def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None):
+def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream=None):
+    stream = stream or JsonlStream(None, "", {})
     torch.manual_seed(0)
     hidden = (torch.randn(n, h, device=device) * 0.5).to(dtype)
     weight = (torch.randn(v, h, device=device) * 0.02).to(dtype)
@@ -138,13 +111,15 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None):
                 peak = mem.peak_bytes
             except Exception as exc:  # e.g. torch.compile unavailable, out of memory: the others still run
                 print(f"  {name} {mode}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
-                rows.append(dict(shape=shape, mode=mode, variant=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+                rows.append(stream.row(dict(shape=shape, mode=mode, variant=name,
+                                            error=f"{type(exc).__name__}: {exc}"[:300])))
                 continue
             steps[name], peaks[name] = step, peak
         steps[floor_name] = lambda: floor_gemms(hidden, weight, backward)
         steps[floor_name]()
         medians = interleaved_medians(steps, device, repeats)
         floor = medians[floor_name]
+        base = medians.get("naive")
         for name, seconds in medians.items():
             is_floor = name == floor_name
             row = dict(shape=shape, mode=mode, variant=name, seconds=seconds,
@@ -152,15 +127,13 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None):
                        time_vs_floor=seconds / floor)
             if not is_floor:
                 row["peak_extra_mib"] = peaks[name] / 2**20
-            rows.append(row)
+            if base:
+                row["time_vs_naive"] = seconds / base
+                if not is_floor and peaks.get("naive"):
+                    row["memory_vs_naive"] = peaks[name] / peaks["naive"]
+            rows.append(stream.row(row))
             print(f"  {shape} {mode:8s} {name:26s} {seconds * 1e3:9.1f} ms  {seconds / floor:5.2f}x floor  "
                   f"{peaks.get(name, 0) / 2**20:8.0f} MiB", file=sys.stderr)
-    for r in rows:
-        base = next((b for b in rows if b["mode"] == r["mode"] and b["variant"] == "naive" and "seconds" in b), None)
-        if base and "seconds" in r:
-            r["time_vs_naive"] = r["seconds"] / base["seconds"]
-            if r.get("peak_extra_mib") is not None and base["peak_extra_mib"] > 0:
-                r["memory_vs_naive"] = r["peak_extra_mib"] / base["peak_extra_mib"]
     return rows
 
 
@@ -244,6 +217,7 @@ def main(argv=None):
                    help="instead: grad_filter_eps on cpp, speed-up and gradient error on a peaked distribution")
     p.add_argument("--only", help="comma-separated substrings: run only the variants whose name holds one "
                                    "(naive always runs: it is the baseline)")
+    add_common_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,11 +225,12 @@ def main(argv=None):
     dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"]))]
     default = ["16384,4096,128256"] if device.type == "cuda" else ["1024,512,32000", "2048,1024,32000"]
     shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or default)]
+    if dryrun():  # the plumbing in seconds: tiny shapes, one repeat, no compilation
+        shapes, dtypes, args.repeats, args.no_compile = [(64, 32, 256)], [torch.float32], 1, True
     env = environment()
-    env.update(cpu_model())
-    env["git_commit"] = git_commit()
+    stream = JsonlStream(args.jsonl, "linear_logprobs", env)
     if args.grad_filter:
-        rows = grad_filter_study(args.repeats)
+        rows = [stream.row(r) for r in grad_filter_study(args.repeats)]
         columns = [("variant", "variant", None), ("seconds_ms", "time (ms)", "{:.0f}"),
                    ("time_vs_unfiltered", "time vs unfiltered", "{:.2f}x"),
                    ("rel_err_d_hidden", "d_hidden rel. err", "{:.1e}"), ("rel_err_d_weight", "d_weight rel. err", "{:.1e}"),
@@ -264,14 +239,15 @@ def main(argv=None):
             r["seconds_ms"] = r["seconds"] * 1e3
         table = markdown_table(rows, columns)
         print(table)
-        print(write_results("linear_logprobs-grad-filter" + (f"-{args.tag}" if args.tag else ""), env, rows, table))
+        print(write_results("linear_logprobs-grad-filter" + (f"-{args.tag}" if args.tag else ""), env, rows, table,
+                            args.out))
         return 0
     rows = []
     for n, h, v in shapes:
         for dtype in dtypes:
             only = None if not args.only else ["naive"] + args.only.split(",")
-            rows += bench_shape(n, h, v, dtype, device, args.repeats, not args.no_compile, only)
-    checks = cpu_checks(rows) if device.type == "cpu" else []
+            rows += bench_shape(n, h, v, dtype, device, args.repeats, not args.no_compile, only, stream)
+    checks = [stream.row(c) for c in (cpu_checks(rows) if device.type == "cpu" else [])]
     rows += checks
     env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     columns = [("shape", "shape", None), ("mode", "pass", None), ("variant", "variant", None),
@@ -288,12 +264,12 @@ def main(argv=None):
           f"{env.get('cpu_model')} [{env.get('cpu_flags')}], load {env.get('load_average')}, {env['date']}\n")
     print(table)
     name = "linear_logprobs" + (f"-{args.tag}" if args.tag else "")
-    path = write_results(name, env, rows, table)
+    path = write_results(name, env, rows, table, args.out)
     plot = ratio_plot(name, env, [r for r in rows if r["mode"] == "fwd+bwd" and "seconds" in r],
                       "shape", "variant", [("time_vs_naive", "fwd+bwd time vs naive"),
-                                           ("memory_vs_naive", "peak extra memory vs naive")])
+                                           ("memory_vs_naive", "peak extra memory vs naive")], args.out)
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
-    failed = [c for c in checks if c["status"] == "FAIL"]
+    failed = [c for c in checks if c["status"] == "FAIL"] if not dryrun() else []  # tiny shapes time nothing
     for c in failed:
         print(f"FAIL: cpp is slower than naive at {c['shape']} {c['mode']} ({c['time_vs_naive']:.2f}x)",
               file=sys.stderr)
