@@ -13,8 +13,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -142,6 +144,20 @@ def measure(step, device, repeats, label):
     except Exception as exc:
         print(f"  {label}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return None, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def interleaved_medians(steps, device, repeats):
+    """{name: median seconds}: each round runs every step once, so load changes hit every variant alike."""
+    from fastalign.profiling import _sync
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def markdown_table(rows, columns):
