@@ -42,11 +42,11 @@ def cce_linear_cross_entropy(device, impl, softcap=None):
     return lambda h, w, t: linear_cross_entropy(h, w, t, softcap=softcap, reduction="sum", impl=impl)
 
 
-def liger_dpo(beta):
+def liger_dpo(beta, compiled=True):
     """(hidden [2B, T, H], weight, labels [2B, T], ref_hidden, ref_weight) -> DPO loss (chosen rows first),
-    or why not."""
+    or why not. compiled: Liger's torch.compile of its chunk step (its default)."""
     if not installed("liger_kernel"):
         return f"liger-kernel {MISSING}"
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-    loss = LigerFusedLinearDPOLoss(beta=beta, compute_nll_loss=False, use_ref_model=True)
+    loss = LigerFusedLinearDPOLoss(beta=beta, compute_nll_loss=False, use_ref_model=True, compiled=compiled)
     return lambda h, w, lab, rh, rw: loss(w, h, lab, ref_input=rh, ref_weight=rw)[0]
