@@ -9,7 +9,7 @@
 #   bash bench/run_gpu.sh all          every stage in turn (local use: longer than one device call)
 # usage: bash bench/run_gpu.sh STAGE [ARGS...]   (ARGS go to the stage's bench scripts)
 #
-# A stage writes three files into $OUT (default bench/results/gpu-run), all as it goes:
+# A stage writes three files into $OUT (default runs/gpu, git-ignored), all as it goes:
 #   gpu-STAGE.log          everything printed, through tee (never tail), Python unbuffered
 #   gpu-STAGE.jsonl        one JSON object per line: the stage's environment (nvidia-smi, versions, date, git
 #                          commit), each step's {"kind": "step", rc, seconds, timed_out}, each test's outcome,
@@ -24,7 +24,7 @@
 # underscores: FASTALIGN_GPU_TIMEOUT_gpu_tests=500); FASTALIGN_GPU_STAGE_BUDGET (s); FASTALIGN_GIT_COMMIT (else
 # `git rev-parse HEAD`, else .whl/GIT_COMMIT written by bench/gpu_wheels.sh); PYTHON (default python3);
 # FASTALIGN_GPU_CPP=1 lets the C++ extension JIT-build there (off: minutes of compiling for a CPU-only backend);
-# FASTALIGN_GPU_PEER_ONLY (variants of the peers stage, default "naive,liger,cce"); FASTALIGN_GPU_WHEELS=1 installs
+# FASTALIGN_GPU_PEER_ONLY (--only of the peers stage's bench_linear_logprobs, default "Liger,CCE"); FASTALIGN_GPU_WHEELS=1 installs
 # .whl/ in a dry run too.
 #
 # The device has torch, triton, transformers and peft but no network and no fastalign install: the package runs
@@ -40,7 +40,7 @@ case " $STAGES all " in
 esac
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$REPO/bench/results/gpu-run}
+OUT=${OUT:-$REPO/runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 LOG=$OUT/gpu-$STAGE.log
 JSONL=$OUT/gpu-$STAGE.jsonl
@@ -174,9 +174,9 @@ stage_losses() { bench bench_dpo_loss 480 bench/bench_dpo_loss.py; }
 stage_e2e() { wheels; bench bench_e2e_dpo 460 bench/bench_e2e_dpo.py; }
 stage_peers() {
     wheels
-    local only=${FASTALIGN_GPU_PEER_ONLY:-naive,liger,cce}
-    bench peers_linear_logprobs 260 bench/bench_linear_logprobs.py --only "$only"
-    bench peers_dpo_loss 200 bench/bench_dpo_loss.py --only "$only"
+    # the peers' variants only (naive always runs: the baseline of the ratios); the DPO-loss bench is small whole
+    bench peers_linear_logprobs 300 bench/bench_linear_logprobs.py --only "${FASTALIGN_GPU_PEER_ONLY:-Liger,CCE}"
+    bench peers_dpo_loss 200 bench/bench_dpo_loss.py
 }
 
 step environment 90 "$PY" bench/gpu_stages/environment.py --stage "$STAGE" --jsonl "$JSONL"
