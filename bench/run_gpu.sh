@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU run in stages, each ONE call of the device tool that ends well inside its 600 s limit and cannot lose
 # what it measured (README: "A session lent a GPU"):
-#   run(command="bash bench/run_gpu.sh tests", timeout_s=600)      gpu-marked tests + a smoke of every backend
-#   run(command="bash bench/run_gpu.sh kernels", timeout_s=600)    bench/bench_linear_logprobs.py
-#   run(command="bash bench/run_gpu.sh losses", timeout_s=600)     bench/bench_dpo_loss.py
-#   run(command="bash bench/run_gpu.sh e2e", carry=[".whl"], timeout_s=600)    bench/bench_e2e_dpo.py (vs TRL)
-#   run(command="bash bench/run_gpu.sh peers", carry=[".whl"], timeout_s=600)  the Liger / Cut Cross-Entropy rows
-#   bash bench/run_gpu.sh all          every stage in turn (local use: longer than one device call)
+#   bash bench/gpu_wheels.sh        here, first: peer wheels + .whl/GIT_COMMIT (the device copy may lack .git)
+#   run(command="bash bench/run_gpu.sh tests", carry=[".whl"], timeout_s=600)    gpu-marked tests + backend smoke
+#   run(command="bash bench/run_gpu.sh kernels", carry=[".whl"], timeout_s=600)  bench/bench_linear_logprobs.py
+#   run(command="bash bench/run_gpu.sh losses", carry=[".whl"], timeout_s=600)   bench/bench_dpo_loss.py
+#   run(command="bash bench/run_gpu.sh e2e", carry=[".whl"], timeout_s=600)      bench/bench_e2e_dpo.py (vs TRL)
+#   run(command="bash bench/run_gpu.sh peers", carry=[".whl"], timeout_s=600)    the Liger / Cut Cross-Entropy rows
+#   bash bench/run_gpu.sh all       every stage in turn (local use: longer than one device call)
 # usage: bash bench/run_gpu.sh STAGE [ARGS...]   (ARGS go to the stage's bench scripts)
 #
 # A stage writes three files into $OUT (default runs/gpu, git-ignored), all as it goes:
@@ -25,7 +26,7 @@
 # `git rev-parse HEAD`, else .whl/GIT_COMMIT written by bench/gpu_wheels.sh); PYTHON (default python3);
 # FASTALIGN_GPU_CPP=1 lets the C++ extension JIT-build there (off: minutes of compiling for a CPU-only backend);
 # FASTALIGN_GPU_PEER_ONLY (--only of the peers stage's bench_linear_logprobs, default "Liger,CCE"); FASTALIGN_GPU_WHEELS=1 installs
-# .whl/ in a dry run too.
+# .whl/ in a dry run too; FASTALIGN_GPU_WHEEL_DIR (default .whl).
 #
 # The device has torch, triton, transformers and peft but no network and no fastalign install: the package runs
 # from a copy where kernels/ sits at fastalign/kernels (what `pip install` does); peers come from .whl/.
@@ -115,12 +116,13 @@ wheels() {
         log "dry run: .whl/ not installed (FASTALIGN_GPU_WHEELS=1 to do it); peers are what $PY already has"
         return 0
     fi
-    if ! ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
-        missing "peer wheels (.whl/*.whl)" "run 'bash bench/gpu_wheels.sh' before the call and pass carry=[\".whl\"]; peers will be rows saying they are not installed"
+    if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        missing "peer wheels ($WHEELS/*.whl)" "run 'bash bench/gpu_wheels.sh' before the call and pass carry=[\".whl\"]; peers will be rows saying they are not installed"
         return 0
     fi
+    # the environment step after this one records their versions (FASTALIGN_GPU_SITE)
     step wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$W/site" "$REPO"/.whl/*.whl && export PYTHONPATH="$PYTHONPATH:$W/site"
+        --target "$W/site" "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:$W/site" FASTALIGN_GPU_SITE="$W/site"
     return 0
 }
 
@@ -132,7 +134,8 @@ COMMIT=${FASTALIGN_GIT_COMMIT:-}
 if [ -z "$COMMIT" ] && HEAD=$(git -C "$REPO" rev-parse HEAD 2>/dev/null); then
     COMMIT=$HEAD$([ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ] && echo +dirty)
 fi
-if [ -z "$COMMIT" ] && [ -f "$REPO/.whl/GIT_COMMIT" ]; then COMMIT="$(cat "$REPO/.whl/GIT_COMMIT") (from .whl/GIT_COMMIT)"; fi
+WHEELS=${FASTALIGN_GPU_WHEEL_DIR:-$REPO/.whl}
+if [ -z "$COMMIT" ] && [ -f "$WHEELS/GIT_COMMIT" ]; then COMMIT="$(cat "$WHEELS/GIT_COMMIT") (from .whl/GIT_COMMIT)"; fi
 export FASTALIGN_GIT_COMMIT=${COMMIT:-unknown}
 log "git commit: $FASTALIGN_GIT_COMMIT"
 
@@ -171,14 +174,14 @@ stage_tests() {
 }
 stage_kernels() { bench bench_linear_logprobs 480 bench/bench_linear_logprobs.py; }
 stage_losses() { bench bench_dpo_loss 480 bench/bench_dpo_loss.py; }
-stage_e2e() { wheels; bench bench_e2e_dpo 460 bench/bench_e2e_dpo.py; }
+stage_e2e() { bench bench_e2e_dpo 460 bench/bench_e2e_dpo.py; }
 stage_peers() {
-    wheels
     # the peers' variants only (naive always runs: the baseline of the ratios); the DPO-loss bench is small whole
     bench peers_linear_logprobs 300 bench/bench_linear_logprobs.py --only "${FASTALIGN_GPU_PEER_ONLY:-Liger,CCE}"
     bench peers_dpo_loss 200 bench/bench_dpo_loss.py
 }
 
+case $STAGE in e2e | peers | all) wheels ;; esac
 step environment 90 "$PY" bench/gpu_stages/environment.py --stage "$STAGE" --jsonl "$JSONL"
 if [ "$STAGE" = all ]; then
     for s in $STAGES; do log "##### stage $s"; "stage_$s"; done

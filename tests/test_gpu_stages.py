@@ -40,8 +40,10 @@ def check_out_folder(out, stage):
         assert len(parts) <= 3 and all(NAME.match(p) for p in parts), f
     assert {f"gpu-{stage}.log", f"gpu-{stage}.jsonl"} <= set(files)
     rows = [json.loads(line) for line in (out / f"gpu-{stage}.jsonl").read_text().splitlines()]
-    env = rows[0]
-    assert env["kind"] == "environment" and env["source"] == "run_gpu.sh" and env["stage"] == stage
+    first = [i for i, r in enumerate(rows) if r["kind"] == "environment"][0]
+    env = rows[first]  # first but for the wheel install's rows (e2e, peers): it records what was installed
+    assert all(r["kind"] in ("step", "missing") for r in rows[:first])
+    assert env["source"] == "run_gpu.sh" and env["stage"] == stage
     assert env["dryrun"] is True and env["git_commit"] and env["date"] and env["versions"]["torch"]
     return rows
 
@@ -99,15 +101,37 @@ def test_a_step_killed_by_its_timeout_keeps_earlier_rows(tmp_path):
     assert "(TIMED OUT)" in (out / "gpu-tests.log").read_text()
 
 
+def fake_wheel(folder, name="fa_fake_peer", version="1.2.3"):
+    """A minimal pure-Python wheel, standing in for the peers' wheels of bench/gpu_wheels.sh."""
+    import zipfile
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{k},,\n" for k in [*files, f"{info}/RECORD"])
+    folder.mkdir()
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["kernels", "losses", "e2e", "peers"])
 def test_bench_stages(tmp_path, stage):
     """Each bench stage streams the bench's own rows (--jsonl) into the stage's JSONL; a bench script that is
-    not in this checkout is a "missing" row, and the stage still succeeds."""
-    r, out = run_stage(tmp_path, stage)
+    not in this checkout is a "missing" row, and the stage still succeeds. e2e also installs a wheel folder
+    (as from bench/gpu_wheels.sh) and its environment row sees the installed package."""
+    env = {}
+    if stage == "e2e":
+        fake_wheel(tmp_path / "whl")
+        env = dict(FASTALIGN_GPU_WHEELS="1", FASTALIGN_GPU_WHEEL_DIR=str(tmp_path / "whl"))
+    r, out = run_stage(tmp_path, stage, **env)
     rows = check_out_folder(out, stage)
     st = steps(rows)
     assert st["environment"]["rc"] == 0
+    if stage == "e2e":
+        assert st["wheels"]["rc"] == 0
+        assert [x for x in rows if x["kind"] == "environment"][0]["wheels"] == {"fa_fake_peer": "1.2.3"}
     for name in BENCH[stage]:
         script = f"bench/{SCRIPTS[name]}"
         if not os.path.exists(os.path.join(ROOT, script)):

@@ -48,13 +48,31 @@ def versions():
     return out
 
 
+def wheel_versions():
+    """{distribution: version} of what run_gpu.sh installed from .whl/ ($FASTALIGN_GPU_SITE), read through
+    sys.path: a version here means the stage's Python sees the package."""
+    from importlib import metadata
+    site = os.environ.get("FASTALIGN_GPU_SITE")
+    if not site or not os.path.isdir(site):
+        return None
+    out = {}
+    for dist in metadata.distributions(path=[site]):
+        name = dist.metadata["Name"]
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def environment(stage):
     env = {"kind": "environment", "source": "run_gpu.sh", "stage": stage,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "git_commit": os.environ.get("FASTALIGN_GIT_COMMIT") or None,
            "dryrun": os.environ.get("FASTALIGN_GPU_DRYRUN", "0") not in ("", "0"),
            "python": platform.python_version(), "platform": platform.platform(), "hostname": platform.node(),
-           "cpu_count": os.cpu_count(), "nvidia_smi": nvidia_smi(), "versions": versions()}
+           "cpu_count": os.cpu_count(), "nvidia_smi": nvidia_smi(), "versions": versions(),
+           "wheels": wheel_versions()}
     try:
         import torch
         env["cuda_available"] = torch.cuda.is_available()
@@ -89,7 +107,8 @@ def main(argv=None):
     env = environment(args.stage)
     with open(args.jsonl, "a") as f:
         f.write(json.dumps(env, default=str) + "\n")
-    for key in ("date", "git_commit", "device", "python", "versions", "backends", "torch_error", "fastalign_error"):
+    for key in ("date", "git_commit", "device", "python", "versions", "wheels", "backends", "torch_error",
+                "fastalign_error"):
         if key in env:
             print(f"{key}: {env[key]}")
     return 0
