@@ -97,11 +97,11 @@ bench() {
     if [ ! -f "$W/$script" ]; then missing "$script" "not in this checkout"; return 0; fi
     local before
     before=$(wc -l <"$LOG")
-    step "$name" "$limit" "$PY" "$script" --jsonl "$JSONL" --out "$W/results" "$@" "${EXTRA[@]}"
+    step "$name" "$limit" "$PY" "$script" --jsonl "$JSONL" --out "$W/results" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
     local rc=$?
     if [ "$rc" = 2 ] && tail -n +"$((before + 1))" "$LOG" | grep -q "unrecognized arguments"; then
         missing "$script $(tail -n +"$((before + 1))" "$LOG" | grep -o 'unrecognized arguments:.*' | head -1)" \
-            "the script predates the bench contract (--jsonl/--out); counted as a failed step"
+            "the script does not take these arguments (the bench contract: --jsonl PATH, --out DIR); a failed step"
     fi
     # the bench's JSON/PNG files, refreshed after every bench step so a later kill keeps them
     if [ -d "$W/results" ] && [ -n "$(ls -A "$W/results")" ]; then
@@ -144,8 +144,8 @@ trap 'rm -rf "$W"' EXIT
 for p in fastalign kernels csrc tests bench setup.py pyproject.toml; do
     [ -e "$REPO/$p" ] && cp -r "$REPO/$p" "$W/"
 done
-rm -rf "$W/fastalign/kernels" "$W/bench/results"
-mv "$W/kernels" "$W/fastalign/kernels"
+rm -rf "$W/bench/results"
+if [ -d "$W/kernels" ]; then rm -rf "$W/fastalign/kernels" && mv "$W/kernels" "$W/fastalign/kernels"; fi
 mkdir -p "$W/results"
 cd "$W" || exit 2
 export PYTHONPATH=$W
@@ -170,7 +170,7 @@ stage_tests() {
     "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout=240)
     # shellcheck disable=SC2086
     step gpu-tests 400 "$PY" -m pytest -q -ra -p no:cacheprovider -p bench.gpu_stages.pytest_jsonl -m gpu \
-        "${opts[@]}" $files
+        ${opts[@]+"${opts[@]}"} $files
 }
 stage_kernels() { bench bench_linear_logprobs 480 bench/bench_linear_logprobs.py; }
 stage_losses() { bench bench_dpo_loss 480 bench/bench_dpo_loss.py; }

@@ -20,14 +20,14 @@ SCRIPTS = {"bench_linear_logprobs": "bench_linear_logprobs.py", "bench_dpo_loss"
            "peers_dpo_loss": "bench_dpo_loss.py"}
 
 
-def run_stage(tmp_path, stage, **env):
+def run_stage(tmp_path, stage, *args, **env):
     out = tmp_path / "out"
     full = dict(os.environ, OUT=str(out), TMPDIR=str(tmp_path), FASTALIGN_GPU_DRYRUN="1", PYTHON=sys.executable,
                 OMP_NUM_THREADS="1", **env)
     for key in ("TRITON_INTERPRET", "FASTALIGN_GPU_STEP_TIMEOUT", "FASTALIGN_GPU_STAGE_BUDGET"):
         if key not in env:
             full.pop(key, None)
-    r = subprocess.run(["bash", SCRIPT, stage], env=full, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(["bash", SCRIPT, stage, *args], env=full, capture_output=True, text=True, timeout=400)
     return r, out
 
 
@@ -142,3 +142,14 @@ def test_bench_stages(tmp_path, stage):
     if any(name in st for name in BENCH[stage]):
         assert benches and benches[0]["kind"] == "environment" and any(x["kind"] == "row" for x in benches)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_a_flag_the_bench_does_not_take_is_recorded(tmp_path):
+    """Extra arguments go to the stage's bench; one it does not take is a "missing" row and a failed step."""
+    r, out = run_stage(tmp_path, "losses", "--no-such-flag")
+    assert r.returncode == 1
+    rows = check_out_folder(out, "losses")
+    assert steps(rows)["bench_dpo_loss"]["rc"] == 2
+    miss = [x for x in rows if x["kind"] == "missing"]
+    assert miss and miss[0]["what"] == "bench/bench_dpo_loss.py unrecognized arguments: --no-such-flag"
