@@ -209,7 +209,10 @@ def ratio_plot(name, env, rows, group_key, label_key, metrics, out_dir=None):
         ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(groups))])
         ax.set_xticklabels(groups, fontsize=8)
         ax.set_title(title)
-    axes[0][0].legend(fontsize=8)
+    if labels:
+        axes[0][0].legend(fontsize=8)
+    else:  # nothing measured against the baseline (e.g. the baseline peer is not installed)
+        axes[0][0].text(0.5, 0.5, "no ratios: the baseline did not run", ha="center", transform=axes[0][0].transAxes)
     fig.suptitle(f"{name} on {env['device']}")
     fig.tight_layout()
     path = result_path(name, env, "png", out_dir)
