@@ -3,7 +3,7 @@
 # what it measured (README: "A session lent a GPU"):
 #   bash bench/gpu_wheels.sh        here, first: peer wheels + .whl/GIT_COMMIT (the device copy may lack .git)
 #   run(command="bash bench/run_gpu.sh tests", carry=[".whl"], timeout_s=600)    gpu-marked tests + backend smoke
-#   run(command="bash bench/run_gpu.sh kernels", carry=[".whl"], timeout_s=600)  bench/bench_linear_logprobs.py
+#   run(command="bash bench/run_gpu.sh kernels", carry=[".whl"], timeout_s=600)  bench_linear_logprobs.py per head
 #   run(command="bash bench/run_gpu.sh losses", carry=[".whl"], timeout_s=600)   bench/bench_dpo_loss.py
 #   run(command="bash bench/run_gpu.sh e2e", carry=[".whl"], timeout_s=600)      bench/bench_e2e_dpo.py (vs TRL)
 #   run(command="bash bench/run_gpu.sh peers", carry=[".whl"], timeout_s=600)    the Liger / Cut Cross-Entropy rows
@@ -21,8 +21,9 @@
 # "missing" row, not a failure. Exit status: 0 when every step that ran exited 0, 1 otherwise, 2 bad usage.
 #
 # Environment: OUT; FASTALIGN_GPU_DRYRUN=1 (tiny shapes, CPU: the plumbing, tested by tests/test_gpu_stages.py);
-# FASTALIGN_GPU_STEP_TIMEOUT caps every step's timeout; FASTALIGN_GPU_TIMEOUT_<step> sets one step's (dashes as
-# underscores: FASTALIGN_GPU_TIMEOUT_gpu_tests=500); FASTALIGN_GPU_STAGE_BUDGET (s); FASTALIGN_GIT_COMMIT (else
+# FASTALIGN_GPU_STEP_TIMEOUT caps every step's timeout; FASTALIGN_GPU_TIMEOUT_<step> sets one step's (other
+# characters than letters, digits, _ as _: FASTALIGN_GPU_TIMEOUT_gpu_tests=500); FASTALIGN_GPU_STAGE_BUDGET (s);
+# FASTALIGN_GPU_HEADS (the kernels stage's heads, one step each; ARGS instead run one step with them); FASTALIGN_GIT_COMMIT (else
 # `git rev-parse HEAD`, else .whl/GIT_COMMIT written by bench/gpu_wheels.sh); PYTHON (default python3);
 # FASTALIGN_GPU_CPP=1 lets the C++ extension JIT-build there (off: minutes of compiling for a CPU-only backend);
 # FASTALIGN_GPU_PEER_ONLY (--only of the peers stage's bench_linear_logprobs, default "Liger,CCE"); FASTALIGN_GPU_WHEELS=1 installs
@@ -69,7 +70,7 @@ missing() {  # missing WHAT WHY: recorded, not a failure
 step() {
     local name=$1 limit=$2 t0=$SECONDS rc timed_out=false
     shift 2
-    local left=$((BUDGET - (SECONDS - START) - 10)) override="FASTALIGN_GPU_TIMEOUT_${name//-/_}"
+    local left=$((BUDGET - (SECONDS - START) - 10)) override="FASTALIGN_GPU_TIMEOUT_${name//[^A-Za-z0-9_]/_}"
     limit=${!override:-$limit}
     if [ -n "$STEP_CAP" ] && [ "$STEP_CAP" -lt "$limit" ]; then limit=$STEP_CAP; fi
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
@@ -172,7 +173,14 @@ stage_tests() {
     step gpu-tests 400 "$PY" -m pytest -q -ra -p no:cacheprovider -p bench.gpu_stages.pytest_jsonl -m gpu \
         ${opts[@]+"${opts[@]}"} $files
 }
-stage_kernels() { bench bench_linear_logprobs 480 bench/bench_linear_logprobs.py; }
+stage_kernels() {
+    if [ ${#EXTRA[@]} -gt 0 ]; then bench bench_linear_logprobs 480 bench/bench_linear_logprobs.py; return; fi
+    # one step per model head (each with its own JSON/PNG tag): a head whose autotuning runs long cannot starve
+    # the others, and a kill loses one head at most
+    for head in ${FASTALIGN_GPU_HEADS:-llama3-8b qwen2.5-0.5b gemma2-2b}; do
+        bench "kernels_$head" 170 bench/bench_linear_logprobs.py --heads "$head" --tag "$head"
+    done
+}
 stage_losses() { bench bench_dpo_loss 480 bench/bench_dpo_loss.py; }
 stage_e2e() { bench bench_e2e_dpo 460 bench/bench_e2e_dpo.py; }
 stage_peers() {

@@ -13,9 +13,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "run_gpu.sh")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-BENCH = {"kernels": ["bench_linear_logprobs"], "losses": ["bench_dpo_loss"], "e2e": ["bench_e2e_dpo"],
+HEADS = ["kernels_llama3-8b", "kernels_qwen2.5-0.5b", "kernels_gemma2-2b"]
+BENCH = {"kernels": HEADS, "losses": ["bench_dpo_loss"], "e2e": ["bench_e2e_dpo"],
          "peers": ["peers_linear_logprobs", "peers_dpo_loss"]}
-SCRIPTS = {"bench_linear_logprobs": "bench_linear_logprobs.py", "bench_dpo_loss": "bench_dpo_loss.py",
+SCRIPTS = {**{h: "bench_linear_logprobs.py" for h in HEADS}, "bench_dpo_loss": "bench_dpo_loss.py",
            "bench_e2e_dpo": "bench_e2e_dpo.py", "peers_linear_logprobs": "bench_linear_logprobs.py",
            "peers_dpo_loss": "bench_dpo_loss.py"}
 
