@@ -277,7 +277,9 @@ def _run_cli(argv, out_dir, port=None):
     import os
     import subprocess
     import sys
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    # CPU and gloo on any machine (CUDA hidden): with one GPU, rank 1 would ask for cuda:1
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+               CUDA_VISIBLE_DEVICES="")
     if port is not None:
         env["PET_MASTER_PORT"] = str(port)  # torchrun's --master-port, without changing the command
     r = subprocess.run(argv + TINY_RUN + ["--output-dir", str(out_dir)], env=env, capture_output=True, text=True,
