@@ -1,9 +1,12 @@
-"""DPO loss from hidden states: FusedDPOLoss vs naive PyTorch DPO (materialized logits) and, where installed
-and on CUDA, Liger-Kernel's LigerFusedLinearDPOLoss. Same shapes, reference from ref_hidden/ref_weight,
-forward+backward median time and peak extra memory, as ratios against naive measured in the same run.
+"""DPO loss from hidden states, side by side in one run: naive PyTorch DPO (materialized logits, as TRL's
+logits path computes it), fastalign's FusedDPOLoss on every backend, and Liger-Kernel's LigerFusedLinearDPOLoss
+(optional peer, `pip install 'fastalign[bench]'`; missing, it is a row saying so). Same shapes, same inputs,
+reference log-probs from ref_hidden/ref_weight; forward+backward median time (repeats interleaved across
+variants) and peak extra memory, as ratios against naive measured in the same run; "loss err" checks each
+variant's loss against naive's.
 
   python bench/bench_dpo_loss.py                   # CPU shape, or a Llama-3-8B-like shape on CUDA
-  python bench/bench_dpo_loss.py --pairs 4 --seq 512 --hidden 1024 --vocab 32000
+  python bench/bench_dpo_loss.py --pairs 4 --seq 512 --hidden 1024 --vocab 32000 --jsonl rows.jsonl
 """
 import argparse
 import os
@@ -14,11 +17,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastalign as fa  # noqa: E402
-from bench.common import environment, markdown_table, measure, ratio_plot, write_results  # noqa: E402
+from bench import peers  # noqa: E402
+from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
+                          markdown_table, ratio_plot, write_results)
+from fastalign.profiling import PeakMemory  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
+BETA = 0.1
+DEFAULTS = {"cuda": dict(pairs=4, seq=1024, hidden=4096, vocab=128256),
+            "cpu": dict(pairs=4, seq=256, hidden=1024, vocab=32000),
+            "dryrun": dict(pairs=2, seq=16, hidden=32, vocab=256)}
 
-def naive_dpo(hidden, weight, labels, ref_hidden, ref_weight, beta=0.1):
+
+def naive_dpo(hidden, weight, labels, ref_hidden, ref_weight, beta=BETA):
     """Plain PyTorch DPO as TRL computes it: full logits for policy and reference."""
     b2, t, h = hidden.shape
 
@@ -32,38 +43,34 @@ def naive_dpo(hidden, weight, labels, ref_hidden, ref_weight, beta=0.1):
     return fa.dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta=beta).mean()
 
 
-def variants(device):
-    out = [("naive DPO", naive_dpo)]
+# ---- the variants: each entry maps (device, compiled) to [(name, fn or why-not string)] ------------------------
+# fn(hidden [2B, T, H], weight [V, H], labels [2B, T], ref_hidden, ref_weight) -> scalar loss (chosen rows first).
+# Adding a row is adding one entry to VARIANTS.
+
+def _naive(device, compiled):
+    return [("naive DPO", naive_dpo)]
+
+
+def _fused(device, compiled):
+    out = []
     for backend in fa.available_backends():
         if (backend == "cpp" and device.type != "cpu") or (backend == "triton" and device.type != "cuda"):
             continue
-        fn = fa.FusedDPOLoss(beta=0.1, backend=backend)
+        fn = fa.FusedDPOLoss(beta=BETA, backend=backend)
         out.append((f"FusedDPOLoss[{backend}]", (lambda fn: lambda h, w, l, rh, rw: fn(
             h, w, l, ref_hidden=rh, ref_weight=rw).loss)(fn)))
-    if device.type == "cuda":
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-            liger = LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=True)
-            out.append(("Liger LigerFusedLinearDPOLoss",
-                        lambda h, w, l, rh, rw: liger(w, h, l, ref_input=rh, ref_weight=rw)[0]))
-        except ImportError:
-            print("  liger-kernel not installed: Liger column skipped", file=sys.stderr)
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    d = dict(pairs=4, seq=1024, hidden=4096, vocab=128256) if device.type == "cuda" else \
-        dict(pairs=4, seq=256, hidden=1024, vocab=32000)
-    b, t, h, v = (getattr(args, k) or d[k] for k in ("pairs", "seq", "hidden", "vocab"))
+def _liger(device, compiled):
+    return [("Liger FusedLinearDPOLoss" + ("" if compiled else " (compiled=False)"),
+             peers.liger_dpo(BETA, compiled=compiled))]
+
+
+VARIANTS = [_naive, _fused, _liger]
+
+
+def bench_shape(b, t, h, v, dtype, device, repeats, compiled, stream):
     torch.manual_seed(0)
     hidden = (torch.randn(2 * b, t, h, device=device) * 0.5).to(dtype)
     ref_hidden = (hidden.float() + 0.05 * torch.randn_like(hidden.float())).to(dtype)
@@ -71,36 +78,92 @@ def main(argv=None):
     ref_weight = weight.clone()
     labels = torch.randint(0, v, (2 * b, t), device=device)
     labels[:, : t // 4] = -100  # prompt tokens, as in real preference data
-    shape = f"B={b} pairs T={t} H={h} V={v} {str(dtype).split('.')[-1]}"
-    env = environment()
-    rows = []
-    for name, fn in variants(device):
-        def step():
+    fields = dict(shape=f"B={b} pairs T={t} H={h} V={v} {str(dtype).split('.')[-1]}", pairs=b, seq=t, h=h, v=v,
+                  dtype=str(dtype).split(".")[-1])
+    steps, peaks, losses, not_run = {}, {}, {}, []
+    for name, fn in [v for factory in VARIANTS for v in factory(device, compiled)]:
+        if isinstance(fn, str):
+            not_run.append(stream.row(dict(fields, variant=name, skipped=fn)))
+            continue
+
+        def step(fn=fn):
             hh = hidden.detach().requires_grad_()
             ww = weight.detach().requires_grad_()
-            fn(hh, ww, labels, ref_hidden, ref_weight).backward()
-        seconds, peak = measure(step, device, args.repeats, name)
-        if seconds is None:
-            rows.append(dict(shape=shape, variant=name, error=peak))
+            loss = fn(hh, ww, labels, ref_hidden, ref_weight)
+            loss.backward()
+            return loss.detach()
+        try:  # warm-up (compilation happens here), then one run for peak memory
+            losses[name] = step().item()
+            with PeakMemory(device) as mem:
+                step()
+        except Exception as exc:  # out of memory, a peer's failure: the others still run
+            print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+            not_run.append(stream.row(dict(fields, variant=name, error=f"{type(exc).__name__}: {exc}"[:300])))
             continue
-        rows.append(dict(shape=shape, variant=name, seconds_ms=seconds * 1e3, peak_extra_mib=peak / 2**20))
-        print(f"  {name:32s} {seconds * 1e3:9.1f} ms {peak / 2**20:8.0f} MiB", file=sys.stderr)
-    base = rows[0]
+        steps[name], peaks[name] = step, mem.peak_bytes
+    medians = interleaved_medians(steps, device, repeats)
+    rows, base = [], "naive DPO"
+    for name, seconds in medians.items():
+        row = dict(fields, variant=name, seconds_ms=seconds * 1e3, peak_extra_mib=peaks[name] / 2**20,
+                   loss=losses[name])
+        if base in medians:
+            row["time_vs_naive"] = seconds / medians[base]
+            row["memory_vs_naive"] = peaks[name] / max(peaks[base], 1)
+            row["loss_abs_err"] = abs(losses[name] - losses[base])
+        rows.append(stream.row(row))
+        print(f"  {name:36s} {seconds * 1e3:9.1f} ms {peaks[name] / 2**20:8.0f} MiB", file=sys.stderr)
+    return rows + not_run
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for k in ("pairs", "seq", "hidden", "vocab"):
+        p.add_argument(f"--{k}", type=int, help=f"default: {DEFAULTS['cpu'][k]} on CPU, {DEFAULTS['cuda'][k]} on CUDA")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="Liger without its torch.compile (compiled=False)")
+    add_common_args(p)
+    return p
+
+
+COLUMNS = [("shape", "shape", None), ("variant", "variant", None), ("seconds_ms", "fwd+bwd (ms)", "{:.1f}"),
+           ("time_vs_naive", "time vs naive", "{:.2f}x"), ("peak_extra_mib", "peak extra (MiB)", "{:.0f}"),
+           ("memory_vs_naive", "memory vs naive", "{:.3f}x"), ("loss_abs_err", "loss err", "{:.0e}"),
+           ("note", "note", None)]
+
+
+def run(args):
+    """Measure what args ask for; returns (env, rows, table, exit status). Used by `fastalign bench` too."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = DEFAULTS["dryrun" if dryrun() else device.type]
+    if dryrun():  # the plumbing in seconds: tiny shapes, one repeat, Liger uncompiled
+        args.repeats, args.no_compile = 1, True
+    b, t, h, v = (getattr(args, k) or d[k] for k in ("pairs", "seq", "hidden", "vocab"))
+    for k, x in zip(("pairs", "seq", "hidden", "vocab"), (b, t, h, v)):
+        if x < 1:
+            raise ValueError(f"--{k} must be a positive integer, got {x}")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    env = environment()
+    stream = JsonlStream(args.jsonl, "dpo_loss", env)
+    rows = bench_shape(b, t, h, v, dtype, device, args.repeats, not args.no_compile, stream)
+    stream.close()
     for r in rows:
-        if "seconds_ms" in r and "seconds_ms" in base:
-            r["time_vs_naive"] = r["seconds_ms"] / base["seconds_ms"]
-            r["memory_vs_naive"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
-    table = markdown_table(rows, [("shape", "shape", None), ("variant", "variant", None),
-                                  ("seconds_ms", "fwd+bwd (ms)", "{:.1f}"), ("time_vs_naive", "time vs naive", "{:.2f}x"),
-                                  ("peak_extra_mib", "peak extra (MiB)", "{:.0f}"),
-                                  ("memory_vs_naive", "memory vs naive", "{:.3f}x")])
-    print(f"\nfastalign {env['fastalign']}, torch {env['torch']}, on {env['device']}, {env['date']}\n")
+        r["note"] = r.get("skipped") or r.get("error") or ""
+    return env, rows, markdown_table(rows, COLUMNS), 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    env, rows, table, status = run(args)
+    print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, on {env['device']}, "
+          f"{env.get('cpu_model')}, load {env.get('load_average')}, {env['date']}\n")
     print(table)
-    path = write_results("dpo_loss", env, rows, table)
+    path = write_results("dpo_loss", env, rows, table, args.out)
     plot = ratio_plot("dpo_loss", env, [r for r in rows if "time_vs_naive" in r], "shape", "variant",
-                      [("time_vs_naive", "fwd+bwd time vs naive DPO"), ("memory_vs_naive", "peak extra memory vs naive")])
+                      [("time_vs_naive", "fwd+bwd time vs naive DPO"), ("memory_vs_naive", "peak extra memory vs naive")],
+                      args.out)
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -1,29 +1,112 @@
-"""Microbenchmark of the fused op: every backend vs naive PyTorch (materialized logits), torch.compile of
-it, and the plain GEMMs of the same shapes (the floor: 1 GEMM for forward, 3 for forward+backward).
-Forward and forward+backward, median time and peak extra memory, as ratios against naive and against the
-floor measured in the same run (repeats interleaved across variants, so load on a shared machine hits all
-of them alike), GFLOP/s for every row. On CPU a CHECK row fails (exit status 1) when the cpp backend, which
-backend="auto" picks there, is slower than naive PyTorch.
+"""Microbenchmark of the fused op, side by side with its peers in one run: naive PyTorch (materialized
+logits), naive under torch.compile, every fastalign backend, Liger-Kernel's LigerFusedLinearCrossEntropyLoss,
+Cut Cross-Entropy's linear_cross_entropy (peers optional: `pip install 'fastalign[bench]'`; a missing peer is a
+row saying so), and the plain GEMMs of the same shapes (the floor, on CUDA the cuBLAS roofline: 1 GEMM for
+forward, 3 for forward+backward).
 
-  python bench/bench_linear_logprobs.py                  # CPU shapes (fp32 and bf16), or the H100 shape on CUDA
-  python bench/bench_linear_logprobs.py --shape 4096,2048,32000 --dtype float32 --repeats 5
+Forward and forward+backward, median time and peak extra memory, as ratios against naive and against the floor
+measured in the same run (repeats interleaved across variants, so load on a shared machine hits all of them
+alike), GFLOP/s and the fraction of the GEMM roofline for every row. The fastalign and naive rows compute
+per-token log-probs (backward of their sum); the Liger and CCE rows compute the per-token NLL sum = -sum logp
+(its backward has the same cost): the "value err" column checks each row against naive's sum.
+On CPU a CHECK row fails (exit status 1) when the cpp backend, which backend="auto" picks there, is slower than
+naive PyTorch.
+
+  python bench/bench_linear_logprobs.py                  # CPU goal shapes (fp32, bf16), or the named heads on CUDA
+  python bench/bench_linear_logprobs.py --heads          # the named heads (scaled down on CPU, see HEADS)
+  python bench/bench_linear_logprobs.py --heads llama3-8b --n 4096 --repeats 10
+  python bench/bench_linear_logprobs.py --shape 4096,2048,32000 --dtype float32 --repeats 5 --jsonl rows.jsonl
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 import fastalign as fa  # noqa: E402
-from bench.common import environment, markdown_table, ratio_plot, write_results  # noqa: E402
-from fastalign.profiling import PeakMemory, _sync  # noqa: E402
+from bench import peers  # noqa: E402
+from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
+                          markdown_table, ratio_plot, write_results)
+from fastalign.profiling import PeakMemory  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Output heads of real models: (H, V, final-logit softcap). On CUDA N in {4096, 16384}; on CPU the shape is
+# scaled so that a run takes seconds: V and the softcap stay, H becomes CPU_HEAD_H and N CPU_HEAD_N.
+HEADS = {"llama3-8b": (4096, 128256, None), "qwen2.5-0.5b": (896, 151936, None), "gemma2-2b": (2304, 256000, 30.0)}
+GPU_HEAD_NS = (4096, 16384)
+CPU_HEAD_H, CPU_HEAD_N = 256, 256
+CPU_GOAL_SHAPES = ("1024,512,32000", "2048,1024,32000")  # the cpp goal (issue 10 part 4), fp32 and bf16
+
+
+class Ctx:
+    """What a variant factory may look at: device, dtype, softcap, and whether torch.compile rows run."""
+
+    def __init__(self, device, dtype, softcap, with_compile):
+        self.device, self.dtype, self.softcap, self.with_compile = device, dtype, softcap, with_compile
+
+
+# ---- the variants: each entry maps a Ctx to [(name, fn or why-not string, sign)] --------------------------------
+# fn(hidden [N, H], weight [V, H], targets [N]) returns per-token log-probs (sign +1) or the NLL sum (sign -1);
+# the step differentiates out.sum(). A string instead of fn becomes a row saying why the variant did not run.
+# Adding a row is adding one entry to VARIANTS.
+
+def _naive(ctx):
+    return [("naive", lambda h, w, t: naive_linear_logprobs(h, w, t, softcap=ctx.softcap), 1)]
+
+
+def _naive_compile(ctx):
+    if not ctx.with_compile:
+        return [("naive+compile", "skipped (--no-compile, or a dry run)", 1)]
+    compiled = torch.compile(naive_linear_logprobs, dynamic=False)
+    return [("naive+compile", lambda h, w, t: compiled(h, w, t, softcap=ctx.softcap), 1)]
+
+
+def _fastalign(ctx):
+    out = []
+    for b in fa.available_backends():
+        if (b == "cpp" and ctx.device.type != "cpu") or (b == "triton" and ctx.device.type != "cuda"):
+            continue
+        if b == "triton":  # every backward strategy, so one GPU run decides the default
+            from fastalign.backends import triton_backend
+            for strategy in triton_backend.STRATEGIES:
+                out.append((f"fastalign[triton:{strategy}]", (lambda s: lambda h, w, t: _with_strategy(
+                    triton_backend, s, lambda: fa.linear_logprobs(h, w, t, softcap=ctx.softcap,
+                                                                  backend="triton")))(strategy), 1))
+            continue
+        out.append((f"fastalign[{b}]", (lambda b: lambda h, w, t: fa.linear_logprobs(
+            h, w, t, softcap=ctx.softcap, backend=b))(b), 1))
+    return out
+
+
+def _liger(ctx):
+    return [("Liger FusedLinearCE", peers.liger_linear_cross_entropy(ctx.device, ctx.softcap), -1)]
+
+
+def _cce(ctx):
+    rows = [("CCE[cce]", peers.cce_linear_cross_entropy(ctx.device, "cce", ctx.softcap), -1)]
+    if ctx.device.type == "cpu":  # CCE's own CPU path; on CUDA its kernel is the row that matters
+        fn = peers.cce_linear_cross_entropy(ctx.device, "torch_compile", ctx.softcap)
+        if not ctx.with_compile and not isinstance(fn, str):
+            fn = "skipped (--no-compile, or a dry run): CCE's CPU path is torch.compile"
+        rows.append(("CCE[torch_compile]", fn, -1))
+    return rows
+
+
+VARIANTS = [_naive, _naive_compile, _fastalign, _liger, _cce]
+
+
+def variants(ctx):
+    return [v for factory in VARIANTS for v in factory(ctx)]
+
+
+def _with_strategy(module, strategy, fn):
+    """Run fn with the triton backward strategy set; the autograd backward reads it when .backward() runs, so
+    the strategy stays set until the next variant sets its own."""
+    module.BACKWARD = strategy
+    return fn()
 
 
 def floor_gemms(hidden, weight, backward):
@@ -35,143 +118,93 @@ def floor_gemms(hidden, weight, backward):
         _ = d_logits.t() @ hidden
 
 
-def cpu_model():
-    """CPU model name and the SIMD flags that decide BLAS and vector speed, from /proc/cpuinfo (Linux)."""
-    out = {"cpu_model": None, "cpu_flags": None}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and out["cpu_model"] is None:
-                    out["cpu_model"] = value.strip()
-                elif key == "flags" and out["cpu_flags"] is None:
-                    out["cpu_flags"] = " ".join(x for x in value.split() if x.startswith(("avx", "fma", "amx", "sse4")))
-                elif key == "cpu family" and "cpu_family" not in out:
-                    out["cpu_family"] = value.strip()
-    except OSError:
-        pass
-    out["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return out
-
-
-def git_commit():
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def interleaved_medians(steps, device, repeats):
-    """{name: median seconds}: each round runs every step once, so load changes hit every variant alike."""
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def make_step(fn, hidden, weight, targets, backward):
+    """One call of the variant; returns its output (for the value check)."""
     def step():
         if backward:
             h = hidden.detach().requires_grad_()
             w = weight.detach().requires_grad_()
             out = fn(h, w, targets)
             out.sum().backward()
-        else:
-            with torch.no_grad():
-                fn(hidden, weight, targets)
+            return out.detach()
+        with torch.no_grad():
+            return fn(hidden, weight, targets)
     return step
 
 
-def variants(device, with_compile):
-    out = [("naive", naive_linear_logprobs)]
-    if with_compile:
-        out.append(("naive+compile", torch.compile(naive_linear_logprobs, dynamic=False)))
-    for b in fa.available_backends():
-        if b == "cpp" and device.type != "cpu":
-            continue
-        if b == "triton" and device.type != "cuda":
-            continue
-        if b == "triton":  # every backward strategy, so one GPU run decides the default
-            from fastalign.backends import triton_backend
-            for strategy in triton_backend.STRATEGIES:
-                out.append((f"fastalign[triton:{strategy}]", (lambda s: lambda h, w, t: _with_strategy(
-                    triton_backend, s, lambda: fa.linear_logprobs(h, w, t, backend="triton")))(strategy)))
-            continue
-        out.append((f"fastalign[{b}]", (lambda b: lambda h, w, t: fa.linear_logprobs(h, w, t, backend=b))(b)))
-    return out
-
-
-def _with_strategy(module, strategy, fn):
-    """Run fn with the triton backward strategy set; the autograd backward reads it when .backward() runs, so
-    the strategy stays set until the next variant sets its own."""
-    module.BACKWARD = strategy
-    return fn()
-
-
-def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None):
+def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream=None, softcap=None, head=None):
+    """Rows of one shape, fwd and fwd+bwd, every variant (measured interleaved), streamed as measured."""
+    stream = stream or JsonlStream(None, "", {})
     torch.manual_seed(0)
     hidden = (torch.randn(n, h, device=device) * 0.5).to(dtype)
     weight = (torch.randn(v, h, device=device) * 0.02).to(dtype)
     targets = torch.randint(0, v, (n,), device=device)
     rows = []
-    shape = f"N={n} H={h} V={v} {str(dtype).split('.')[-1]}"
+    shape = (f"{head} " if head else "") + f"N={n} H={h} V={v} {str(dtype).split('.')[-1]}" + \
+        (f" softcap={softcap:g}" if softcap else "")
+    base_fields = dict(shape=shape, head=head, n=n, h=h, v=v, dtype=str(dtype).split(".")[-1], softcap=softcap)
+    roofline = "GEMM roofline (cuBLAS)" if device.type == "cuda" else "GEMM floor (BLAS)"
+    ctx = Ctx(device, dtype, softcap, with_compile)
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         flops = (8 if backward else 2) * n * h * v  # with the logits recompute in backward
-        floor_name = "3 GEMMs (floor)" if backward else "1 GEMM (floor)"
-        steps, peaks = {}, {}
-        for name, fn in variants(device, with_compile):
-            step = make_step(fn, hidden, weight, targets, backward)
+        floor_name = f"3 GEMMs ({'roofline' if device.type == 'cuda' else 'floor'})" if backward else \
+            f"1 GEMM ({'roofline' if device.type == 'cuda' else 'floor'})"
+        steps, peaks, values, not_run = {}, {}, {}, []
+        for name, fn, sign in variants(ctx):
             if only and not any(o in name for o in only):
                 continue
+            if isinstance(fn, str):  # a peer not installed, or not for this device: a row saying so
+                not_run.append(stream.row(dict(base_fields, mode=mode, variant=name, skipped=fn)))
+                continue
+            step = make_step(fn, hidden, weight, targets, backward)
             try:  # warm-up (compilation happens here), then one run for peak memory
-                step()
+                values[name] = sign * step().double().sum().item()
                 with PeakMemory(device) as mem:
                     step()
                 peak = mem.peak_bytes
             except Exception as exc:  # e.g. torch.compile unavailable, out of memory: the others still run
                 print(f"  {name} {mode}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
-                rows.append(dict(shape=shape, mode=mode, variant=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+                not_run.append(stream.row(dict(base_fields, mode=mode, variant=name,
+                                               error=f"{type(exc).__name__}: {exc}"[:300])))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             steps[name], peaks[name] = step, peak
         steps[floor_name] = lambda: floor_gemms(hidden, weight, backward)
         steps[floor_name]()
         medians = interleaved_medians(steps, device, repeats)
         floor = medians[floor_name]
+        base = medians.get("naive")
         for name, seconds in medians.items():
             is_floor = name == floor_name
-            row = dict(shape=shape, mode=mode, variant=name, seconds=seconds,
+            row = dict(base_fields, mode=mode, variant=name, seconds=seconds, seconds_ms=seconds * 1e3,
                        gflops=((6 if backward else 2) * n * h * v if is_floor else flops) / seconds / 1e9,
-                       time_vs_floor=seconds / floor)
+                       time_vs_floor=seconds / floor, roofline_fraction=floor / seconds, roofline=roofline)
             if not is_floor:
                 row["peak_extra_mib"] = peaks[name] / 2**20
-            rows.append(row)
+            if name in values and "naive" in values:
+                row["value_rel_err"] = abs(values[name] - values["naive"]) / max(abs(values["naive"]), 1e-30)
+            if base:
+                row["time_vs_naive"] = seconds / base
+                if not is_floor and peaks.get("naive"):
+                    row["memory_vs_naive"] = peaks[name] / peaks["naive"]
+            rows.append(stream.row(row))
             print(f"  {shape} {mode:8s} {name:26s} {seconds * 1e3:9.1f} ms  {seconds / floor:5.2f}x floor  "
                   f"{peaks.get(name, 0) / 2**20:8.0f} MiB", file=sys.stderr)
-    for r in rows:
-        base = next((b for b in rows if b["mode"] == r["mode"] and b["variant"] == "naive" and "seconds" in b), None)
-        if base and "seconds" in r:
-            r["time_vs_naive"] = r["seconds"] / base["seconds"]
-            if r.get("peak_extra_mib") is not None and base["peak_extra_mib"] > 0:
-                r["memory_vs_naive"] = r["peak_extra_mib"] / base["peak_extra_mib"]
+        rows += not_run  # after the measured rows in the table (streamed when found)
     return rows
 
 
 def cpu_checks(rows):
-    """CHECK rows: on CPU, backend="auto" picks cpp, so cpp must not be slower than naive in the same run."""
+    """CHECK rows: on CPU, backend="auto" picks cpp, so cpp must not be slower than naive in the same run.
+    In a dry run the shapes are too small to time anything: the status says so and the exit status ignores it."""
     checks = []
     for r in rows:
         if r["variant"] == "fastalign[cpp]" and "time_vs_naive" in r:
             ok = r["time_vs_naive"] <= 1.0
             checks.append(dict(shape=r["shape"], mode=r["mode"], variant="CHECK cpp <= naive",
-                               status="PASS" if ok else "FAIL", time_vs_naive=r["time_vs_naive"]))
+                               status=("PASS" if ok else "FAIL") + (" (dry run: not enforced)" if dryrun() else ""),
+                               time_vs_naive=r["time_vs_naive"]))
     return checks
 
 
@@ -232,30 +265,96 @@ def grad_filter_study(repeats, epsilons=(None, 1e-8, 1e-6, 2 ** -12), logit_std=
     return rows
 
 
-def main(argv=None):
+def plan(args, device):
+    """[(n, h, v, dtype, softcap, head)] to run: --shape, else --heads, else the device's defaults."""
+    dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"]))]
+    if dryrun():  # the plumbing in seconds: tiny shapes (one with a softcap, as Gemma's head), one repeat
+        return [(64, 32, 256, torch.float32, None, None), (64, 32, 512, torch.float32, 30.0, "gemma2-2b (dry run)")]
+    if args.shape:
+        return [(*s, dt, args.softcap, None) for s in args.shape for dt in dtypes]
+    heads = args.heads if args.heads is not None else (list(HEADS) if device.type == "cuda" else None)
+    if heads is None:
+        return [(*(int(x) for x in s.split(",")), dt, None, None) for s in CPU_GOAL_SHAPES for dt in dtypes]
+    out = []
+    for name in heads or HEADS:
+        h, v, softcap = HEADS[name]
+        if device.type == "cuda":
+            out += [(n, h, v, dt, softcap, name) for n in (args.n or GPU_HEAD_NS) for dt in dtypes]
+        else:  # scaled: V and softcap as the model's, H and N small so one shape takes seconds
+            out += [(n, CPU_HEAD_H, v, dt, softcap, f"{name} (H {h}->{CPU_HEAD_H})")
+                    for n in (args.n or (CPU_HEAD_N,)) for dt in dtypes]
+    return out
+
+
+def _shape_arg(text):
+    try:
+        n, h, v = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape wants N,H,V (three integers), got {text!r}") from None
+    if min(n, h, v) < 1:
+        raise argparse.ArgumentTypeError(f"--shape wants positive sizes, got {text!r}")
+    return n, h, v
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", action="append", help="N,H,V (repeatable)")
+    p.add_argument("--shape", action="append", type=_shape_arg, help="N,H,V (repeatable)")
+    p.add_argument("--softcap", type=float, help="final-logit softcap for --shape (Gemma-2: 30)")
+    p.add_argument("--heads", nargs="*", choices=list(HEADS),
+                   help="named model heads (no names: all); on CPU scaled to H=%d, N=%d" % (CPU_HEAD_H, CPU_HEAD_N))
+    p.add_argument("--n", type=int, action="append", help="token counts N for --heads (repeatable)")
     p.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default fp32 and bf16 on CPU")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for every variant (default: torch's)")
     p.add_argument("--tag", default="", help="suffix of the result file names (several runs on one day)")
     p.add_argument("--grad-filter", action="store_true",
                    help="instead: grad_filter_eps on cpp, speed-up and gradient error on a peaked distribution")
     p.add_argument("--only", help="comma-separated substrings: run only the variants whose name holds one "
                                    "(naive always runs: it is the baseline)")
-    args = p.parse_args(argv)
+    add_common_args(p)
+    return p
+
+
+COLUMNS = [("shape", "shape", None), ("mode", "pass", None), ("variant", "variant", None),
+           ("seconds_ms", "time (ms)", "{:.1f}"), ("time_vs_naive", "time vs naive", "{:.2f}x"),
+           ("time_vs_floor", "time vs floor", "{:.2f}x"), ("roofline_fraction", "of GEMM roofline", "{:.0%}"),
+           ("gflops", "GFLOP/s", "{:.0f}"), ("peak_extra_mib", "peak extra (MiB)", "{:.0f}"),
+           ("memory_vs_naive", "memory vs naive", "{:.3f}x"), ("value_rel_err", "value err", "{:.0e}"),
+           ("status", "check / note", None)]
+
+
+def run(args):
+    """Measure what args ask for; returns (env, rows, table, exit status). Used by `fastalign bench` too."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"]))]
-    default = ["16384,4096,128256"] if device.type == "cuda" else ["1024,512,32000", "2048,1024,32000"]
-    shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or default)]
+    if dryrun():
+        args.repeats, args.no_compile = 1, True
     env = environment()
-    env.update(cpu_model())
-    env["git_commit"] = git_commit()
+    stream = JsonlStream(args.jsonl, "linear_logprobs", env)
+    rows = []
+    for n, h, v, dtype, softcap, head in plan(args, device):
+        only = None if not args.only else ["naive"] + args.only.split(",")
+        rows += bench_shape(n, h, v, dtype, device, args.repeats, not args.no_compile, only, stream, softcap, head)
+    checks = [stream.row(c) for c in (cpu_checks(rows) if device.type == "cpu" else [])]
+    rows += checks
+    stream.close()
+    env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for r in rows:  # one column for the check status, a skipped peer's reason or a failure
+        r.setdefault("status", r.get("skipped") or r.get("error") or "")
+    columns = [c for c in COLUMNS if device.type == "cuda" or c[0] != "roofline_fraction"]
+    table = markdown_table(rows, columns)
+    failed = [c for c in checks if c["status"] == "FAIL"]
+    return env, rows, table, 1 if failed else 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.grad_filter:
-        rows = grad_filter_study(args.repeats)
+        env = environment()
+        stream = JsonlStream(args.jsonl, "linear_logprobs-grad-filter", env)
+        rows = [stream.row(r) for r in grad_filter_study(args.repeats)]
         columns = [("variant", "variant", None), ("seconds_ms", "time (ms)", "{:.0f}"),
                    ("time_vs_unfiltered", "time vs unfiltered", "{:.2f}x"),
                    ("rel_err_d_hidden", "d_hidden rel. err", "{:.1e}"), ("rel_err_d_weight", "d_weight rel. err", "{:.1e}"),
@@ -264,40 +363,24 @@ def main(argv=None):
             r["seconds_ms"] = r["seconds"] * 1e3
         table = markdown_table(rows, columns)
         print(table)
-        print(write_results("linear_logprobs-grad-filter" + (f"-{args.tag}" if args.tag else ""), env, rows, table))
+        print(write_results("linear_logprobs-grad-filter" + (f"-{args.tag}" if args.tag else ""), env, rows, table,
+                            args.out))
         return 0
-    rows = []
-    for n, h, v in shapes:
-        for dtype in dtypes:
-            only = None if not args.only else ["naive"] + args.only.split(",")
-            rows += bench_shape(n, h, v, dtype, device, args.repeats, not args.no_compile, only)
-    checks = cpu_checks(rows) if device.type == "cpu" else []
-    rows += checks
-    env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    columns = [("shape", "shape", None), ("mode", "pass", None), ("variant", "variant", None),
-               ("seconds", "time (ms)", None), ("time_vs_naive", "time vs naive", "{:.2f}x"),
-               ("time_vs_floor", "time vs floor", "{:.2f}x"), ("gflops", "GFLOP/s", "{:.0f}"),
-               ("peak_extra_mib", "peak extra (MiB)", "{:.0f}"), ("memory_vs_naive", "memory vs naive", "{:.3f}x"),
-               ("status", "check", None)]
-    for r in rows:
-        if "seconds" in r:
-            r["seconds_ms"] = r["seconds"] * 1e3
-    columns[3] = ("seconds_ms", "time (ms)", "{:.1f}")
-    table = markdown_table(rows, columns)
+    env, rows, table, status = run(args)
     print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, on {env['device']}, "
           f"{env.get('cpu_model')} [{env.get('cpu_flags')}], load {env.get('load_average')}, {env['date']}\n")
     print(table)
     name = "linear_logprobs" + (f"-{args.tag}" if args.tag else "")
-    path = write_results(name, env, rows, table)
-    plot = ratio_plot(name, env, [r for r in rows if r["mode"] == "fwd+bwd" and "seconds" in r],
+    path = write_results(name, env, rows, table, args.out)
+    plot = ratio_plot(name, env, [r for r in rows if r.get("mode") == "fwd+bwd" and "seconds" in r],
                       "shape", "variant", [("time_vs_naive", "fwd+bwd time vs naive"),
-                                           ("memory_vs_naive", "peak extra memory vs naive")])
+                                           ("memory_vs_naive", "peak extra memory vs naive")], args.out)
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
-    failed = [c for c in checks if c["status"] == "FAIL"]
-    for c in failed:
-        print(f"FAIL: cpp is slower than naive at {c['shape']} {c['mode']} ({c['time_vs_naive']:.2f}x)",
-              file=sys.stderr)
-    return 1 if failed else 0
+    for c in rows:
+        if c.get("variant") == "CHECK cpp <= naive" and c["status"] == "FAIL" and status:
+            print(f"FAIL: cpp is slower than naive at {c['shape']} {c['mode']} ({c['time_vs_naive']:.2f}x)",
+                  file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

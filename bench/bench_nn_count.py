@@ -11,7 +11,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import environment, markdown_table, measure, ratio_plot, write_results  # noqa: E402
+from bench.common import (JsonlStream, add_common_args, dryrun, environment, markdown_table, measure,  # noqa: E402
+                          ratio_plot, write_results)
 from fastalign.backends import available_backends, get_backend  # noqa: E402
 from fastalign.clone_robust import sample_keys  # noqa: E402
 
@@ -30,12 +31,16 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1_000_000, help="samples S")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
+    add_common_args(p)
     args = p.parse_args(argv)
+    if dryrun():  # the plumbing in seconds: tiny shapes, one repeat
+        args.m, args.d, args.samples, args.repeats = [100], [8], 1000, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = args.backends or [b for b in available_backends() if not (b == "triton" and device.type == "cpu")]
     if "torch" not in names:
         names = ["torch"] + names
     env = environment()
+    stream = JsonlStream(args.jsonl, "nn_count", env)
     rows = []
     for m in args.m:
         for d in args.d:
@@ -50,19 +55,19 @@ def main(argv=None):
                            peak_bytes=mem if isinstance(mem, int) else None,
                            speedup=(base / t) if (t and base) else None,
                            samples_per_s=(args.samples / t) if t else None)
-                rows.append(row)
+                rows.append(stream.row(row))
                 print(f"M={m:>6} d={d:>3} S={args.samples} {name:>6}: "
                       f"{'failed' if t is None else f'{t:.3f} s'}  x{row['speedup'] or 0:.2f} vs torch", flush=True)
     columns = [("shape", "shape", None), ("backend", "backend", None), ("seconds", "median s", "{:.3f}"),
                ("samples_per_s", "samples/s", "{:.3g}"), ("speedup", "vs torch", "{:.2f}x")]
     table = markdown_table(rows, columns)
     print(table)
-    print("wrote", write_results("nn_count", env, rows, table))
+    print("wrote", write_results("nn_count", env, rows, table, args.out))
     png = ratio_plot("nn_count", env, [r for r in rows if r["backend"] != "torch"], "shape", "backend",
-                     [("speedup", f"speed-up vs torch (cdist + argmin), S = {args.samples}")])
+                     [("speedup", f"speed-up vs torch (cdist + argmin), S = {args.samples}")], args.out)
     if png:
         print("wrote", png)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

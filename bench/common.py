@@ -1,14 +1,81 @@
-"""Shared by the bench_<op>.py scripts: environment record, markdown tables, JSON and PNG output."""
+"""Shared by the bench_<op>.py scripts: environment record, the --jsonl stream and the dry run, markdown
+tables, JSON and PNG output.
+
+The contract every bench/bench_*.py keeps (bench/run_gpu.sh relies on it):
+- ``--jsonl PATH``: one JSON object per line, appended and flushed as each row is measured, so a run killed
+  at a time limit still returns what it measured. The first line is ``{"kind": "environment", ...}`` (device,
+  torch/triton/transformers/peer versions, date, git commit, CPU model); result rows carry ``"kind": "row"``.
+- ``FASTALIGN_GPU_DRYRUN=1``: tiny shapes, one repeat, seconds on CPU (the plumbing, tested in CI).
+- A variant that fails or a peer that is not installed is a row saying so; the script still exits 0, except
+  the documented CHECK rows.
+"""
 import datetime
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
+import time
 
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DRYRUN_ENV = "FASTALIGN_GPU_DRYRUN"
+PEERS = ("liger_kernel", "cut_cross_entropy", "trl")  # import names of the optional `bench` extra
 
+
+def dryrun():
+    """True when FASTALIGN_GPU_DRYRUN is set (to anything but 0/empty): tiny shapes, one repeat."""
+    return os.environ.get(DRYRUN_ENV, "0").strip() not in ("", "0")
+
+
+def cpu_model():
+    """CPU model name and the SIMD flags that decide BLAS and vector speed, from /proc/cpuinfo (Linux)."""
+    out = {"cpu_model": None, "cpu_flags": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and out["cpu_model"] is None:
+                    out["cpu_model"] = value.strip()
+                elif key == "flags" and out["cpu_flags"] is None:
+                    out["cpu_flags"] = " ".join(x for x in value.split() if x.startswith(("avx", "fma", "amx", "sse4")))
+                elif key == "cpu family" and "cpu_family" not in out:
+                    out["cpu_family"] = value.strip()
+    except OSError:
+        pass
+    out["cpu_count"] = os.cpu_count()
+    out["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return out
+
+
+def git_commit():
+    """HEAD of the checkout the bench runs from (None outside git), '+dirty' when tracked files changed."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=here).stdout.strip() or None
+        if head:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=here).stdout.strip()
+            head += "+dirty" if dirty else ""
+        return head
+    except Exception:
+        return None
+
+
+def peer_versions():
+    """{import name: version or None} of the optional peers (Liger-Kernel, Cut Cross-Entropy, TRL)."""
+    from importlib import metadata
+    out = {}
+    for name, dist in (("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy"), ("trl", "trl")):
+        try:
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def environment():
@@ -17,7 +84,51 @@ def environment():
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["machine"] = platform.machine()
     env["cpu_threads"] = torch.get_num_threads()
+    env.update(cpu_model())
+    env["git_commit"] = git_commit()
+    env["peers"] = peer_versions()
+    env["dryrun"] = dryrun()
+    if env["cuda_available"]:
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return env
+
+
+def add_common_args(parser):
+    """--jsonl PATH and --out DIR, shared by every bench script."""
+    parser.add_argument("--out", metavar="DIR", help="folder for the JSON and PNG results (default: bench/results)")
+    parser.add_argument("--jsonl", metavar="PATH",
+                        help="also append every row to PATH as it is measured (one JSON object per line, flushed; "
+                             "the first line is the environment)")
+    return parser
+
+
+class JsonlStream:
+    """Appends one JSON object per line to ``path`` and flushes each, so a run killed midway keeps its rows.
+    The environment line is written on creation; ``row()`` writes ``{"kind": "row", "benchmark": ..., ...}``.
+    A None path makes every call a no-op."""
+
+    def __init__(self, path, benchmark, env):
+        self.benchmark = benchmark
+        self._f = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._f = open(path, "a", buffering=1)
+            self._write({"kind": "environment", "benchmark": benchmark, **env})
+
+    def _write(self, obj):
+        if self._f is not None:
+            self._f.write(json.dumps(obj, default=str) + "\n")
+            self._f.flush()
+
+    def row(self, row):
+        self._write({"kind": "row", "benchmark": self.benchmark, **row})
+        return row
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 def measure(step, device, repeats, label):
@@ -35,6 +146,20 @@ def measure(step, device, repeats, label):
         return None, f"{type(exc).__name__}: {exc}"[:300]
 
 
+def interleaved_medians(steps, device, repeats):
+    """{name: median seconds}: each round runs every step once, so load changes hit every variant alike."""
+    from fastalign.profiling import _sync
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def markdown_table(rows, columns):
     """rows: list of dicts; columns: list of (key, header, format)."""
     out = ["| " + " | ".join(h for _, h, _ in columns) + " |",
@@ -48,17 +173,22 @@ def markdown_table(rows, columns):
     return "\n".join(out)
 
 
-def write_results(name, env, rows, table):
-    os.makedirs(RESULTS, exist_ok=True)
-    tag = "cuda" if env["cuda_available"] else "cpu"
-    stamp = env["date"][:10]
-    path = os.path.join(RESULTS, f"{name}-{tag}-{stamp}.json")
+def result_path(name, env, ext, out_dir=None):
+    """<out_dir or bench/results>/<name>-<cuda|cpu>[-dryrun]-<date>.<ext>; a dry run never overwrites results."""
+    tag = ("cuda" if env["cuda_available"] else "cpu") + ("-dryrun" if env.get("dryrun") else "")
+    out_dir = out_dir or RESULTS
+    os.makedirs(out_dir, exist_ok=True)
+    return os.path.join(out_dir, f"{name}-{tag}-{env['date'][:10]}.{ext}")
+
+
+def write_results(name, env, rows, table, out_dir=None):
+    path = result_path(name, env, "json", out_dir)
     with open(path, "w") as f:
         json.dump({"benchmark": name, "environment": env, "results": rows, "table": table}, f, indent=2)
     return path
 
 
-def ratio_plot(name, env, rows, group_key, label_key, metrics):
+def ratio_plot(name, env, rows, group_key, label_key, metrics, out_dir=None):
     """One PNG with a bar group per shape: each metric is a ratio against the baseline (1.0 line)."""
     try:
         import matplotlib
@@ -79,10 +209,13 @@ def ratio_plot(name, env, rows, group_key, label_key, metrics):
         ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(groups))])
         ax.set_xticklabels(groups, fontsize=8)
         ax.set_title(title)
-    axes[0][0].legend(fontsize=8)
+    if labels:
+        axes[0][0].legend(fontsize=8)
+    else:  # nothing measured against the baseline (e.g. the baseline peer is not installed)
+        axes[0][0].text(0.5, 0.5, "no ratios: the baseline did not run", ha="center", transform=axes[0][0].transAxes)
     fig.suptitle(f"{name} on {env['device']}")
     fig.tight_layout()
-    tag = "cuda" if env["cuda_available"] else "cpu"
-    path = os.path.join(RESULTS, f"{name}-{tag}-{env['date'][:10]}.png")
+    path = result_path(name, env, "png", out_dir)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

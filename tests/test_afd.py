@@ -181,7 +181,9 @@ def _run_worker(tmp_path, nproc, name):
     import subprocess
     import sys
     worker = os.path.join(os.path.dirname(__file__), "afd_ddp_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    # CPU and gloo on any machine (CUDA hidden): with one GPU, rank 1 would ask for cuda:1
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+               CUDA_VISIBLE_DEVICES="")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -277,7 +277,9 @@ def _run_cli(argv, out_dir, port=None):
     import os
     import subprocess
     import sys
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    # CPU and gloo on any machine (CUDA hidden): with one GPU, rank 1 would ask for cuda:1
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+               CUDA_VISIBLE_DEVICES="")
     if port is not None:
         env["PET_MASTER_PORT"] = str(port)  # torchrun's --master-port, without changing the command
     r = subprocess.run(argv + TINY_RUN + ["--output-dir", str(out_dir)], env=env, capture_output=True, text=True,
@@ -339,14 +341,15 @@ def test_a_transformers_trainer_callback_works_unchanged():
 
 @pytest.mark.gpu
 def test_fp16_trains_with_a_gradient_scaler_on_cuda(tmp_path):
+    # backend="torch": the scaler is under test, not the kernels (triton would autotune on the GPU stage)
     model, tok = default_model_and_tokenizer(seed=0)
-    t = DPOTrainer(model, args=cfg(tmp=tmp_path / "a", fp16=True, report_to="none"), processing_class=tok,
-                   train_dataset=ROWS)
+    t = DPOTrainer(model, args=cfg(tmp=tmp_path / "a", fp16=True, report_to="none", backend="torch"),
+                   processing_class=tok, train_dataset=ROWS)
     fp16 = [h["loss"] for h in t.train()]
     assert t.scaler is not None and all(math.isfinite(x) for x in fp16)
     model, tok = default_model_and_tokenizer(seed=0)
-    fp32 = [h["loss"] for h in DPOTrainer(model, args=cfg(tmp=tmp_path / "b", report_to="none"), processing_class=tok,
-                                          train_dataset=ROWS).train()]
+    fp32 = [h["loss"] for h in DPOTrainer(model, args=cfg(tmp=tmp_path / "b", report_to="none", backend="torch"),
+                                          processing_class=tok, train_dataset=ROWS).train()]
     assert all(abs(a - b) < 0.05 for a, b in zip(fp16, fp32))
 
 
@@ -393,3 +396,13 @@ def test_demo_counts_ties_as_ties_and_reads_both_group_key_forms():
     assert accuracy_with_ties([("a", 0.0)] * 3)[:2] == (0.5, 1.0)  # policy = reference: all tied, not "0.00"
     old, new = {"eval_accuracy/x": 0.75}, {"eval_groups/x/accuracy": 0.75, "eval_groups/x/margin": 1.0}
     assert _behaviours(old) == _behaviours(new) == ["x"] and _group_accuracy(old, "x") == _group_accuracy(new, "x")
+
+
+def test_more_local_ranks_than_gpus_is_a_clear_error(tmp_path, monkeypatch):
+    """torchrun with 2 processes on a 1-GPU machine: a clear error, not set_device(1)'s invalid ordinal."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    model, tok = default_model_and_tokenizer(seed=0)
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but 1 CUDA device\(s\) are visible.*CUDA_VISIBLE_DEVICES="):
+        DPOTrainer(model, args=cfg(tmp=tmp_path), processing_class=tok, train_dataset=ROWS)

@@ -229,9 +229,11 @@ def test_lora_uses_disabled_adapters_as_reference_and_skips_frozen_head(tmp_path
     torch.testing.assert_close(out2.chosen_rewards, out1.chosen_rewards, rtol=1e-5, atol=1e-6)
 
 
-def _torchrun(tmp_path, name, *args, nproc=2, port=29513):
+def _torchrun(tmp_path, name, *args, nproc=2, port=29513, cuda=False):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    if not cuda:  # CPU and gloo on any machine: with one GPU, rank 1 would ask for cuda:1
+        env["CUDA_VISIBLE_DEVICES"] = ""
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, worker] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", worker]
@@ -259,6 +261,16 @@ def test_ddp_and_fsdp_two_processes_equal_single_process(tmp_path):
     # an FSDP2 checkpoint resumes (sharded again on load) and continues exactly
     resumed = _torchrun(tmp_path, "fsdp_resumed", "fsdp", str(tmp_path / "fsdp" / "checkpoint-2"), port=29515)
     torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(one["loss"][2:]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu(count=2)
+def test_ddp_on_two_gpus_equals_one_gpu(tmp_path):
+    """nccl on 2 GPUs, same global batch: the 1-GPU losses (triton's atomic backward is not bitwise
+    reproducible, hence the tolerance). Skips with fewer than 2 GPUs."""
+    one = _torchrun(tmp_path, "one", nproc=1, cuda=True)
+    ddp = _torchrun(tmp_path, "ddp", "ddp", port=29516, cuda=True)
+    assert one["world"] == 1 and ddp["world"] == 2
+    torch.testing.assert_close(torch.tensor(ddp["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw, match", [

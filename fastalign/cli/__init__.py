@@ -10,7 +10,7 @@ import os
 import sys
 
 # Each entry is a module of fastalign.cli with register(subparsers); new command groups add a line here.
-COMMANDS = ("info", "train", "afd", "weights", "averaging", "diagnose")
+COMMANDS = ("info", "train", "afd", "weights", "averaging", "diagnose", "bench")
 
 
 DESCRIPTION = ("Fast, lean preference optimization for Hugging Face causal LMs: DPO-family, SimPO, ORPO, reward "

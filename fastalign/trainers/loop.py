@@ -100,6 +100,10 @@ class BaseTrainer(CheckpointMixin):
         self.world_size = dist.get_world_size() if self.distributed else 1
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise RuntimeError(f"LOCAL_RANK={local} but {torch.cuda.device_count()} CUDA device(s) are visible: "
+                                   f"start at most one process per GPU (torchrun --nproc_per_node), or hide CUDA "
+                                   f"(CUDA_VISIBLE_DEVICES=) to train on CPU with gloo")
             torch.cuda.set_device(local)
             self.device = torch.device("cuda", local)
         else:
