@@ -147,6 +147,7 @@ def build_parser():
                                                                               "the byte tokenizer's on CPU)")):
         p.add_argument("--" + k.replace("_", "-"), dest=k, type=int,
                        help=f"{help_}; default {DEFAULTS['cpu'][k]} on CPU, {DEFAULTS['cuda'][k]} on CUDA")
+    p.add_argument("--tag", default="", help="suffix of the result file names (several runs on one day)")
     add_common_args(p)
     return p
 
@@ -213,8 +214,9 @@ def main(argv=None):
     print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, trl {env['peers']['trl']}, "
           f"on {env['device']}, {env.get('cpu_model')}, load {env.get('load_average')}, {env['date']}\n")
     print(table)
-    path = write_results("e2e_dpo", env, rows, table, args.out)
-    plot = ratio_plot("e2e_dpo", env, [r for r in rows if "speed_vs_trl" in r], "shape", "variant",
+    name = "e2e_dpo" + (f"-{args.tag}" if args.tag else "")
+    path = write_results(name, env, rows, table, args.out)
+    plot = ratio_plot(name, env, [r for r in rows if "speed_vs_trl" in r], "shape", "variant",
                       [("speed_vs_trl", "tokens/s vs TRL DPOTrainer"), ("memory_vs_trl", "peak memory vs TRL")],
                       args.out)
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
