@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import peers  # noqa: E402
-from bench.common import JsonlStream, add_common_args, dryrun, environment, markdown_table, ratio_plot, write_results  # noqa: E402,E501
+from bench.common import (JsonlStream, add_common_args, dryrun, environment, markdown_table,  # noqa: E402
+                          ratio_plot, write_results)
 from fastalign.profiling import PeakMemory  # noqa: E402
 
 DEFAULTS = {"cpu": dict(batch=4, max_length=128, steps=8, hidden=None, layers=None, vocab=None),

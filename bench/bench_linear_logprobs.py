@@ -357,7 +357,8 @@ def main(argv=None):
         rows = [stream.row(r) for r in grad_filter_study(args.repeats)]
         columns = [("variant", "variant", None), ("seconds_ms", "time (ms)", "{:.0f}"),
                    ("time_vs_unfiltered", "time vs unfiltered", "{:.2f}x"),
-                   ("rel_err_d_hidden", "d_hidden rel. err", "{:.1e}"), ("rel_err_d_weight", "d_weight rel. err", "{:.1e}"),
+                   ("rel_err_d_hidden", "d_hidden rel. err", "{:.1e}"),
+                   ("rel_err_d_weight", "d_weight rel. err", "{:.1e}"),
                    ("rel_err_d_bias", "d_bias rel. err", "{:.1e}")]
         for r in rows:
             r["seconds_ms"] = r["seconds"] * 1e3
