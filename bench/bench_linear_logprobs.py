@@ -166,6 +166,8 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream
                 print(f"  {name} {mode}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
                 not_run.append(stream.row(dict(base_fields, mode=mode, variant=name,
                                                error=f"{type(exc).__name__}: {exc}"[:300])))
+                peak = None
+            if peak is None:  # outside the except block: its traceback no longer holds the failed step's tensors
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
