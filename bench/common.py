@@ -22,6 +22,9 @@ import time
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+VENDORED_PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".peers")  # bench/vendor_peers.sh
+if os.path.isdir(VENDORED_PEERS) and VENDORED_PEERS not in sys.path:
+    sys.path.append(VENDORED_PEERS)  # after site-packages: an installed peer wins
 DRYRUN_ENV = "FASTALIGN_GPU_DRYRUN"
 PEERS = ("liger_kernel", "cut_cross_entropy", "trl")  # import names of the optional `bench` extra
 
