@@ -31,6 +31,7 @@ test-gpu: install
 bench: install
 	$(PY) bench/bench_linear_logprobs.py
 	$(PY) bench/bench_dpo_loss.py
+	$(PY) bench/bench_e2e_dpo.py
 
 info: install
 	$(VENV)/bin/fastalign info

@@ -160,7 +160,8 @@ def main(argv=None):
     print(table)
     path = write_results("dpo_loss", env, rows, table, args.out)
     plot = ratio_plot("dpo_loss", env, [r for r in rows if "time_vs_naive" in r], "shape", "variant",
-                      [("time_vs_naive", "fwd+bwd time vs naive DPO"), ("memory_vs_naive", "peak extra memory vs naive")],
+                      [("time_vs_naive", "fwd+bwd time vs naive DPO"),
+                       ("memory_vs_naive", "peak extra memory vs naive")],
                       args.out)
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
     return status

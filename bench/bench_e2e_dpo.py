@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import peers  # noqa: E402
-from bench.common import JsonlStream, add_common_args, dryrun, environment, markdown_table, ratio_plot, write_results  # noqa: E402,E501
+from bench.common import (JsonlStream, add_common_args, dryrun, environment, markdown_table,  # noqa: E402
+                          ratio_plot, write_results)
 from fastalign.profiling import PeakMemory  # noqa: E402
 
 DEFAULTS = {"cpu": dict(batch=4, max_length=128, steps=8, hidden=None, layers=None, vocab=None),
@@ -147,6 +148,7 @@ def build_parser():
                                                                               "the byte tokenizer's on CPU)")):
         p.add_argument("--" + k.replace("_", "-"), dest=k, type=int,
                        help=f"{help_}; default {DEFAULTS['cpu'][k]} on CPU, {DEFAULTS['cuda'][k]} on CUDA")
+    p.add_argument("--tag", default="", help="suffix of the result file names (several runs on one day)")
     add_common_args(p)
     return p
 
@@ -213,8 +215,9 @@ def main(argv=None):
     print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, trl {env['peers']['trl']}, "
           f"on {env['device']}, {env.get('cpu_model')}, load {env.get('load_average')}, {env['date']}\n")
     print(table)
-    path = write_results("e2e_dpo", env, rows, table, args.out)
-    plot = ratio_plot("e2e_dpo", env, [r for r in rows if "speed_vs_trl" in r], "shape", "variant",
+    name = "e2e_dpo" + (f"-{args.tag}" if args.tag else "")
+    path = write_results(name, env, rows, table, args.out)
+    plot = ratio_plot(name, env, [r for r in rows if "speed_vs_trl" in r], "shape", "variant",
                       [("speed_vs_trl", "tokens/s vs TRL DPOTrainer"), ("memory_vs_trl", "peak memory vs TRL")],
                       args.out)
     print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))

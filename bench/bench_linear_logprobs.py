@@ -166,6 +166,8 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream
                 print(f"  {name} {mode}: failed ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
                 not_run.append(stream.row(dict(base_fields, mode=mode, variant=name,
                                                error=f"{type(exc).__name__}: {exc}"[:300])))
+                peak = None
+            if peak is None:  # outside the except block: its traceback no longer holds the failed step's tensors
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
@@ -357,7 +359,8 @@ def main(argv=None):
         rows = [stream.row(r) for r in grad_filter_study(args.repeats)]
         columns = [("variant", "variant", None), ("seconds_ms", "time (ms)", "{:.0f}"),
                    ("time_vs_unfiltered", "time vs unfiltered", "{:.2f}x"),
-                   ("rel_err_d_hidden", "d_hidden rel. err", "{:.1e}"), ("rel_err_d_weight", "d_weight rel. err", "{:.1e}"),
+                   ("rel_err_d_hidden", "d_hidden rel. err", "{:.1e}"),
+                   ("rel_err_d_weight", "d_weight rel. err", "{:.1e}"),
                    ("rel_err_d_bias", "d_bias rel. err", "{:.1e}")]
         for r in rows:
             r["seconds_ms"] = r["seconds"] * 1e3

@@ -16,11 +16,15 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+VENDORED_PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".peers")  # bench/vendor_peers.sh
+if os.path.isdir(VENDORED_PEERS) and VENDORED_PEERS not in sys.path:
+    sys.path.append(VENDORED_PEERS)  # after site-packages: an installed peer wins
 DRYRUN_ENV = "FASTALIGN_GPU_DRYRUN"
 PEERS = ("liger_kernel", "cut_cross_entropy", "trl")  # import names of the optional `bench` extra
 
@@ -207,7 +211,7 @@ def ratio_plot(name, env, rows, group_key, label_key, metrics, out_dir=None):
             ax.bar([j + i * width for j in range(len(groups))], ys, width, label=lab)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(groups))])
-        ax.set_xticklabels(groups, fontsize=8)
+        ax.set_xticklabels([textwrap.fill(str(g), 24) for g in groups], fontsize=7)
         ax.set_title(title)
     if labels:
         axes[0][0].legend(fontsize=8)
