@@ -84,6 +84,8 @@ def peer_versions():
 
 def environment():
     from fastalign.cli.info import info_dict
+    from fastalign.profiling import fix_mmap_threshold
+    fix_mmap_threshold()  # before any variant runs: CPU peak memory is read from RSS (see fastalign.profiling)
     env = info_dict()
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["machine"] = platform.machine()

@@ -10,10 +10,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
         py::arg("temperature"), py::arg("softcap"), py::arg("need_hidden"), py::arg("need_weight"),
         py::arg("need_bias"), py::arg("grad_filter_eps"), py::arg("block_n"), py::arg("block_v"));
-  m.def("rows_logsumexp_", &rows_logsumexp_, "in place on a logits tile: softcap; returns {logp, lse}",
+  m.def("rows_logsumexp_", &rows_logsumexp_, "in place on a logits tile; returns {logp, lse, shift}",
         py::arg("tile"), py::arg("targets"), py::arg("softcap"));
   m.def("rows_dlogits_", &rows_dlogits_, "in place: tile <- coeff * (onehot - softmax) * softcap' / tau",
-        py::arg("tile"), py::arg("lse"), py::arg("targets"), py::arg("coeff"), py::arg("softcap"),
+        py::arg("tile"), py::arg("lse"), py::arg("shift"), py::arg("targets"), py::arg("coeff"), py::arg("softcap"),
         py::arg("inv_temp"));
   m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])",
         py::arg("points"), py::arg("sq_norms"), py::arg("group_start"), py::arg("keys"), py::arg("width"),

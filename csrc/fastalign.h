@@ -17,10 +17,11 @@ std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_in, cons
                                                  bool need_weight, bool need_bias, double grad_filter_eps,
                                                  int64_t block_n, int64_t block_v);
 
-// linear_logprobs_rows.cpp: the row passes of the gradient-in-forward loss path (in place on a logits tile).
+// linear_logprobs_rows.cpp: the row passes of the gradient-in-forward loss path (in place on a logits tile):
+// rows_logsumexp_ -> {logp, lse, shift}.
 std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targets, double softcap);
-void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse, const at::Tensor& targets, const at::Tensor& coeff,
-                   double softcap, double inv_temp);
+void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse, const at::Tensor& shift, const at::Tensor& targets,
+                   const at::Tensor& coeff, double softcap, double inv_temp);
 
 // nn_count.cpp: nearest-neighbour counts of counter-generated uniform box samples (clone-robust weights).
 at::Tensor nn_count(const at::Tensor& points, const at::Tensor& sq_norms, const at::Tensor& group_start,

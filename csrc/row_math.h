@@ -33,6 +33,17 @@ T exp_sum_scalar(const T* x, int64_t n, T shift) {
   return s;
 }
 
+// x[i] <- exp(x[i] - shift) in place; returns their sum.
+template <typename T>
+T exp_store_sum_scalar(T* x, int64_t n, T shift) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    s += x[i];
+  }
+  return s;
+}
+
 // out[i] = scale * exp(x[i] - shift), in place allowed; returns max of exp(x[i] - shift).
 template <typename T>
 T scaled_exp_scalar(T* x, int64_t n, T shift, T scale) {
@@ -104,6 +115,23 @@ __attribute__((target("avx2,fma"))) inline float exp_sum_avx2(const float* x, in
   return s;
 }
 
+__attribute__((target("avx2,fma"))) inline float exp_store_sum_avx2(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float s = hsum8(acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    s += x[i];
+  }
+  return s;
+}
+
 __attribute__((target("avx2,fma"))) inline float scaled_exp_avx2(float* x, int64_t n, float shift, float scale) {
   const __m256 sh = _mm256_set1_ps(shift), sc = _mm256_set1_ps(scale);
   __m256 pm = _mm256_setzero_ps();
@@ -137,6 +165,8 @@ template <typename T>
 T exp_sum(const T* x, int64_t n, T shift) { return exp_sum_scalar(x, n, shift); }
 template <typename T>
 T scaled_exp(T* x, int64_t n, T shift, T scale) { return scaled_exp_scalar(x, n, shift, scale); }
+template <typename T>
+T exp_store_sum(T* x, int64_t n, T shift) { return exp_store_sum_scalar(x, n, shift); }
 #ifdef FASTALIGN_X86_SIMD
 template <>
 inline float row_max<float>(const float* x, int64_t n) { return kHasAvx2 ? row_max_avx2(x, n) : row_max_scalar(x, n); }
@@ -145,15 +175,52 @@ inline float exp_sum<float>(const float* x, int64_t n, float shift) {
   return kHasAvx2 ? exp_sum_avx2(x, n, shift) : exp_sum_scalar(x, n, shift);
 }
 template <>
+inline float exp_store_sum<float>(float* x, int64_t n, float shift) {
+  return kHasAvx2 ? exp_store_sum_avx2(x, n, shift) : exp_store_sum_scalar(x, n, shift);
+}
+template <>
 inline float scaled_exp<float>(float* x, int64_t n, float shift, float scale) {
   return kHasAvx2 ? scaled_exp_avx2(x, n, shift, scale) : scaled_exp_scalar(x, n, shift, scale);
 }
 #endif
 
 template <typename T>
-void softcap_row(T* x, int64_t n, T cap) {
+void softcap_row_scalar(T* x, int64_t n, T cap) {
   const T inv = T(1) / cap;
   for (int64_t i = 0; i < n; ++i) x[i] = cap * std::tanh(x[i] * inv);
 }
+
+#ifdef FASTALIGN_X86_SIMD
+// x <- cap * tanh(x / cap) for 8 floats at a time: tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|), which
+// never overflows and keeps the relative error near 1e-7 (at |u| < 0.01 the odd Taylor series u - u^3/3 + 2u^5/15
+// avoids the cancellation in 1 - e). std::tanh per element made the softcap pass ~2x the GEMM's time (Gemma-2).
+__attribute__((target("avx2,fma"))) inline void softcap_row_avx2(float* x, int64_t n, float cap) {
+  const __m256 inv = _mm256_set1_ps(1.0f / cap), c = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.0f);
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f), small = _mm256_set1_ps(0.01f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), inv);
+    const __m256 sign = _mm256_and_ps(u, sign_mask);
+    const __m256 a = _mm256_andnot_ps(sign_mask, u);
+    const __m256 e = exp8(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    const __m256 a2 = _mm256_mul_ps(a, a);
+    const __m256 series = _mm256_mul_ps(a, _mm256_fmadd_ps(a2, _mm256_fmadd_ps(a2, _mm256_set1_ps(2.0f / 15.0f),
+                                                                                 _mm256_set1_ps(-1.0f / 3.0f)), one));
+    t = _mm256_blendv_ps(t, series, _mm256_cmp_ps(a, small, _CMP_LT_OQ));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(c, _mm256_or_ps(t, sign)));
+  }
+  for (; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
+}
+#endif
+
+template <typename T>
+void softcap_row(T* x, int64_t n, T cap) { softcap_row_scalar(x, n, cap); }
+#ifdef FASTALIGN_X86_SIMD
+template <>
+inline void softcap_row<float>(float* x, int64_t n, float cap) {
+  if (kHasAvx2) softcap_row_avx2(x, n, cap); else softcap_row_scalar(x, n, cap);
+}
+#endif
 
 }  // namespace fastalign_rows

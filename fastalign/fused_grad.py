@@ -26,6 +26,7 @@ from fastalign.ops import _autocast_inputs, _check_inputs
 # Rows per chunk: the fp32 tile holds about this many bytes (or one group, if a group is larger).
 # A smaller tile means less memory but more passes over d_weight (each chunk adds into all of it).
 CHUNK_BYTES = 32 << 20
+DW_BLOCK = 4096  # bf16/fp16 inputs: vocabulary rows of d_weight per GEMM (see _chunk_pass)
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,20 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     n, v = hidden.shape[0], weight.shape[0]
     inv_t = 1.0 / plan.temperature
     logp = torch.zeros(n, dtype=ct, device=hidden.device)
-    d_h = torch.zeros_like(hidden) if need_h else None
+    d_h = torch.empty_like(hidden) if need_h else None
     d_w = torch.zeros(weight.shape, dtype=ct, device=weight.device) if need_w else None
     d_b = torch.zeros(v, dtype=ct, device=weight.device) if need_b else None
     widest = max((e - s for s, e in plan.bounds), default=0)
+    # buffers made once: a fresh large tensor per chunk costs page faults on CPU
     tile_buf = torch.empty(widest * v, dtype=ct, device=hidden.device)
-    bias_c = None if bias is None else bias.to(ct)
     same = hidden.dtype == ct
+    if not same:  # bf16/fp16: GEMMs in the input type (as naive PyTorch's), logits widened into the fp32 tile
+        narrow_buf = torch.empty(widest * v, dtype=hidden.dtype, device=hidden.device)
+        # d_weight's bf16 products land in a [DW_BLOCK, H] buffer, a vocabulary block at a time, before the fp32
+        # accumulator takes them: a whole [V, H] bf16 buffer would add half a d_weight to the peak
+        dw_rows = min(v, DW_BLOCK)
+        dw_buf = torch.empty((dw_rows, weight.shape[1]), dtype=hidden.dtype, device=weight.device) if need_w else None
+    bias_c = None if bias is None else bias.to(ct)
     w_t = weight.t()
     for s, e in plan.bounds:
         hc, tgt = hidden[s:e], targets[s:e]
@@ -88,27 +96,33 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
             if same:
                 torch.mm(hc, w_t, out=tile)
             else:
-                tile.copy_(hc @ w_t)
+                narrow = narrow_buf[:(e - s) * v].view(e - s, v)
+                tile.copy_(torch.mm(hc, w_t, out=narrow))
             if bias_c is not None:
                 tile.add_(bias_c)
             if inv_t != 1.0:
                 tile.mul_(inv_t)
-        lp, lse = rows_impl.rows_logsumexp_(tile, tgt, plan)
+        lp, lse, shift = rows_impl.rows_logsumexp_(tile, tgt, plan)
         logp[s:e] = lp
         if not (need_h or need_w or need_b):
             continue
         coeff = plan.coeff_fn(s, e, lp)
-        rows_impl.rows_dlogits_(tile, lse, tgt, coeff, plan)
+        rows_impl.rows_dlogits_(tile, lse, shift, tgt, coeff, plan)
         if need_b:
             d_b.add_(tile.sum(0))
-        d = tile if same else tile.to(hidden.dtype)
-        if need_h:
-            torch.mm(d, weight, out=d_h[s:e])
-        if need_w:
-            if same:
-                d_w.addmm_(d.t(), hc)
-            else:
-                d_w.add_(d.t() @ hc)
+        if same:
+            if need_h:
+                torch.mm(tile, weight, out=d_h[s:e])
+            if need_w:
+                d_w.addmm_(tile.t(), hc)
+        else:
+            d = narrow.copy_(tile)
+            if need_h:
+                torch.mm(d, weight, out=d_h[s:e])
+            if need_w:
+                for v0 in range(0, v, dw_rows):
+                    v1 = min(v, v0 + dw_rows)
+                    d_w[v0:v1].add_(torch.mm(d[:, v0:v1].t(), hc, out=dw_buf[:v1 - v0]))
     return logp, d_h, d_w, d_b
 
 
@@ -129,12 +143,14 @@ class GradInForwardFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, _grad_logp, grad_carrier):
+        # scaled in place: no second copy of d_weight. A second backward through the same graph
+        # (retain_graph=True) then fails autograd's check on the saved tensors' versions, loudly.
         d_h, d_w, d_b = ctx.saved_tensors
         hd, wd, bd = ctx.dtypes
         g = grad_carrier
-        return (None if d_h is None else (d_h * g.to(hd)),
-                None if d_w is None else (d_w * g).to(wd),
-                None if d_b is None else (d_b * g).to(bd), None, None)
+        return (None if d_h is None else d_h.mul_(g.to(hd)),
+                None if d_w is None else d_w.mul_(g).to(wd),
+                None if d_b is None else d_b.mul_(g).to(bd), None, None)
 
 
 def run_grad_in_forward(hidden, weight, bias, targets, bounds, coeff_fn, *, temperature, softcap, backend):

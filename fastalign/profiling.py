@@ -1,6 +1,7 @@
 """Timing and peak-memory measurement shared by the demo and the benchmarks."""
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -31,6 +32,27 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+_MMAP_FIXED = False
+
+
+def fix_mmap_threshold():
+    """Keep every large CPU tensor mmap'd, so that freeing it returns it to the OS and RSS follows it.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; later tensors under that
+    size then come from the heap and stay resident after they are freed, so RSS under-reports the next peak (by
+    tens of MiB, depending on what ran before). Setting the threshold explicitly turns that adjustment off.
+    """
+    global _MMAP_FIXED
+    if _MMAP_FIXED or not sys.platform.startswith("linux"):
+        return
+    _MMAP_FIXED = True
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, fixed
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry, in bytes, of what runs inside the block.
 
@@ -49,6 +71,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            fix_mmap_threshold()
             self._base = _rss_bytes()
             self._peak = self._base
             self._stop = threading.Event()

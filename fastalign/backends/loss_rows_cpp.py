@@ -3,8 +3,11 @@
 The contract every ``loss_rows_<backend>`` module follows (tile [C, V] fp32 (fp64 for fp64 inputs), contiguous,
 already (h W^T + b) / temperature; targets [C] int64 with -1 for ignored rows):
 
-    rows_logsumexp_(tile, targets, opts) -> (logp [C], lse [C])      applies the softcap in place
-    rows_dlogits_(tile, lse, targets, coeff [C], opts) -> None        tile <- coeff (onehot - p) c' / temperature
+    rows_logsumexp_(tile, targets, opts) -> (logp [C], lse [C], shift [C])
+    rows_dlogits_(tile, lse, shift, targets, coeff [C], opts) -> None    tile <- coeff (onehot - p) c' / temperature
+
+Between the two calls the tile's contents belong to the backend (here: exp(l - shift) without a softcap, so that
+the second pass needs no exp; l with one).
 """
 from typing import List
 
@@ -20,25 +23,25 @@ def _rows_logsumexp(tile: torch.Tensor, targets: torch.Tensor, softcap: float) -
 
 @_rows_logsumexp.register_fake
 def _(tile, targets, softcap):
-    return [tile.new_empty(tile.shape[0]), tile.new_empty(tile.shape[0])]
+    return [tile.new_empty(tile.shape[0]) for _ in range(3)]
 
 
 @torch.library.custom_op("fastalign::cpp_rows_dlogits_", mutates_args=("tile",))
-def _rows_dlogits(tile: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coeff: torch.Tensor,
-                  softcap: float, inv_temp: float) -> None:
-    _ext.C.rows_dlogits_(tile, lse, targets, coeff, softcap, inv_temp)
+def _rows_dlogits(tile: torch.Tensor, lse: torch.Tensor, shift: torch.Tensor, targets: torch.Tensor,
+                  coeff: torch.Tensor, softcap: float, inv_temp: float) -> None:
+    _ext.C.rows_dlogits_(tile, lse, shift, targets, coeff, softcap, inv_temp)
 
 
 @_rows_dlogits.register_fake
-def _(tile, lse, targets, coeff, softcap, inv_temp):
+def _(tile, lse, shift, targets, coeff, softcap, inv_temp):
     return None
 
 
 def rows_logsumexp_(tile, targets, opts):
-    logp, lse = _rows_logsumexp(tile, targets, -1.0 if opts.softcap is None else opts.softcap)
-    return logp, lse
+    logp, lse, shift = _rows_logsumexp(tile, targets, -1.0 if opts.softcap is None else opts.softcap)
+    return logp, lse, shift
 
 
-def rows_dlogits_(tile, lse, targets, coeff, opts):
-    _rows_dlogits(tile, lse, targets, coeff, -1.0 if opts.softcap is None else opts.softcap,
+def rows_dlogits_(tile, lse, shift, targets, coeff, opts):
+    _rows_dlogits(tile, lse, shift, targets, coeff, -1.0 if opts.softcap is None else opts.softcap,
                   1.0 / opts.temperature)

@@ -1,4 +1,5 @@
-"""PyTorch row passes of the gradient-in-forward loss path; the contract is in loss_rows_cpp.py."""
+"""PyTorch row passes of the gradient-in-forward loss path; the contract is in loss_rows_cpp.py. Between the two
+calls the tile holds l (after the softcap); shift is unused here (zeros)."""
 import torch
 
 
@@ -7,10 +8,10 @@ def rows_logsumexp_(tile, targets, opts):
         tile.div_(opts.softcap).tanh_().mul_(opts.softcap)
     lse = torch.logsumexp(tile, dim=-1)
     picked = tile.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)
-    return torch.where(targets >= 0, picked - lse, torch.zeros_like(lse)), lse
+    return torch.where(targets >= 0, picked - lse, torch.zeros_like(lse)), lse, torch.zeros_like(lse)
 
 
-def rows_dlogits_(tile, lse, targets, coeff, opts):
+def rows_dlogits_(tile, lse, shift, targets, coeff, opts):
     g = torch.where(targets >= 0, coeff.to(tile.dtype), torch.zeros_like(lse)) / opts.temperature
     chain = None
     if opts.softcap is not None:  # c'(l) = 1 - (l / c)^2, taken before the tile is overwritten
