@@ -65,9 +65,9 @@ def git_commit():
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                    text=True, timeout=10, cwd=here).stdout.strip()
             head += "+dirty" if dirty else ""
-        return head
-    except Exception:
-        return None
+        return head or os.environ.get("FASTALIGN_GIT_COMMIT")
+    except Exception:  # no git (a copy of the tree on a lent GPU): run_gpu.sh passes the commit along
+        return os.environ.get("FASTALIGN_GIT_COMMIT")
 
 
 def peer_versions():

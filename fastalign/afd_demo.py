@@ -100,8 +100,8 @@ def run(output_dir="demo_out", rm_steps=150, sft_steps=60, pretrain_steps=250, s
         trainer.train()
         rm_eval[kind] = trainer.evaluate()
         scorers[f"RM {kind}"] = trainer.model.eval()
-        log(f"reward model {kind}: held-out accuracy {rm_eval[kind]['rewards/accuracies']:.3f}, "
-            f"AUC {rm_eval[kind]['auc']:.3f} ({time.perf_counter() - t0:.0f} s)")
+        log(f"reward model {kind}: held-out accuracy {rm_eval[kind]['eval_rewards/accuracies']:.3f}, "
+            f"AUC {rm_eval[kind]['eval_auc']:.3f} ({time.perf_counter() - t0:.0f} s)")
     scorers["log-ratio sft/init"] = log_ratio_scorer(sft, init, tok, batch_size=256)
 
     init_test = sample(init, tok, test_prompts, n=1, seed=seed + 2, **gen)
@@ -134,7 +134,7 @@ def report(results, log=print):
         log(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     log("\n| reward model | held-out accuracy | held-out AUC |\n|---|---:|---:|")
     for kind, m in results["rm_eval"].items():
-        log(f"| {kind} | {m['rewards/accuracies']:.3f} | {m['auc']:.3f} |")
+        log(f"| {kind} | {m['eval_rewards/accuracies']:.3f} | {m['eval_auc']:.3f} |")
 
 
 def plot(results, path):

@@ -64,7 +64,8 @@ def test_trainer_trains_evaluates_and_resumes(tmp_path):
     trainer = fa.AfDRewardTrainer(rm, tokenizer=tok, train_dataset=rows, eval_dataset=rows, config=cfg)
     history = trainer.train()
     m = trainer.evaluate()
-    assert {"loss", "rewards/accuracies", "auc", "rewards/margins"} <= set(m) and 0 <= m["auc"] <= 1
+    assert {"eval_loss", "eval_rewards/accuracies", "eval_auc", "eval_rewards/margins"} <= set(m)
+    assert 0 <= m["eval_auc"] <= 1
     assert history[-1]["step"] == 4 and os.path.isdir(tmp_path / "rm" / "checkpoint-4")
     # resume from step 2 reaches the same weights as the uninterrupted run
     rm2, _ = default_model_and_tokenizer("reward", seed=0)

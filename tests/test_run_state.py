@@ -119,8 +119,9 @@ def test_resume_refuses_changed_options_and_data_naming_each_and_allows_free_one
     assert allowed.global_step == 4
     # logging, output, evaluation and saving options may change freely
     free = dpo(tmp_path / "e", max_steps=2, logging_steps=5, eval_steps=7, save_strategy="no", report_to="none",
-               disable_tqdm=False, per_device_eval_batch_size=3)
-    free.train(start)
+               disable_tqdm=False, per_device_eval_batch_size=3, grad_in_forward="off")
+    with pytest.warns(UserWarning, match="resumed at step 2, which already reaches this run's 2 steps: nothing left"):
+        free.train(start)  # a finished run resumed says so instead of training 0 steps in silence
     assert free.global_step == 2
 
 

@@ -144,8 +144,9 @@ class AfDRewardTrainer(BaseTrainer):
                 "rewards/positive": self._class_mean(logits, pos), "rewards/negative": self._class_mean(logits, ~pos)}
 
     @torch.no_grad()
-    def evaluate(self, eval_dataset=None):
-        """loss, rewards/accuracies, auc, rewards/positive, rewards/negative, rewards/margins over the eval set."""
+    def evaluate(self, eval_dataset=None, metric_key_prefix="eval"):
+        """eval_loss, eval_rewards/accuracies, eval_auc, eval_rewards/positive|negative|margins over the eval set
+        (TRL's ``eval_`` prefix), logged and passed to the callbacks' on_evaluate as the other trainers' are."""
         examples = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_examples
         if examples is None:
             raise ValueError("no eval_dataset was given")
@@ -164,5 +165,9 @@ class AfDRewardTrainer(BaseTrainer):
         pos = y > 0.5
         loss = float(F.binary_cross_entropy_with_logits(s.double(), y.double()))
         mp, mn = self._class_mean(s, pos), self._class_mean(s, ~pos)
-        return {"loss": loss, "rewards/accuracies": float(((s > 0).float() == y).float().mean()),
-                "auc": binary_auc(s, y), "rewards/positive": mp, "rewards/negative": mn, "rewards/margins": mp - mn}
+        metrics = {"loss": loss, "rewards/accuracies": float(((s > 0).float() == y).float().mean()),
+                   "auc": binary_auc(s, y), "rewards/positive": mp, "rewards/negative": mn, "rewards/margins": mp - mn}
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self._emit_log({**metrics, "step": self.global_step})  # logged and passed on, as BaseTrainer.evaluate does
+        self._event("on_evaluate", metrics=metrics)
+        return metrics

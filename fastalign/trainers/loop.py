@@ -241,6 +241,10 @@ class BaseTrainer(CheckpointMixin):
         self._before_training()
         if resume:
             self._load_checkpoint(resume)
+            if self.global_step >= total and self.is_main:
+                warnings.warn(f"resumed at step {self.global_step}, which already reaches this run's {total} steps: "
+                              "nothing left to train (raise max_steps or num_train_epochs to train further)",
+                              stacklevel=3)
         writer = self._writer = self._open_writers()
         self.state.max_steps, self.state.num_train_epochs = total, total / steps_per_epoch
         self.state.global_step, self.state.epoch = self.global_step, self.global_step / steps_per_epoch
