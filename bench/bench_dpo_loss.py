@@ -59,6 +59,10 @@ def _fused(device, compiled):
         fn = fa.FusedDPOLoss(beta=BETA, backend=backend)
         out.append((f"FusedDPOLoss[{backend}]", (lambda fn: lambda h, w, l, rh, rw: fn(
             h, w, l, ref_hidden=rh, ref_weight=rw).loss)(fn)))
+        if backend != "triton":  # the gradient computed in forward (fastalign.fused_grad; the trainers' CPU path)
+            fn = fa.FusedDPOLoss(beta=BETA, backend=backend, grad_in_forward=True)
+            out.append((f"FusedDPOLoss[{backend}] grad-in-fwd", (lambda fn: lambda h, w, l, rh, rw: fn(
+                h, w, l, ref_hidden=rh, ref_weight=rw).loss)(fn)))
     return out
 
 
