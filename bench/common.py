@@ -84,8 +84,9 @@ def peer_versions():
 
 def environment():
     from fastalign.cli.info import info_dict
-    from fastalign.profiling import fix_mmap_threshold
-    fix_mmap_threshold()  # before any variant runs: CPU peak memory is read from RSS (see fastalign.profiling)
+    from fastalign.profiling import _MMAP_THRESHOLD_MAX, _set_mmap_threshold
+    # timed runs in the allocator regime of a long-running process (PeakMemory lowers it while it measures)
+    _set_mmap_threshold(_MMAP_THRESHOLD_MAX)
     env = info_dict()
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["machine"] = platform.machine()

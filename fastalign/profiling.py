@@ -32,25 +32,30 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-_MMAP_FIXED = False
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for its dynamic threshold on 64-bit
 
 
-def fix_mmap_threshold():
-    """Keep every large CPU tensor mmap'd, so that freeing it returns it to the OS and RSS follows it.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; later tensors under that
-    size then come from the heap and stay resident after they are freed, so RSS under-reports the next peak (by
-    tens of MiB, depending on what ran before). Setting the threshold explicitly turns that adjustment off.
-    """
-    global _MMAP_FIXED
-    if _MMAP_FIXED or not sys.platform.startswith("linux"):
+def _set_mmap_threshold(nbytes):
+    if not sys.platform.startswith("linux"):
         return
-    _MMAP_FIXED = True
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, fixed
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes))
     except (OSError, AttributeError):
         pass
+
+
+def fix_mmap_threshold(nbytes=1 << 17):
+    """While CPU peak memory is measured, every large tensor is mmap'd, so that freeing it returns it to the OS
+    and the resident set size follows it.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; later tensors under that
+    size then come from the heap and stay resident after they are freed, so RSS under-reports the next peak.
+    PeakMemory sets a low fixed threshold on entry and 32 MiB (the dynamic threshold's ceiling, where a long
+    process ends up) on exit: timed runs outside it then pay no page faults a training process would not pay.
+    """
+    _set_mmap_threshold(nbytes)
 
 
 class PeakMemory:
@@ -93,4 +98,5 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(0, self._peak - self._base)
+            _set_mmap_threshold(_MMAP_THRESHOLD_MAX)
         return False
