@@ -14,6 +14,13 @@ BACKENDS = [b for b in cpu_backends() if b in ("cpp", "torch")]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
+def test_rows_per_chunk():
+    from fastalign.fused_grad import CHUNK_BYTES, MIN_CHUNK_ROWS, rows_per_chunk
+    assert rows_per_chunk(32000) == CHUNK_BYTES // (4 * 32000) >= MIN_CHUNK_ROWS
+    assert rows_per_chunk(256000) == MIN_CHUNK_ROWS  # a large vocabulary keeps GEMMs thick enough
+    assert rows_per_chunk(256000, 7) == 7
+
+
 def test_group_bounds_keep_groups_whole():
     assert group_bounds([3, 4, 2, 9, 1], 7) == ((0, 7), (7, 9), (9, 18), (18, 19))
     assert group_bounds([], 5) == ()
