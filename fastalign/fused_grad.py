@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from fastalign.backends import get_backend, resolve_backend
-from fastalign.ops import _autocast_inputs, _check_inputs
+from fastalign.losses import check_pair_weights, check_token_inputs, weighted_mean
+from fastalign.ops import _autocast_inputs, _check_inputs, map_targets
 
 # Rows per chunk: the fp32 tile holds about CHUNK_BYTES (or one group, if a group is larger), but never fewer
 # than MIN_CHUNK_ROWS rows: thinner GEMMs lose BLAS efficiency (2-core EPYC, fp32, N=1024 H=256 V=256000:
@@ -54,6 +55,15 @@ def rows_per_chunk(v, chunk_rows=None):
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(v, 1)))
 
 
+def row_bounds(n, step):
+    """Row bounds (start, stop) of consecutive chunks of ``step`` rows (the last one shorter) over n rows."""
+    return tuple((s, min(s + step, n)) for s in range(0, n, step))
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def group_bounds(group_sizes, max_rows):
     """Row bounds (start, stop) of consecutive chunks, each holding whole groups and at most ``max_rows`` rows
     (a group larger than that is a chunk of its own). group_sizes: rows per group, in row order."""
@@ -71,7 +81,7 @@ def group_bounds(group_sizes, max_rows):
 def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     """logp [N] fp32 and the gradients (d_h [N, H] in hidden's dtype, d_w/d_b fp32) of the plan's loss."""
     rows_impl = get_backend(plan.backend, op="loss_rows")
-    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    ct = _compute_dtype(hidden)
     n, v = hidden.shape[0], weight.shape[0]
     inv_t = 1.0 / plan.temperature
     logp = torch.zeros(n, dtype=ct, device=hidden.device)
@@ -157,13 +167,17 @@ class GradInForwardFunction(torch.autograd.Function):
                 None if d_b is None else d_b.mul_(g).to(bd), None, None)
 
 
-def run_grad_in_forward(hidden, weight, bias, targets, bounds, coeff_fn, *, temperature, softcap, backend):
-    """(logp [N] fp32, grad_carrier scalar): see GradInForwardFunction. hidden [N, H] rows in chunk order,
-    targets [N] with -1 for ignored rows, bounds from ``group_bounds``."""
+def _plan(hidden, bounds, coeff_fn, temperature, softcap, backend):
     name = resolve_backend(backend, hidden.device, hidden.dtype)
-    plan = GradInForwardPlan(backend=name, temperature=float(temperature),
+    return GradInForwardPlan(backend=name, temperature=float(temperature),
                              softcap=None if softcap is None else float(softcap), bounds=tuple(bounds),
                              coeff_fn=coeff_fn)
+
+
+def run_grad_in_forward(hidden, weight, bias, targets, bounds, coeff_fn, *, temperature, softcap, backend):
+    """(logp [N] fp32, grad_carrier scalar): see GradInForwardFunction. hidden [N, H] rows in chunk order,
+    targets [N] with -1 for ignored rows, bounds from ``group_bounds`` or ``row_bounds``."""
+    plan = _plan(hidden, bounds, coeff_fn, temperature, softcap, backend)
     return GradInForwardFunction.apply(hidden, weight, bias, targets, plan)
 
 
@@ -186,14 +200,10 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     n, v = hidden.shape[0], weight.shape[0]
-    targets = orig_targets = targets.long()
-    ignored = targets == ignore_index
-    bad = ~ignored & ((targets < 0) | (targets >= v))
-    if n and bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not ignore_index={ignore_index}")
-    targets = torch.where(ignored, torch.full_like(targets, -1), targets)
-    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    orig_targets = targets
+    targets = map_targets(targets, v, ignore_index)
+    ignored = targets < 0
+    ct = _compute_dtype(hidden)
     if token_weights is None:
         w = (~ignored).to(ct)
     else:
@@ -216,8 +226,7 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
         if n == 0 and needs_grad:  # connected to the graph: zero gradients, the empty case of every loss
             loss = loss + 0.0 * hidden.sum() + 0.0 * weight.sum()
         return loss
-    step = rows_per_chunk(v, chunk_rows)
-    bounds = tuple((s, min(s + step, n)) for s in range(0, n, step))
+    bounds = row_bounds(n, rows_per_chunk(v, chunk_rows))
     logp, carrier = run_grad_in_forward(hidden, weight, bias, targets, bounds,
                                         lambda s, e, lp: coeff[s:e], temperature=temperature, softcap=softcap,
                                         backend=backend)
@@ -225,16 +234,9 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
 
 
 def _token_layout(hidden, labels, ignore_index, sequence_index, n_sequences):
-    """Flattened hidden [R*T, H], targets [R*T] (-1: not a labelled token) and each token's sequence [R*T]."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be [rows, T, H], got "
-                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"labels must be [rows, T] = {tuple(hidden.shape[:2])} to match hidden, got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    if sequence_index is not None and tuple(sequence_index.shape) != tuple(labels.shape):
-        raise ValueError(f"sequence_index must be [rows, T] = {tuple(labels.shape)}, got "
-                         f"{tuple(sequence_index.shape)}")
+    """Flattened hidden [R*T, H], targets [R*T] (-1: not a labelled token), each token's sequence [R*T] (-1 for
+    none), the number of sequences S, the labelled tokens' rows ``live`` and the labelled tokens per sequence [S]."""
+    check_token_inputs(hidden, labels, sequence_index)
     r, t, h = hidden.shape
     flat_labels = labels.reshape(-1)
     if sequence_index is None:
@@ -246,7 +248,11 @@ def _token_layout(hidden, labels, ignore_index, sequence_index, n_sequences):
             n_sequences = int(seq.max()) + 1
     active = (seq >= 0) & (flat_labels != ignore_index)
     targets = torch.where(active, flat_labels.long(), torch.full_like(flat_labels, -1, dtype=torch.long))
-    return hidden.reshape(r * t, h), targets, torch.where(active, seq, torch.full_like(seq, -1)), n_sequences
+    seq = torch.where(active, seq, torch.full_like(seq, -1))
+    live = active.nonzero().squeeze(1)
+    n_tok = torch.zeros(n_sequences, dtype=torch.long, device=seq.device).index_add_(0, seq[live],
+                                                                                    torch.ones_like(live))
+    return hidden.reshape(r * t, h), targets, seq, n_sequences, live, n_tok
 
 
 def _pair_order(seq, live, n_tok, b):
@@ -263,24 +269,18 @@ def forward_logps(loss_module, hidden, weight, labels, bias=None, sequence_index
     """(summed log-probs [S], token counts [S]) by the same row pass, chunks and row order as the
     gradient-in-forward losses, without gradients: a reference model's log-probs computed here cancel the
     policy's exactly when the two models are equal (DPO's first loss is then exactly ln 2)."""
-    flat_h, targets, seq, n_seq = _token_layout(hidden, labels, loss_module.ignore_index, sequence_index,
-                                                n_sequences)
-    live = (seq >= 0).nonzero().squeeze(1)
-    n_tok = torch.zeros(n_seq, dtype=torch.long, device=seq.device).index_add_(0, seq[live], torch.ones_like(live))
+    flat_h, targets, seq, n_seq, live, n_tok = _token_layout(hidden, labels, loss_module.ignore_index,
+                                                             sequence_index, n_sequences)
     step = rows_per_chunk(weight.shape[0], loss_module.chunk_rows)
     if pairs and n_seq % 2 == 0 and n_seq > 0:
         order, _, sizes = _pair_order(seq, live, n_tok, n_seq // 2)
         bounds = group_bounds(sizes, step)
     else:
         order = live
-        bounds = tuple((s, min(s + step, order.numel())) for s in range(0, order.numel(), step))
-    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        bounds = row_bounds(order.numel(), step)
     if order.numel() == 0:
-        return torch.zeros(n_seq, dtype=ct, device=hidden.device), n_tok
-    name = resolve_backend(loss_module.backend, hidden.device, hidden.dtype)
-    plan = GradInForwardPlan(backend=name, temperature=float(loss_module.temperature),
-                             softcap=None if loss_module.softcap is None else float(loss_module.softcap),
-                             bounds=bounds, coeff_fn=None)
+        return torch.zeros(n_seq, dtype=_compute_dtype(hidden), device=hidden.device), n_tok
+    plan = _plan(hidden, bounds, None, loss_module.temperature, loss_module.softcap, loss_module.backend)
     with torch.no_grad():
         logp, _, _, _ = _chunk_pass(flat_h.index_select(0, order), weight, bias, targets[order], plan,
                                     False, False, False)
@@ -297,14 +297,12 @@ def preference_forward(loss_module, hidden, weight, labels, ref_chosen_logps, re
     (losses, log-probs, rewards) are detached.
     """
     from fastalign.losses import PreferenceLossOutput
-    flat_h, targets, seq, n_seq = _token_layout(hidden, labels, loss_module.ignore_index, sequence_index,
-                                                n_sequences)
+    flat_h, targets, seq, n_seq, live, n_tok = _token_layout(hidden, labels, loss_module.ignore_index,
+                                                             sequence_index, n_sequences)
     if n_seq % 2:
         raise ValueError(f"n_sequences must be even (B chosen, then B rejected), got {n_seq}")
     b = n_seq // 2
-    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    live = (seq >= 0).nonzero().squeeze(1)
-    n_tok = torch.zeros(n_seq, dtype=torch.long, device=seq.device).index_add_(0, seq[live], torch.ones_like(live))
+    ct = _compute_dtype(hidden)
     if bool((n_tok == 0).any()):
         i = int((n_tok == 0).nonzero()[0, 0])
         raise ValueError(f"row {i} of labels has no labelled token (all ignore_index): every chosen and "
@@ -322,15 +320,11 @@ def preference_forward(loss_module, hidden, weight, labels, ref_chosen_logps, re
 
     nc, nr = n_tok[:b].to(ct), n_tok[b:].to(ct)
     if pair_weights is not None:
-        w = torch.as_tensor(pair_weights, device=hidden.device).to(ct)
-        if tuple(w.shape) != (b,):
-            raise ValueError(f"weights must have shape {(b,)} (one per pair), got {tuple(w.shape)}")
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError(f"weights must be finite and non-negative, got min {w.min().item()}")
+        w = check_pair_weights(pair_weights, (b,), ct, hidden.device)
         total = float(w.sum())
     else:
         w, total = torch.ones(b, dtype=ct, device=hidden.device), float(b)
-    denom = total if total > 0 else 1.0
+    denom = total if total > 0 else 1.0  # weighted_mean's denominator: the chunks' parts add up to its value
 
     def pair_terms(pc, pr, p0, p1):
         """Per-pair losses (with RPO's term) for pairs p0..p1-1 from their summed policy log-probs."""
@@ -372,7 +366,7 @@ def preference_forward(loss_module, hidden, weight, labels, ref_chosen_logps, re
     sums = torch.zeros(n_seq, dtype=ct, device=logp.device).index_add_(0, seq[order], logp)
     pc, pr = sums[:b], sums[b:]
     losses, nll, (pc_n, pr_n, rc_n, rr_n) = pair_terms(pc, pr, 0, b)
-    loss = torch.where(w > 0, w * losses, torch.zeros_like(losses)).sum() / denom + carrier
+    loss = weighted_mean(losses, None if pair_weights is None else w) + carrier
     cr, rj = loss_module.rewards(pc_n, pr_n, rc_n, rr_n)
     return PreferenceLossOutput(loss=loss, losses=losses, chosen_logps=pc, rejected_logps=pr, chosen_rewards=cr,
                                 rejected_rewards=rj, reward_margins=cr - rj, reward_accuracies=(cr > rj).float(),
@@ -383,14 +377,11 @@ def preference_forward(loss_module, hidden, weight, labels, ref_chosen_logps, re
 def sft_forward(loss_module, hidden, weight, labels, bias, sequence_index, n_sequences):
     """FusedSFTLoss.forward with the gradient computed in forward: -sum logp / labelled tokens."""
     from fastalign.losses import SFTLossOutput
-    flat_h, targets, seq, n_seq = _token_layout(hidden, labels, loss_module.ignore_index, sequence_index,
-                                                n_sequences)
-    live = (seq >= 0).nonzero().squeeze(1)
-    n_tok = torch.zeros(n_seq, dtype=torch.long, device=seq.device).index_add_(0, seq[live], torch.ones_like(live))
+    flat_h, targets, seq, n_seq, live, n_tok = _token_layout(hidden, labels, loss_module.ignore_index,
+                                                             sequence_index, n_sequences)
     total = int(live.numel())
     scale = -1.0 / total if total else 0.0
-    step = rows_per_chunk(weight.shape[0], loss_module.chunk_rows)
-    bounds = tuple((s, min(s + step, total)) for s in range(0, total, step))
+    bounds = row_bounds(total, rows_per_chunk(weight.shape[0], loss_module.chunk_rows))
     if total == 0:
         loss = 0.0 * hidden.sum() + 0.0 * weight.sum()
         return SFTLossOutput(loss=loss, sequence_logps=torch.zeros(n_seq, device=hidden.device), n_tokens=n_tok)

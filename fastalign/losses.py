@@ -127,6 +127,31 @@ def sft_loss(sequence_logps, n_tokens):
     return -sequence_logps.sum() / total.clamp_min(1)
 
 
+def check_pair_weights(weights, shape, dtype, device):
+    """weights (a tensor or anything torch.as_tensor takes) as a tensor of ``shape``, after checking it: one per
+    pair, finite, non-negative."""
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.as_tensor(weights, dtype=dtype, device=device)
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(f"weights must have shape {tuple(shape)} (one per pair), got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all() or bool((weights < 0).any()):
+        raise ValueError(f"weights must be finite and non-negative, got min {weights.min().item()}")
+    return weights.to(dtype)
+
+
+def check_token_inputs(hidden, labels, sequence_index=None):
+    """hidden [rows, T, H], labels [rows, T] and, packed, sequence_index [rows, T]: raise naming what differs."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be [rows, T, H], got "
+                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"labels must be [rows, T] = {tuple(hidden.shape[:2])} to match hidden, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if sequence_index is not None and tuple(sequence_index.shape) != tuple(labels.shape):
+        raise ValueError(f"sequence_index must be [rows, T] = {tuple(labels.shape)}, got "
+                         f"{tuple(sequence_index.shape)}")
+
+
 def weighted_mean(losses, weights=None):
     """Mean of per-pair losses [B], or sum w_i l_i / sum w_i with non-negative weights [B].
 
@@ -136,13 +161,7 @@ def weighted_mean(losses, weights=None):
     """
     if weights is None:
         return losses.sum() / max(losses.numel(), 1)
-    if not isinstance(weights, torch.Tensor):
-        weights = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
-    if weights.shape != losses.shape:
-        raise ValueError(f"weights must have shape {tuple(losses.shape)} (one per pair), got {tuple(weights.shape)}")
-    if not torch.isfinite(weights).all() or bool((weights < 0).any()):
-        raise ValueError(f"weights must be finite and non-negative, got min {weights.min().item()}")
-    w = weights.to(losses.dtype)
+    w = check_pair_weights(weights, losses.shape, losses.dtype, losses.device)
     total = w.sum()
     weighted = torch.where(w > 0, w * losses, torch.zeros_like(losses))
     return weighted.sum() / torch.where(total > 0, total, torch.ones_like(total))
@@ -197,12 +216,7 @@ class _FusedLogprobs(torch.nn.Module):
         Padded: hidden [S, T, H], labels [S, T], one sequence per row. Packed (padding-free): also
         sequence_index [R, T] naming each token's sequence in [0, n_sequences) (-1 for padding).
         """
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-            raise ValueError(f"hidden must be [rows, T, H], got "
-                             f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
-        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
-            raise ValueError(f"labels must be [rows, T] = {tuple(hidden.shape[:2])} to match hidden, got "
-                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        check_token_inputs(hidden, labels, sequence_index)
         if self.grad_in_forward and not self.grad_filter_eps and not torch.is_grad_enabled():
             # a reference or evaluation pass: the row pass and row order of the gradient-in-forward path, so that
             # equal policy and reference models give equal log-probs bit for bit
@@ -215,9 +229,6 @@ class _FusedLogprobs(torch.nn.Module):
             kw["grad_filter_eps"] = self.grad_filter_eps
         if sequence_index is None:
             return sequence_logprobs(hidden, weight, labels, bias, **kw)
-        if tuple(sequence_index.shape) != tuple(labels.shape):
-            raise ValueError(f"sequence_index must be [rows, T] = {tuple(labels.shape)}, got "
-                             f"{tuple(sequence_index.shape)}")
         if n_sequences is None:
             n_sequences = int(sequence_index.max()) + 1
         r, t, h = hidden.shape

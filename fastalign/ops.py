@@ -105,6 +105,19 @@ def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, soft
         raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
 
 
+def map_targets(targets, v, ignore_index):
+    """targets [N] as int64 with ``ignore_index`` mapped to -1 (what every backend takes); a target outside
+    [0, V) that is not ignore_index raises, naming the first one."""
+    targets = targets.long()
+    ignored = targets == ignore_index
+    bad = ~ignored & ((targets < 0) | (targets >= v))
+    if targets.numel() and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not "
+                         f"ignore_index={ignore_index}; {int(bad.sum())} such target(s) in all")
+    return torch.where(ignored, torch.full_like(targets, -1), targets)
+
+
 def _autocast_inputs(hidden, weight, bias):
     device = hidden.device.type
     if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
@@ -144,14 +157,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
     opts = LogprobOptions(backend=name, temperature=float(temperature),
                           softcap=None if softcap is None else float(softcap), deterministic=bool(deterministic),
                           grad_filter_eps=None if not grad_filter_eps else float(grad_filter_eps))
-    targets = targets.long()
-    ignored = targets == ignore_index
-    bad = ~ignored & ((targets < 0) | (targets >= v))
-    if n and bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not "
-                         f"ignore_index={ignore_index}; {int(bad.sum())} such target(s) in all")
-    targets = torch.where(ignored, torch.full_like(targets, -1), targets)
+    targets = map_targets(targets, v, ignore_index)
     # No .contiguous() here: each backend decides (triton reads any strides in place, so a transposed or tied
     # weight is not copied on every call; cpp copies what its C++ needs contiguous).
     needs_grad = torch.is_grad_enabled() and any(
