@@ -84,9 +84,9 @@ def peer_versions():
 
 def environment():
     from fastalign.cli.info import info_dict
-    from fastalign.profiling import _MMAP_THRESHOLD_MAX, _set_mmap_threshold
+    from fastalign.profiling import MMAP_THRESHOLD_MAX, set_mmap_threshold
     # timed runs in the allocator regime of a long-running process (PeakMemory lowers it while it measures)
-    _set_mmap_threshold(_MMAP_THRESHOLD_MAX)
+    set_mmap_threshold(MMAP_THRESHOLD_MAX)
     env = info_dict()
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["machine"] = platform.machine()
@@ -192,6 +192,18 @@ def write_results(name, env, rows, table, out_dir=None):
     path = result_path(name, env, "json", out_dir)
     with open(path, "w") as f:
         json.dump({"benchmark": name, "environment": env, "results": rows, "table": table}, f, indent=2)
+    return path
+
+
+def publish(name, env, rows, table, out_dir, plot_rows, metrics, versions=""):
+    """What every bench's main() ends with: a line on the environment, the table, the JSON and the ratio PNG
+    (bars per shape, one per variant); returns the JSON's path."""
+    print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}{versions}, on {env['device']}, "
+          f"{env.get('cpu_model')} [{env.get('cpu_flags')}], load {env.get('load_average')}, {env['date']}\n")
+    print(table)
+    path = write_results(name, env, rows, table, out_dir)
+    plot = ratio_plot(name, env, plot_rows, "shape", "variant", metrics, out_dir)
+    print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
     return path
 
 

@@ -33,10 +33,18 @@ def _rss_bytes():
 
 
 _M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for its dynamic threshold on 64-bit
+MMAP_THRESHOLD_MEASURE = 1 << 17  # while PeakMemory measures: every large tensor mmap'd
+MMAP_THRESHOLD_MAX = 32 << 20     # glibc's ceiling for its dynamic threshold on 64-bit, where a long process ends up
 
 
-def _set_mmap_threshold(nbytes):
+def set_mmap_threshold(nbytes):
+    """Fix glibc's mmap threshold (Linux; a no-op elsewhere).
+
+    glibc raises its threshold (up to MMAP_THRESHOLD_MAX) each time a large block is freed; later tensors under
+    that size then come from the heap and stay resident after they are freed, so RSS under-reports the next
+    peak. PeakMemory sets MMAP_THRESHOLD_MEASURE on entry, so that freed tensors leave the resident set, and
+    MMAP_THRESHOLD_MAX on exit: timed runs outside it then pay no page faults a training process would not pay.
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -44,18 +52,6 @@ def _set_mmap_threshold(nbytes):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes))
     except (OSError, AttributeError):
         pass
-
-
-def fix_mmap_threshold(nbytes=1 << 17):
-    """While CPU peak memory is measured, every large tensor is mmap'd, so that freeing it returns it to the OS
-    and the resident set size follows it.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; later tensors under that
-    size then come from the heap and stay resident after they are freed, so RSS under-reports the next peak.
-    PeakMemory sets a low fixed threshold on entry and 32 MiB (the dynamic threshold's ceiling, where a long
-    process ends up) on exit: timed runs outside it then pay no page faults a training process would not pay.
-    """
-    _set_mmap_threshold(nbytes)
 
 
 class PeakMemory:
@@ -76,7 +72,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            fix_mmap_threshold()
+            set_mmap_threshold(MMAP_THRESHOLD_MEASURE)
             self._base = _rss_bytes()
             self._peak = self._base
             self._stop = threading.Event()
@@ -98,5 +94,5 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(0, self._peak - self._base)
-            _set_mmap_threshold(_MMAP_THRESHOLD_MAX)
+            set_mmap_threshold(MMAP_THRESHOLD_MAX)
         return False
