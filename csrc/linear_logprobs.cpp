@@ -62,6 +62,16 @@ void logits_gemm(at::Tensor& tile, const at::Tensor& h, const at::Tensor& w_blk,
   }
 }
 
+// acc += a b: in place (one BLAS call) when a, b and acc share a type; bf16/fp16 products are widened into the
+// fp32 accumulator.
+void accumulate_product(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == acc.scalar_type()) {
+    acc.addmm_(a, b);
+  } else {
+    acc.add_(at::mm(a, b));
+  }
+}
+
 // The type the GEMMs run in: the input's for bf16/fp16 (native 16-bit GEMMs), else the compute type.
 at::ScalarType gemm_type(const at::Tensor& t) {
   const auto st = t.scalar_type();
@@ -194,24 +204,14 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& hidden, const at::T
         }
       }
       if (d_b_blk.defined()) d_b_blk.add_(d_tile.sum(0));
-      if (narrow_gemm) {  // D rounded to the input type for the two GEMMs, as naive PyTorch's backward does
-        const at::Tensor d16 = d_tile.to(gt);
-        if (d_w_blk.defined()) d_w_blk.add_(at::mm(d16.t(), h_rows));
-        if (d_h_rows.defined()) {
-          if (index.defined()) {
-            d_h_rows.index_add_(0, index, at::mm(d16, w_blk).to(ct));
-          } else {
-            d_h_rows.add_(at::mm(d16, w_blk));
-          }
-        }
-      } else {
-        if (d_w_blk.defined()) d_w_blk.addmm_(d_tile.t(), h_rows);
-        if (d_h_rows.defined()) {
-          if (index.defined()) {
-            d_h_rows.index_add_(0, index, at::mm(d_tile, w_blk));
-          } else {
-            d_h_rows.addmm_(d_tile, w_blk);
-          }
+      // bf16/fp16: D rounded to the input type for the two GEMMs, as naive PyTorch's backward does
+      const at::Tensor d_gemm = narrow_gemm ? d_tile.to(gt) : d_tile;
+      if (d_w_blk.defined()) accumulate_product(d_w_blk, d_gemm.t(), h_rows);
+      if (d_h_rows.defined()) {
+        if (index.defined()) {
+          d_h_rows.index_add_(0, index, at::mm(d_gemm, w_blk).to(ct));
+        } else {
+          accumulate_product(d_h_rows, d_gemm, w_blk);
         }
       }
     }
