@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import fastalign as fa  # noqa: E402
 from bench import peers  # noqa: E402
 from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
-                          markdown_table, ratio_plot, write_results)
+                          markdown_table, publish)
 from fastalign.profiling import PeakMemory  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
@@ -159,15 +159,8 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     env, rows, table, status = run(args)
-    print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, on {env['device']}, "
-          f"{env.get('cpu_model')}, load {env.get('load_average')}, {env['date']}\n")
-    print(table)
-    path = write_results("dpo_loss", env, rows, table, args.out)
-    plot = ratio_plot("dpo_loss", env, [r for r in rows if "time_vs_naive" in r], "shape", "variant",
-                      [("time_vs_naive", "fwd+bwd time vs naive DPO"),
-                       ("memory_vs_naive", "peak extra memory vs naive")],
-                      args.out)
-    print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
+    publish("dpo_loss", env, rows, table, args.out, [r for r in rows if "time_vs_naive" in r],
+            [("time_vs_naive", "fwd+bwd time vs naive DPO"), ("memory_vs_naive", "peak extra memory vs naive")])
     return status
 
 

@@ -27,8 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import peers  # noqa: E402
-from bench.common import (JsonlStream, add_common_args, dryrun, environment, markdown_table,  # noqa: E402
-                          ratio_plot, write_results)
+from bench.common import JsonlStream, add_common_args, dryrun, environment, markdown_table, publish  # noqa: E402
 from fastalign.profiling import PeakMemory  # noqa: E402
 
 DEFAULTS = {"cpu": dict(batch=4, max_length=128, steps=8, hidden=None, layers=None, vocab=None),
@@ -212,15 +211,10 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     env, rows, table, status = run(args)
-    print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, trl {env['peers']['trl']}, "
-          f"on {env['device']}, {env.get('cpu_model')}, load {env.get('load_average')}, {env['date']}\n")
-    print(table)
-    name = "e2e_dpo" + (f"-{args.tag}" if args.tag else "")
-    path = write_results(name, env, rows, table, args.out)
-    plot = ratio_plot(name, env, [r for r in rows if "speed_vs_trl" in r], "shape", "variant",
-                      [("speed_vs_trl", "tokens/s vs TRL DPOTrainer"), ("memory_vs_trl", "peak memory vs TRL")],
-                      args.out)
-    print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
+    publish("e2e_dpo" + (f"-{args.tag}" if args.tag else ""), env, rows, table, args.out,
+            [r for r in rows if "speed_vs_trl" in r],
+            [("speed_vs_trl", "tokens/s vs TRL DPOTrainer"), ("memory_vs_trl", "peak memory vs TRL")],
+            versions=f", trl {env['peers']['trl']}")
     return status
 
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import fastalign as fa  # noqa: E402
 from bench import peers  # noqa: E402
 from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
-                          markdown_table, ratio_plot, write_results)
+                          markdown_table, publish, write_results)
 from fastalign.profiling import PeakMemory  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
@@ -385,15 +385,9 @@ def main(argv=None):
                             args.out))
         return 0
     env, rows, table, status = run(args)
-    print(f"\nfastalign {env['fastalign']} ({env['git_commit']}), torch {env['torch']}, on {env['device']}, "
-          f"{env.get('cpu_model')} [{env.get('cpu_flags')}], load {env.get('load_average')}, {env['date']}\n")
-    print(table)
-    name = "linear_logprobs" + (f"-{args.tag}" if args.tag else "")
-    path = write_results(name, env, rows, table, args.out)
-    plot = ratio_plot(name, env, [r for r in rows if r.get("mode") == "fwd+bwd" and "seconds" in r],
-                      "shape", "variant", [("time_vs_naive", "fwd+bwd time vs naive"),
-                                           ("memory_vs_naive", "peak extra memory vs naive")], args.out)
-    print(f"\nresults: {path}" + (f"\nplot: {plot}" if plot else ""))
+    publish("linear_logprobs" + (f"-{args.tag}" if args.tag else ""), env, rows, table, args.out,
+            [r for r in rows if r.get("mode") == "fwd+bwd" and "seconds" in r],
+            [("time_vs_naive", "fwd+bwd time vs naive"), ("memory_vs_naive", "peak extra memory vs naive")])
     for c in rows:
         if str(c.get("variant")).startswith("CHECK cpp") and c["status"] == "FAIL" and status:
             print(f"FAIL: cpp is slower than naive at {c['shape']} {c['mode']} ({c['time_vs_naive']:.2f}x)",
