@@ -37,6 +37,8 @@ def extension_modules():
                       "it will be compiled on first use instead (or install torch first and use "
                       "`pip install --no-build-isolation` to build it now).")
         return [], {}
+    # GCC on Linux (torch's wheels ship libgomp.so.1); elsewhere at::parallel_for stays serial in the extension
+    OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         warnings.warn(f"fastalign: no C++ compiler found ({cxx!r}); building without the C++ extension.")
@@ -45,7 +47,10 @@ def extension_modules():
     ext = CppExtension(
         name="fastalign._C",
         sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),  # every kernel file plus bindings.cpp
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},  # the same flags as fastalign/_ext.py CXX_FLAGS
+        # the same flags as fastalign/_ext.py CXX_FLAGS / LD_FLAGS. Without -fopenmp ATen's header-only
+        # at::parallel_for compiles to a serial loop in an extension; linked, libgomp.so.1 is the one torch loaded.
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"] + OPENMP_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
     )
 
     class TolerantBuildExtension(BuildExtension):

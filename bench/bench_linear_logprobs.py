@@ -44,8 +44,9 @@ CPU_GOAL_SHAPES = ("1024,512,32000", "2048,1024,32000")  # the cpp goal (issue 1
 class Ctx:
     """What a variant factory may look at: device, dtype, softcap, and whether torch.compile rows run."""
 
-    def __init__(self, device, dtype, softcap, with_compile):
+    def __init__(self, device, dtype, softcap, with_compile, chunk_rows=()):
         self.device, self.dtype, self.softcap, self.with_compile = device, dtype, softcap, with_compile
+        self.chunk_rows = tuple(chunk_rows or ())
 
 
 # ---- the variants: each entry maps a Ctx to [(name, fn or why-not string, sign)] --------------------------------
@@ -90,6 +91,10 @@ def _fastalign_loss(ctx):
             continue  # on CUDA the row passes are torch ops whatever the backend: one row
         out.append((f"fastalign NLL[{b}] grad-in-fwd", (lambda b: lambda h, w, t: fa.fused_linear_nll_loss(
             h, w, t, softcap=ctx.softcap, backend=b, reduction="sum"))(b), -1))
+        if b == "cpp":  # --chunk-rows: the time / memory trade of the chunk size, one row each
+            out += [(f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r}", (lambda r: lambda h, w, t:
+                     fa.fused_linear_nll_loss(h, w, t, softcap=ctx.softcap, backend="cpp", reduction="sum",
+                                              chunk_rows=r))(r), -1) for r in ctx.chunk_rows]
     return out
 
 
@@ -144,7 +149,8 @@ def make_step(fn, hidden, weight, targets, backward):
     return step
 
 
-def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream=None, softcap=None, head=None):
+def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream=None, softcap=None, head=None,
+                chunk_rows=()):
     """Rows of one shape, fwd and fwd+bwd, every variant (measured interleaved), streamed as measured."""
     stream = stream or JsonlStream(None, "", {})
     torch.manual_seed(0)
@@ -156,7 +162,7 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream
         (f" softcap={softcap:g}" if softcap else "")
     base_fields = dict(shape=shape, head=head, n=n, h=h, v=v, dtype=str(dtype).split(".")[-1], softcap=softcap)
     roofline = "GEMM roofline (cuBLAS)" if device.type == "cuda" else "GEMM floor (BLAS)"
-    ctx = Ctx(device, dtype, softcap, with_compile)
+    ctx = Ctx(device, dtype, softcap, with_compile, chunk_rows)
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         flops = (8 if backward else 2) * n * h * v  # with the logits recompute in backward
         floor_name = f"3 GEMMs ({'roofline' if device.type == 'cuda' else 'floor'})" if backward else \
@@ -323,6 +329,9 @@ def build_parser():
     p.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default fp32 and bf16 on CPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--chunk-rows", type=int, action="append",
+                   help="also the gradient-in-forward cpp path with this chunk_rows (repeatable): its time / memory "
+                        "trade")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for every variant (default: torch's)")
     p.add_argument("--tag", default="", help="suffix of the result file names (several runs on one day)")
     p.add_argument("--grad-filter", action="store_true",
@@ -353,7 +362,8 @@ def run(args):
     rows = []
     for n, h, v, dtype, softcap, head in plan(args, device):
         only = None if not args.only else ["naive"] + args.only.split(",")
-        rows += bench_shape(n, h, v, dtype, device, args.repeats, not args.no_compile, only, stream, softcap, head)
+        rows += bench_shape(n, h, v, dtype, device, args.repeats, not args.no_compile, only, stream, softcap, head,
+                            getattr(args, "chunk_rows", None))
     checks = [stream.row(c) for c in (cpu_checks(rows) if device.type == "cpu" else [])]
     rows += checks
     stream.close()

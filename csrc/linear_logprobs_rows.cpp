@@ -1,109 +1,186 @@
 // Row passes of the gradient-in-forward loss path (fastalign/fused_grad.py).
 //
 // There the caller runs every GEMM-shaped step as a plain BLAS call outside any parallel region (the logits of
-// a chunk of rows over the whole vocabulary, then d_hidden and d_weight); these two functions are the per-row
-// work in between, in place on the fp32 (fp64) logits tile, in parallel over rows:
+// a chunk of C rows over the whole vocabulary, then d_hidden and d_weight); these two functions are the work in
+// between, in place on the fp32 (fp64) logits tile. The tile is vocabulary-major, tile [V, C] = ((h W^T + b) /
+// tau)^T: BLAS fills W h^T at near its full-size speed for thin chunks (C = 128-256), where h W^T loses 10-25%
+// (2-core EPYC, fp32, H=512, V=32000), and the reductions over the vocabulary become vector adds across columns.
 //
-//   rows_logsumexp_(tile [C, V] = (h W^T + b) / tau, targets [C] (-1: ignored), softcap)
-//       -> {logp [C], lse [C], shift [C]}; logp = l_y - lse (0 for ignored rows). In between the two calls the
-//       tile holds, per row, exp(l - shift) without a softcap (so the second pass needs no exp), or
-//       l = c tanh(z / c) with one.
+//   rows_logsumexp_(tile [V, C], targets [C] (-1: ignored), softcap)
+//       -> {logp [C], lse [C], shift [C]}; logp = l_y - lse (0 for ignored rows). Afterwards the tile holds
+//       exp(l - shift) without a softcap (the caller takes the gradients from it, see fused_grad.py), or
+//       l = c tanh(z / c) with one. A bf16/fp16 tile (no softcap) keeps its type; the statistics are fp32.
 //   rows_dlogits_(tile, lse [C], shift [C], targets [C], coeff [C], softcap, inv_temp)
-//       tile <- coeff * (1[v = y] - p_v) * c'(l_v) * inv_temp: d loss / d (h W^T + b) for a loss whose
-//       derivative with respect to logp is coeff; ignored rows become 0.
+//       tile <- coeff * (1[v = y] - p_v) * c'(l_v) * inv_temp: d loss / d (h W^T + b)^T for a loss whose
+//       derivative with respect to logp is coeff; ignored rows (columns) become 0.
 //
-// Same math as linear_logprobs.cpp (see its header and DESIGN.md). Without a softcap one exp per element in
-// all: the first pass stores exp(l - max) and the second only scales it.
+// Same math as linear_logprobs.cpp (see its header and DESIGN.md). The threads split the vocabulary into
+// contiguous ranges, each with its own [C] partial max / sum (combined in a fixed order, so results do not
+// depend on scheduling); without a softcap one exp per element in all.
 #include "fastalign.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "row_math.h"
+#include <vector>
+
+#include "col_math.h"
 
 namespace {
 
 using namespace fastalign_rows;
 
-void check_tile(const at::Tensor& tile, const at::Tensor& targets) {
+constexpr int64_t kMinVocabPerTask = 256;  // a thread's range is at least this many vocabulary lines
+
+bool is_narrow(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
+void check_tile(const at::Tensor& tile, const at::Tensor& targets, bool narrow_ok) {
   TORCH_CHECK(tile.device().is_cpu() && targets.device().is_cpu(), "fastalign._C: tensors must be on the CPU");
   TORCH_CHECK(tile.dim() == 2 && tile.is_contiguous() &&
-                  (tile.scalar_type() == at::kFloat || tile.scalar_type() == at::kDouble),
-              "fastalign._C: tile must be a contiguous fp32/fp64 [C, V] tensor, got ", tile.sizes(), " ",
-              tile.scalar_type());
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == tile.size(0) && targets.scalar_type() == at::kLong &&
+                  (tile.scalar_type() == at::kFloat || tile.scalar_type() == at::kDouble ||
+                   (narrow_ok && is_narrow(tile))),
+              "fastalign._C: tile must be a contiguous ", narrow_ok ? "fp32/fp64 (bf16/fp16 without a softcap)" : "fp32/fp64",
+              " [V, C] tensor, got ", tile.sizes(), " ", tile.scalar_type());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == tile.size(1) && targets.scalar_type() == at::kLong &&
                   targets.is_contiguous(),
-              "fastalign._C: targets must be contiguous int64 [C]");
+              "fastalign._C: targets must be contiguous int64 [C] for a [V, C] tile");
+}
+
+// Number of vocabulary ranges: one per thread, fewer for a small vocabulary.
+int64_t vocab_ranges(int64_t V) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), V / kMinVocabPerTask));
+}
+
+// fn(range t, first line, last line) for each of the `ranges` contiguous vocabulary ranges, in parallel.
+template <typename F>
+void for_each_range(int64_t V, int64_t ranges, const F& fn) {
+  at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) fn(t, V * t / ranges, V * (t + 1) / ranges);
+  });
+}
+
+// rows_logsumexp_ on a bf16/fp16 tile (no softcap): max and sum in fp32, exp(l - shift) stored in the tile's type;
+// logp, lse and shift come back in fp32.
+template <typename S>
+void logsumexp_narrow(at::Tensor& tile, const int64_t* y, float* lp, float* ls, float* sh) {
+  const int64_t V = tile.size(0), C = tile.size(1);
+  const int64_t ranges = vocab_ranges(V);
+  S* base = reinterpret_cast<S*>(tile.data_ptr());
+  std::vector<float> part(ranges * C, -std::numeric_limits<float>::infinity());
+  for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) col_max_narrow(base + v * C, part.data() + t * C, C);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    float m = part[c];
+    for (int64_t t = 1; t < ranges; ++t) m = std::max(m, part[t * C + c]);
+    sh[c] = m;
+    lp[c] = y[c] >= 0 ? static_cast<float>(base[y[c] * C + c]) : 0.0f;
+  }
+  std::fill(part.begin(), part.end(), 0.0f);
+  for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) col_exp_store_narrow(base + v * C, sh, part.data() + t * C, C);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    float s = part[c];
+    for (int64_t t = 1; t < ranges; ++t) s += part[t * C + c];
+    ls[c] = sh[c] + std::log(s);
+    lp[c] = y[c] >= 0 ? lp[c] - ls[c] : 0.0f;
+  }
 }
 
 }  // namespace
 
 std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targets, double softcap) {
-  check_tile(tile, targets);
-  const int64_t C = tile.size(0), V = tile.size(1);
+  check_tile(tile, targets, /*narrow_ok=*/true);
+  if (is_narrow(tile)) {
+    TORCH_CHECK(!(softcap > 0), "fastalign._C: a softcap needs an fp32/fp64 tile (c'(l) is taken from it)");
+    const int64_t C = tile.size(1);
+    const auto opts = tile.options().dtype(at::kFloat);
+    at::Tensor logp = at::empty({C}, opts), lse = at::empty({C}, opts), shift = at::empty({C}, opts);
+    const int64_t* y = targets.data_ptr<int64_t>();
+    if (tile.scalar_type() == at::kBFloat16)
+      logsumexp_narrow<c10::BFloat16>(tile, y, logp.data_ptr<float>(), lse.data_ptr<float>(), shift.data_ptr<float>());
+    else
+      logsumexp_narrow<c10::Half>(tile, y, logp.data_ptr<float>(), lse.data_ptr<float>(), shift.data_ptr<float>());
+    return {logp, lse, shift};
+  }
+  const int64_t V = tile.size(0), C = tile.size(1);
   at::Tensor logp = at::empty({C}, tile.options());
   at::Tensor lse = at::empty({C}, tile.options());
   at::Tensor shift = at::empty({C}, tile.options());
   const int64_t* y = targets.data_ptr<int64_t>();
+  const int64_t ranges = vocab_ranges(V);
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "rows_logsumexp_", [&] {
     scalar_t* base = tile.data_ptr<scalar_t>();
     scalar_t* lp = logp.data_ptr<scalar_t>();
     scalar_t* ls = lse.data_ptr<scalar_t>();
     scalar_t* sh = shift.data_ptr<scalar_t>();
-    at::parallel_for(0, C, kRowGrain, [&](int64_t first, int64_t last) {
-      for (int64_t i = first; i < last; ++i) {
-        scalar_t* x = base + i * V;
-        if (softcap > 0) softcap_row(x, V, scalar_t(softcap));
-        const scalar_t m = row_max(x, V);
-        const scalar_t ly = y[i] >= 0 ? x[y[i]] : scalar_t(0);
-        // with a softcap the second pass needs l for c'(l): keep it; else keep exp(l - m)
-        const scalar_t l = m + std::log(softcap > 0 ? exp_sum(x, V, m) : exp_store_sum(x, V, m));
-        ls[i] = l;
-        sh[i] = m;
-        lp[i] = y[i] >= 0 ? ly - l : scalar_t(0);
-      }
+    std::vector<scalar_t> part(ranges * C, -std::numeric_limits<scalar_t>::infinity());
+    for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
+      if (softcap > 0) softcap_row(base + v0 * C, (v1 - v0) * C, scalar_t(softcap));
+      scalar_t* acc = part.data() + t * C;
+      for (int64_t v = v0; v < v1; ++v) col_max(base + v * C, acc, C);
     });
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t m = part[c];
+      for (int64_t t = 1; t < ranges; ++t) m = std::max(m, part[t * C + c]);
+      sh[c] = m;
+      lp[c] = y[c] >= 0 ? base[y[c] * C + c] : scalar_t(0);  // l_y, before the tile is overwritten
+    }
+    std::fill(part.begin(), part.end(), scalar_t(0));
+    // with a softcap the second pass needs l for c'(l): keep it; else keep exp(l - shift)
+    const bool store = !(softcap > 0);
+    for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
+      scalar_t* acc = part.data() + t * C;
+      for (int64_t v = v0; v < v1; ++v) col_exp_acc(base + v * C, sh, acc, C, store);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t s = part[c];
+      for (int64_t t = 1; t < ranges; ++t) s += part[t * C + c];
+      ls[c] = sh[c] + std::log(s);
+      lp[c] = y[c] >= 0 ? lp[c] - ls[c] : scalar_t(0);
+    }
   });
   return {logp, lse, shift};
 }
 
 void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse_in, const at::Tensor& shift_in, const at::Tensor& targets,
                    const at::Tensor& coeff_in, double softcap, double inv_temp) {
-  check_tile(tile, targets);
-  const int64_t C = tile.size(0), V = tile.size(1);
+  check_tile(tile, targets, /*narrow_ok=*/false);
+  const int64_t V = tile.size(0), C = tile.size(1);
   const at::Tensor lse = lse_in.to(tile.scalar_type()).contiguous();
   const at::Tensor shift = shift_in.to(tile.scalar_type()).contiguous();
   const at::Tensor coeff = coeff_in.to(tile.scalar_type()).contiguous();
   TORCH_CHECK(lse.numel() == C && shift.numel() == C && coeff.numel() == C,
               "fastalign._C: lse, shift and coeff must be [C]");
   const int64_t* y = targets.data_ptr<int64_t>();
+  const int64_t ranges = vocab_ranges(V);
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "rows_dlogits_", [&] {
     scalar_t* base = tile.data_ptr<scalar_t>();
     const scalar_t* ls = lse.data_ptr<scalar_t>();
     const scalar_t* cf = coeff.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
-    at::parallel_for(0, C, kRowGrain, [&](int64_t first, int64_t last) {
-      for (int64_t i = first; i < last; ++i) {
-        scalar_t* x = base + i * V;
-        if (y[i] < 0) {
-          std::fill(x, x + V, scalar_t(0));
-          continue;
-        }
-        const scalar_t gs = cf[i] * scalar_t(inv_temp);
-        if (softcap > 0) {
-          const scalar_t inv_cap = scalar_t(1) / scalar_t(softcap);
-          const scalar_t ry = x[y[i]] * inv_cap;
-          for (int64_t j = 0; j < V; ++j) {
-            const scalar_t r = x[j] * inv_cap;
-            x[j] = -gs * std::exp(x[j] - ls[i]) * (scalar_t(1) - r * r);
-          }
-          x[y[i]] += gs * (scalar_t(1) - ry * ry);
-        } else {  // x holds exp(l - shift): p = x * exp(shift - lse)
-          const scalar_t f = -gs * std::exp(sh[i] - ls[i]);
-          for (int64_t j = 0; j < V; ++j) x[j] *= f;
-          x[y[i]] += gs;
-        }
+    // per column: gs = coeff / tau (0 for an ignored row, whose column becomes 0), and what the target line adds
+    std::vector<scalar_t> gs(C), f(C), at_target(C, scalar_t(0));
+    const scalar_t inv_cap = softcap > 0 ? scalar_t(1) / scalar_t(softcap) : scalar_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      gs[c] = y[c] >= 0 ? cf[c] * scalar_t(inv_temp) : scalar_t(0);
+      if (softcap > 0) {  // tile holds l; c'(l_y) taken before the pass overwrites it
+        const scalar_t ry = y[c] >= 0 ? base[y[c] * C + c] * inv_cap : scalar_t(0);
+        f[c] = -gs[c];
+        at_target[c] = gs[c] * (scalar_t(1) - ry * ry);
+      } else {  // tile holds exp(l - shift): p = x * exp(shift - lse)
+        f[c] = -gs[c] * std::exp(sh[c] - ls[c]);
+        at_target[c] = gs[c];
+      }
+    }
+    for_each_range(V, ranges, [&](int64_t, int64_t v0, int64_t v1) {
+      for (int64_t v = v0; v < v1; ++v) {
+        if (softcap > 0) col_softcap_grad(base + v * C, ls, f.data(), C, inv_cap);
+        else col_scale(base + v * C, f.data(), C);
       }
     });
+    for (int64_t c = 0; c < C; ++c)
+      if (y[c] >= 0) base[y[c] * C + c] += at_target[c];
   });
 }

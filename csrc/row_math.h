@@ -33,17 +33,6 @@ T exp_sum_scalar(const T* x, int64_t n, T shift) {
   return s;
 }
 
-// x[i] <- exp(x[i] - shift) in place; returns their sum.
-template <typename T>
-T exp_store_sum_scalar(T* x, int64_t n, T shift) {
-  T s = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
-    s += x[i];
-  }
-  return s;
-}
-
 // out[i] = scale * exp(x[i] - shift), in place allowed; returns max of exp(x[i] - shift).
 template <typename T>
 T scaled_exp_scalar(T* x, int64_t n, T shift, T scale) {
@@ -115,23 +104,6 @@ __attribute__((target("avx2,fma"))) inline float exp_sum_avx2(const float* x, in
   return s;
 }
 
-__attribute__((target("avx2,fma"))) inline float exp_store_sum_avx2(float* x, int64_t n, float shift) {
-  const __m256 sh = _mm256_set1_ps(shift);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
-    _mm256_storeu_ps(x + i, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  float s = hsum8(acc);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
-    s += x[i];
-  }
-  return s;
-}
-
 __attribute__((target("avx2,fma"))) inline float scaled_exp_avx2(float* x, int64_t n, float shift, float scale) {
   const __m256 sh = _mm256_set1_ps(shift), sc = _mm256_set1_ps(scale);
   __m256 pm = _mm256_setzero_ps();
@@ -165,18 +137,12 @@ template <typename T>
 T exp_sum(const T* x, int64_t n, T shift) { return exp_sum_scalar(x, n, shift); }
 template <typename T>
 T scaled_exp(T* x, int64_t n, T shift, T scale) { return scaled_exp_scalar(x, n, shift, scale); }
-template <typename T>
-T exp_store_sum(T* x, int64_t n, T shift) { return exp_store_sum_scalar(x, n, shift); }
 #ifdef FASTALIGN_X86_SIMD
 template <>
 inline float row_max<float>(const float* x, int64_t n) { return kHasAvx2 ? row_max_avx2(x, n) : row_max_scalar(x, n); }
 template <>
 inline float exp_sum<float>(const float* x, int64_t n, float shift) {
   return kHasAvx2 ? exp_sum_avx2(x, n, shift) : exp_sum_scalar(x, n, shift);
-}
-template <>
-inline float exp_store_sum<float>(float* x, int64_t n, float shift) {
-  return kHasAvx2 ? exp_store_sum_avx2(x, n, shift) : exp_store_sum_scalar(x, n, shift);
 }
 template <>
 inline float scaled_exp<float>(float* x, int64_t n, float shift, float scale) {

@@ -21,7 +21,10 @@ import sys
 import threading
 
 # Keep in step with setup.py's extra_compile_args: the JIT build must compute what the prebuilt one does.
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# LD_FLAGS: without -fopenmp ATen's header-only at::parallel_for compiles to a serial loop in an extension (GCC on
+# Linux; the libgomp.so.1 it links is the one torch has already loaded).
+LD_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3", "-std=c++17"] + LD_FLAGS
 JIT_MODULE_NAME = "fastalign_C"
 _NAMES = ("C", "ERROR", "SOURCE", "PATH")
 _LOCK = threading.Lock()
@@ -103,7 +106,8 @@ def jit_build(verbose=False):
             os.remove(stale)
         _ninja_on_path()
         from torch.utils.cpp_extension import load
-        module = load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=CXX_FLAGS, build_directory=build_dir,
+        module = load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
+                      build_directory=build_dir,
                       verbose=verbose)
         return module, getattr(module, "__file__", so_path)
 

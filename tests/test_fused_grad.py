@@ -1,6 +1,6 @@
 """The gradient-in-forward losses (fastalign.fused_grad) against float64 references written in the tests:
 values and gradients, several chunks (pairs larger than a chunk too), ignored tokens, softcap, temperature,
-bias, pair weights (zero included), packed sequences, bf16."""
+bias, pair weights (zero included), packed sequences, bf16/fp16; and the row passes alone on a tile."""
 import pytest
 import torch
 
@@ -110,7 +110,8 @@ def _reference_nll(h, w, y, b, tw, temperature, softcap, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.bfloat16, 3e-2),
+                                        (torch.float16, 1e-2)])
 @pytest.mark.parametrize("softcap, temperature, with_bias, reduction", [(None, 1.0, False, "mean"),
                                                                          (4.0, 0.7, True, "sum")])
 def test_nll_loss_matches_reference(backend, dtype, tol, softcap, temperature, with_bias, reduction):
@@ -173,3 +174,52 @@ def test_reference_pass_cancels_policy_exactly(backend):
     out = fn(hidden.clone().requires_grad_(), weight, labels, seq[:3], seq[3:])
     assert out.loss.item() == pytest.approx(0.6931471805599453, abs=1e-7)
     assert torch.equal(out.chosen_logps, seq[:3]) and torch.equal(out.rejected_logps, seq[3:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_row_passes_on_a_vocabulary_major_tile(backend, dtype, softcap):
+    """The row passes alone on a [V, C] tile against float64: V large enough for several vocabulary ranges (one
+    per thread), C = 13 (an 8-wide vector and a tail), an ignored row. bf16/fp16 tiles (no softcap) keep their
+    type and hold exp(l - shift) afterwards; fp32/fp64 tiles too, or l with a softcap."""
+    from fastalign.backends import get_backend
+    from fastalign.chunk_pass import GradInForwardPlan
+    if softcap is not None and dtype in (torch.bfloat16, torch.float16):
+        pytest.skip("a softcap runs on an fp32 tile")
+    rows = get_backend(backend, op="loss_rows")
+    plan = GradInForwardPlan(backend=backend, temperature=1.0, softcap=softcap, bounds=(), coeff_fn=None)
+    g = torch.Generator().manual_seed(5)
+    v, c = 1500, 13
+    tile = (torch.randn(v, c, generator=g, dtype=torch.float64) * 4).to(dtype)
+    y = torch.randint(0, v, (c,), generator=g)
+    y[3] = -1
+    l64 = tile.double().clone()  # .double() of an fp64 tile is the tile itself, which the passes overwrite
+    if softcap is not None:
+        l64 = softcap * torch.tanh(l64 / softcap)
+    lse64 = torch.logsumexp(l64, dim=0)
+    logp64 = torch.where(y >= 0, l64.gather(0, y.clamp_min(0).unsqueeze(0)).squeeze(0) - lse64, torch.zeros(c, dtype=torch.float64))
+    logp, lse, shift = rows.rows_logsumexp_(tile, y, plan)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert (lse.double() - lse64).abs().max().item() <= tol * lse64.abs().max().item()
+    assert (logp.double() - logp64).abs().max().item() <= tol * lse64.abs().max().item()
+    assert tile.dtype == dtype
+    if softcap is None:
+        want = torch.exp(l64 - shift.double().unsqueeze(0))
+        # rounding of the stored type, plus that of l - shift, which exp turns into a relative error
+        eps = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10, torch.float32: 2 ** -23}.get(dtype, 2 ** -50)
+        rel = eps * (2 + (l64 - shift.double().unsqueeze(0)).abs())
+        tiny = 2.0 ** -24 if dtype == torch.float16 else 1e-30  # fp16's subnormal spacing
+        assert ((tile.double() - want).abs() <= rel * want + tiny).all()
+    coeff = torch.randn(c, generator=g, dtype=torch.float64)
+    if dtype in (torch.float32, torch.float64):
+        if softcap is None:  # the contract's d logits from E, as fused_grad._exp_tile_gradients uses it
+            p = tile.double() * torch.exp(shift.double() - lse.double()).unsqueeze(0)
+        else:
+            rows.rows_dlogits_(tile, lse, shift, y, coeff.to(lse.dtype), plan)
+            p = None
+        onehot = torch.zeros(v, c, dtype=torch.float64).scatter_(0, y.clamp_min(0).unsqueeze(0), 1.0)
+        chain = 1.0 if softcap is None else 1.0 - (l64 / softcap) ** 2
+        want_d = coeff * (onehot - torch.softmax(l64, dim=0)) * chain * (y >= 0)
+        got_d = tile.double() if p is None else coeff * (onehot - p) * (y >= 0)
+        assert (got_d - want_d).abs().max().item() <= 10 * tol * max(1.0, want_d.abs().max().item())

@@ -77,7 +77,7 @@ def test_first_use_build_is_locked_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTALIGN_CACHE_DIR", str(tmp_path))
     calls = []
 
-    def fake_load(name, sources, extra_cflags, build_directory, verbose):
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
         calls.append(name)
         time.sleep(0.3)
         open(os.path.join(build_directory, name + ".so"), "w").close()

@@ -1,13 +1,14 @@
 """C++ row passes of the gradient-in-forward loss path (fastalign.fused_grad), in place on an fp32 logits tile.
 
-The contract every ``loss_rows_<backend>`` module follows (tile [C, V] fp32 (fp64 for fp64 inputs), contiguous,
-already (h W^T + b) / temperature; targets [C] int64 with -1 for ignored rows):
+The contract every ``loss_rows_<backend>`` module follows (tile [V, C] fp32, fp64 for fp64 inputs, or bf16/fp16
+without a softcap (then logp, lse and shift are fp32); contiguous, vocabulary-major: already
+((h W^T + b) / temperature)^T for the C rows of a chunk; targets [C] int64 with -1 for ignored rows):
 
     rows_logsumexp_(tile, targets, opts) -> (logp [C], lse [C], shift [C])
     rows_dlogits_(tile, lse, shift, targets, coeff [C], opts) -> None    tile <- coeff (onehot - p) c' / temperature
 
-Between the two calls the tile's contents belong to the backend (here: exp(l - shift) without a softcap, so that
-the second pass needs no exp; l with one).
+Between the two calls the tile holds exp(l - shift) without a softcap (the caller may take its gradients from that
+directly: see fused_grad._exp_tile_gradients), and l with one.
 """
 from typing import List
 
@@ -23,7 +24,8 @@ def _rows_logsumexp(tile: torch.Tensor, targets: torch.Tensor, softcap: float) -
 
 @_rows_logsumexp.register_fake
 def _(tile, targets, softcap):
-    return [tile.new_empty(tile.shape[0]) for _ in range(3)]
+    dtype = torch.float32 if tile.dtype in (torch.bfloat16, torch.float16) else tile.dtype
+    return [tile.new_empty(tile.shape[1], dtype=dtype) for _ in range(3)]
 
 
 @torch.library.custom_op("fastalign::cpp_rows_dlogits_", mutates_args=("tile",))

@@ -1,14 +1,23 @@
-"""PyTorch row passes of the gradient-in-forward loss path; the contract is in loss_rows_cpp.py. Between the two
-calls the tile holds l (after the softcap); shift is unused here (zeros)."""
+"""PyTorch row passes of the gradient-in-forward loss path; the contract is in loss_rows_cpp.py."""
 import torch
 
 
 def rows_logsumexp_(tile, targets, opts):
+    if tile.dtype in (torch.bfloat16, torch.float16):  # statistics in fp32, exp(l - shift) back in the tile's type
+        wide = tile.float()
+        logp, lse, shift = rows_logsumexp_(wide, targets, opts)
+        tile.copy_(wide)
+        return logp, lse, shift
     if opts.softcap is not None:
         tile.div_(opts.softcap).tanh_().mul_(opts.softcap)
-    lse = torch.logsumexp(tile, dim=-1)
-    picked = tile.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)
-    return torch.where(targets >= 0, picked - lse, torch.zeros_like(lse)), lse, torch.zeros_like(lse)
+    picked = tile.gather(0, targets.clamp_min(0).unsqueeze(0)).squeeze(0)
+    if opts.softcap is not None:  # the tile keeps l for c'(l) in rows_dlogits_
+        lse = torch.logsumexp(tile, dim=0)
+        shift = torch.zeros_like(lse)
+    else:  # the tile becomes exp(l - shift)
+        shift = tile.amax(dim=0)
+        lse = shift + tile.sub_(shift.unsqueeze(0)).exp_().sum(0).log_()
+    return torch.where(targets >= 0, picked - lse, torch.zeros_like(lse)), lse, shift
 
 
 def rows_dlogits_(tile, lse, shift, targets, coeff, opts):
@@ -16,7 +25,10 @@ def rows_dlogits_(tile, lse, shift, targets, coeff, opts):
     chain = None
     if opts.softcap is not None:  # c'(l) = 1 - (l / c)^2, taken before the tile is overwritten
         chain = 1.0 - (tile / opts.softcap) ** 2
-    tile.sub_(lse.unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
-    tile.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), g.unsqueeze(1))
+        tile.sub_(lse.unsqueeze(0)).exp_()
+    else:  # the tile holds exp(l - shift)
+        tile.mul_(torch.exp(shift - lse).unsqueeze(0))
+    tile.mul_(-g.unsqueeze(0))
+    tile.scatter_add_(0, targets.clamp_min(0).unsqueeze(0), g.unsqueeze(0))
     if chain is not None:
         tile.mul_(chain)

@@ -1,0 +1,218 @@
+"""The chunk pass under every gradient-in-forward loss (fastalign.fused_grad): for each chunk of rows, the logits
+tile, its row statistics, the loss's d loss / d logp on the chunk, and the chunk's share of the gradients, as plain
+BLAS calls around the backend's row passes (op "loss_rows"); GradInForwardFunction carries the result through
+autograd."""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fastalign.backends import get_backend, resolve_backend
+
+# Rows per chunk: the tile holds about CHUNK_BYTES (or one group, if a group is larger), but never fewer
+# than MIN_CHUNK_ROWS rows: thinner GEMMs lose BLAS efficiency (2-core EPYC, fp32, N=1024 H=256 V=256000:
+# forward+backward took 1.89x / 1.24x / 1.13x / 1.07x the 3-GEMM floor with 32 / 128 / 256 / 512 rows per
+# chunk). A smaller tile means less memory but more passes over d_weight (each chunk adds into all of it).
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class GradInForwardPlan:
+    """Non-tensor inputs of ``GradInForwardFunction``: the row backend, logit options, chunk bounds and
+    ``coeff_fn(start, stop, logp [stop - start]) -> d loss / d logp`` for the rows of one chunk."""
+
+    backend: str
+    temperature: float
+    softcap: Optional[float]
+    bounds: tuple
+    coeff_fn: Callable
+
+
+def rows_per_chunk(v, chunk_rows=None, itemsize=4):
+    """Rows per chunk for a vocabulary of v: ``chunk_rows`` if given, else what fits CHUNK_BYTES with ``itemsize``
+    bytes per tile element (see tile_itemsize), at least MIN_CHUNK_ROWS."""
+    if chunk_rows is not None:
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+        return chunk_rows
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (itemsize * max(v, 1)))
+
+
+def row_bounds(n, step):
+    """Row bounds (start, stop) of consecutive chunks of ``step`` rows (the last one shorter) over n rows."""
+    return tuple((s, min(s + step, n)) for s in range(0, n, step))
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def group_bounds(group_sizes, max_rows):
+    """Row bounds (start, stop) of consecutive chunks, each holding whole groups and at most ``max_rows`` rows
+    (a group larger than that is a chunk of its own). group_sizes: rows per group, in row order."""
+    bounds, start, rows = [], 0, 0
+    for size in group_sizes:
+        if rows and rows + size > max_rows:
+            bounds.append((start, start + rows))
+            start, rows = start + rows, 0
+        rows += size
+    if rows:
+        bounds.append((start, start + rows))
+    return tuple(bounds)
+
+
+def tile_itemsize(dtype, softcap):
+    """Bytes per tile element: bf16/fp16 inputs keep the tile in their type unless a softcap needs fp32 l."""
+    if dtype in (torch.bfloat16, torch.float16) and softcap is None:
+        return 2
+    return 8 if dtype == torch.float64 else 4
+
+
+def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
+    """logp [N] fp32 and the gradients (d_h [N, H] in hidden's dtype, d_w in weight's, d_b fp32) of the plan's
+    loss. bf16/fp16 inputs run their GEMMs in that type, as naive PyTorch's would; d_w then accumulates in that
+    type too, chunk by chunk (as Liger-Kernel's chunked losses do): an fp32 [V, H] accumulator would cost twice
+    the memory of the gradient itself."""
+    rows_impl = get_backend(plan.backend, op="loss_rows")
+    ct = _compute_dtype(hidden)
+    n, v = hidden.shape[0], weight.shape[0]
+    inv_t = 1.0 / plan.temperature
+    logp = torch.zeros(n, dtype=ct, device=hidden.device)
+    d_h = torch.empty_like(hidden) if need_h else None
+    # d_w and d_b: the first chunk writes them (no zero fill of a [V, H] buffer), the others add
+    new = torch.empty if plan.bounds else torch.zeros
+    d_w = new(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    d_b = new(v, dtype=ct, device=weight.device) if need_b else None
+    widest = max((e - s for s, e in plan.bounds), default=0)
+    # the tile: [V, C] = logits^T, vocabulary-major (BLAS runs W h_c^T near full speed for thin chunks, see
+    # csrc/linear_logprobs_rows.cpp), in the GEMMs' type; with a softcap and bf16/fp16 inputs the GEMMs write a
+    # narrow buffer and the tile is fp32. Buffers are made once: a fresh large tensor per chunk costs page faults.
+    tile_dtype = hidden.dtype if tile_itemsize(hidden.dtype, plan.softcap) == 2 else ct
+    tile_buf = torch.empty(widest * v, dtype=tile_dtype, device=hidden.device)
+    widened = tile_dtype != hidden.dtype
+    if widened:
+        narrow_buf = torch.empty(widest * v, dtype=hidden.dtype, device=hidden.device)
+    # the temperature scales the thin operand (h_c, or the bias), not the [V, C] tile
+    bias_c = None if bias is None else (bias.to(ct) * inv_t).unsqueeze(1)
+    for i, (s, e) in enumerate(plan.bounds):
+        hc, tgt = hidden[s:e], targets[s:e]
+        hs = hc if inv_t == 1.0 else hc * inv_t
+        tile = tile_buf[:(e - s) * v].view(v, e - s)
+        # GEMMs outside any parallel region: BLAS threads them itself
+        if widened:
+            narrow = narrow_buf[:(e - s) * v].view(v, e - s)
+            tile.copy_(torch.mm(weight, hs.t(), out=narrow))
+            if bias_c is not None:
+                tile.add_(bias_c)
+        elif bias_c is not None and tile_dtype == ct:
+            torch.addmm(bias_c, weight, hs.t(), out=tile)
+        else:
+            torch.mm(weight, hs.t(), out=tile)
+            if bias_c is not None:
+                tile.add_(bias_c.to(tile_dtype))
+        lp, lse, shift = rows_impl.rows_logsumexp_(tile, tgt, plan)
+        logp[s:e] = lp
+        if not (need_h or need_w or need_b):
+            continue
+        coeff = plan.coeff_fn(s, e, lp)
+        if plan.softcap is None:
+            _exp_tile_gradients(tile, hc, weight, tgt, coeff, lse, shift, inv_t, d_h[s:e] if need_h else None,
+                                d_w, d_b, i == 0)
+            continue
+        rows_impl.rows_dlogits_(tile, lse, shift, tgt, coeff, plan)
+        if need_b:
+            _write_or_add(d_b, tile.sum(1), i == 0)
+        d = narrow.copy_(tile) if widened else tile
+        if need_h:
+            torch.mm(d.t(), weight, out=d_h[s:e])
+        if need_w:
+            _mm_write_or_add(d_w, d, hc, i == 0)
+    return logp, d_h, d_w, d_b
+
+
+def _write_or_add(dst, src, first):
+    if first:
+        dst.copy_(src)
+    else:
+        dst.add_(src)
+
+
+def _mm_write_or_add(dst, a, b, first):
+    if first:
+        torch.mm(a, b, out=dst)
+    else:
+        dst.addmm_(a, b)
+
+
+def _exp_tile_gradients(tile, hc, weight, tgt, coeff, lse, shift, inv_t, d_h_c, d_w, d_b, first):
+    """Gradients of one chunk (no softcap) straight from the tile E = exp(l - shift) [V, C], without a pass that
+    turns it into d logits: with gs = coeff / tau (0 for ignored rows) and f = -gs exp(shift - lse),
+
+        d logits^T = E diag(f) + onehot(y) diag(gs)
+
+    so d_h_c = f * (E^T W) + gs * W[y], d_W += E (f * h_c) + gs * h_c added to the rows y, and d_b += E f + gs
+    added at y: the scaling lands on the thin [C, H] operands, not on the [V, C] tile."""
+    ct = lse.dtype
+    live = tgt >= 0
+    gs = torch.where(live, coeff.to(ct) * inv_t, torch.zeros((), dtype=ct, device=tile.device))
+    f = -gs * torch.exp(shift.to(ct) - lse)
+    y = tgt.clamp_min(0)
+    if d_h_c is not None:
+        prod = torch.mm(tile.t(), weight).to(ct)
+        d_h_c.copy_(prod.mul_(f.unsqueeze(1)).addcmul_(gs.unsqueeze(1), weight.index_select(0, y).to(ct)))
+    if d_w is None and d_b is None:
+        return
+    live_rows = live.nonzero().squeeze(1)
+    y_live, gs_live = y.index_select(0, live_rows), gs.index_select(0, live_rows)
+    if d_w is not None:
+        _mm_write_or_add(d_w, tile, (hc.to(ct) * f.unsqueeze(1)).to(weight.dtype), first)
+        d_w.index_add_(0, y_live, (hc.index_select(0, live_rows).to(ct) * gs_live.unsqueeze(1)).to(d_w.dtype))
+    if d_b is not None:
+        _write_or_add(d_b, torch.mv(tile, f.to(tile.dtype)).to(ct), first)
+        d_b.index_add_(0, y_live, gs_live)
+
+
+class GradInForwardFunction(torch.autograd.Function):
+    """Forward runs the whole chunk pass and returns per-row log-probs (fp32, no gradient of their own) and
+    ``grad_carrier``, a zero scalar whose gradient carries the loss's: backward scales the gradients computed
+    in forward by the upstream gradient of ``grad_carrier`` (add it to the loss value)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, plan: GradInForwardPlan):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        logp, d_h, d_w, d_b = _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b)
+        ctx.save_for_backward(d_h, d_w, d_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(logp)
+        return logp, logp.new_zeros(())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _grad_logp, grad_carrier):
+        # scaled in place: no second copy of d_weight. A second backward through the same graph
+        # (retain_graph=True) then fails autograd's check on the saved tensors' versions, loudly.
+        d_h, d_w, d_b = ctx.saved_tensors
+        hd, wd, bd = ctx.dtypes
+        g = grad_carrier
+        if g.device.type == "cpu" and float(g) == 1.0:  # loss.backward() on the loss itself: nothing to scale
+            return (d_h, None if d_w is None else d_w.to(wd), None if d_b is None else d_b.to(bd), None, None)
+        return (None if d_h is None else d_h.mul_(g.to(hd)),
+                None if d_w is None else d_w.mul_(g).to(wd),
+                None if d_b is None else d_b.mul_(g).to(bd), None, None)
+
+
+def _plan(hidden, bounds, coeff_fn, temperature, softcap, backend):
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    return GradInForwardPlan(backend=name, temperature=float(temperature),
+                             softcap=None if softcap is None else float(softcap), bounds=tuple(bounds),
+                             coeff_fn=coeff_fn)
+
+
+def run_grad_in_forward(hidden, weight, bias, targets, bounds, coeff_fn, *, temperature, softcap, backend):
+    """(logp [N] fp32, grad_carrier scalar): see GradInForwardFunction. hidden [N, H] rows in chunk order,
+    targets [N] with -1 for ignored rows, bounds from ``group_bounds`` or ``row_bounds``."""
+    plan = _plan(hidden, bounds, coeff_fn, temperature, softcap, backend)
+    return GradInForwardFunction.apply(hidden, weight, bias, targets, plan)
+
+
