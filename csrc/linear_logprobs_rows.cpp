@@ -36,10 +36,11 @@ bool is_narrow(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ||
 
 void check_tile(const at::Tensor& tile, const at::Tensor& targets, bool narrow_ok) {
   TORCH_CHECK(tile.device().is_cpu() && targets.device().is_cpu(), "fastalign._C: tensors must be on the CPU");
-  TORCH_CHECK(tile.dim() == 2 && tile.is_contiguous() &&
+  // lines may be padded (stride(0) >= C): a leading dimension that is a multiple of 16 keeps BLAS fast for any C
+  TORCH_CHECK(tile.dim() == 2 && tile.stride(1) == 1 && tile.stride(0) >= tile.size(1) &&
                   (tile.scalar_type() == at::kFloat || tile.scalar_type() == at::kDouble ||
                    (narrow_ok && is_narrow(tile))),
-              "fastalign._C: tile must be a contiguous ", narrow_ok ? "fp32/fp64 (bf16/fp16 without a softcap)" : "fp32/fp64",
+              "fastalign._C: tile must be a row-major (lines possibly padded) ", narrow_ok ? "fp32/fp64 (bf16/fp16 without a softcap)" : "fp32/fp64",
               " [V, C] tensor, got ", tile.sizes(), " ", tile.scalar_type());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == tile.size(1) && targets.scalar_type() == at::kLong &&
                   targets.is_contiguous(),
@@ -63,22 +64,22 @@ void for_each_range(int64_t V, int64_t ranges, const F& fn) {
 // logp, lse and shift come back in fp32.
 template <typename S>
 void logsumexp_narrow(at::Tensor& tile, const int64_t* y, float* lp, float* ls, float* sh) {
-  const int64_t V = tile.size(0), C = tile.size(1);
+  const int64_t V = tile.size(0), C = tile.size(1), ld = tile.stride(0);
   const int64_t ranges = vocab_ranges(V);
   S* base = reinterpret_cast<S*>(tile.data_ptr());
   std::vector<float> part(ranges * C, -std::numeric_limits<float>::infinity());
   for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
-    for (int64_t v = v0; v < v1; ++v) col_max_narrow(base + v * C, part.data() + t * C, C);
+    for (int64_t v = v0; v < v1; ++v) col_max_narrow(base + v * ld, part.data() + t * C, C);
   });
   for (int64_t c = 0; c < C; ++c) {
     float m = part[c];
     for (int64_t t = 1; t < ranges; ++t) m = std::max(m, part[t * C + c]);
     sh[c] = m;
-    lp[c] = y[c] >= 0 ? static_cast<float>(base[y[c] * C + c]) : 0.0f;
+    lp[c] = y[c] >= 0 ? static_cast<float>(base[y[c] * ld + c]) : 0.0f;
   }
   std::fill(part.begin(), part.end(), 0.0f);
   for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
-    for (int64_t v = v0; v < v1; ++v) col_exp_store_narrow(base + v * C, sh, part.data() + t * C, C);
+    for (int64_t v = v0; v < v1; ++v) col_exp_store_narrow(base + v * ld, sh, part.data() + t * C, C);
   });
   for (int64_t c = 0; c < C; ++c) {
     float s = part[c];
@@ -92,6 +93,7 @@ void logsumexp_narrow(at::Tensor& tile, const int64_t* y, float* lp, float* ls, 
 
 std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targets, double softcap) {
   check_tile(tile, targets, /*narrow_ok=*/true);
+  const int64_t ld = tile.stride(0);
   if (is_narrow(tile)) {
     TORCH_CHECK(!(softcap > 0), "fastalign._C: a softcap needs an fp32/fp64 tile (c'(l) is taken from it)");
     const int64_t C = tile.size(1);
@@ -117,22 +119,24 @@ std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targ
     scalar_t* sh = shift.data_ptr<scalar_t>();
     std::vector<scalar_t> part(ranges * C, -std::numeric_limits<scalar_t>::infinity());
     for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
-      if (softcap > 0) softcap_row(base + v0 * C, (v1 - v0) * C, scalar_t(softcap));
       scalar_t* acc = part.data() + t * C;
-      for (int64_t v = v0; v < v1; ++v) col_max(base + v * C, acc, C);
+      for (int64_t v = v0; v < v1; ++v) {
+        if (softcap > 0) softcap_row(base + v * ld, C, scalar_t(softcap));
+        col_max(base + v * ld, acc, C);
+      }
     });
     for (int64_t c = 0; c < C; ++c) {
       scalar_t m = part[c];
       for (int64_t t = 1; t < ranges; ++t) m = std::max(m, part[t * C + c]);
       sh[c] = m;
-      lp[c] = y[c] >= 0 ? base[y[c] * C + c] : scalar_t(0);  // l_y, before the tile is overwritten
+      lp[c] = y[c] >= 0 ? base[y[c] * ld + c] : scalar_t(0);  // l_y, before the tile is overwritten
     }
     std::fill(part.begin(), part.end(), scalar_t(0));
     // with a softcap the second pass needs l for c'(l): keep it; else keep exp(l - shift)
     const bool store = !(softcap > 0);
     for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
       scalar_t* acc = part.data() + t * C;
-      for (int64_t v = v0; v < v1; ++v) col_exp_acc(base + v * C, sh, acc, C, store);
+      for (int64_t v = v0; v < v1; ++v) col_exp_acc(base + v * ld, sh, acc, C, store);
     });
     for (int64_t c = 0; c < C; ++c) {
       scalar_t s = part[c];
@@ -147,7 +151,7 @@ std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targ
 void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse_in, const at::Tensor& shift_in, const at::Tensor& targets,
                    const at::Tensor& coeff_in, double softcap, double inv_temp) {
   check_tile(tile, targets, /*narrow_ok=*/false);
-  const int64_t V = tile.size(0), C = tile.size(1);
+  const int64_t V = tile.size(0), C = tile.size(1), ld = tile.stride(0);
   const at::Tensor lse = lse_in.to(tile.scalar_type()).contiguous();
   const at::Tensor shift = shift_in.to(tile.scalar_type()).contiguous();
   const at::Tensor coeff = coeff_in.to(tile.scalar_type()).contiguous();
@@ -166,7 +170,7 @@ void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse_in, const at::Tensor&
     for (int64_t c = 0; c < C; ++c) {
       gs[c] = y[c] >= 0 ? cf[c] * scalar_t(inv_temp) : scalar_t(0);
       if (softcap > 0) {  // tile holds l; c'(l_y) taken before the pass overwrites it
-        const scalar_t ry = y[c] >= 0 ? base[y[c] * C + c] * inv_cap : scalar_t(0);
+        const scalar_t ry = y[c] >= 0 ? base[y[c] * ld + c] * inv_cap : scalar_t(0);
         f[c] = -gs[c];
         at_target[c] = gs[c] * (scalar_t(1) - ry * ry);
       } else {  // tile holds exp(l - shift): p = x * exp(shift - lse)
@@ -176,11 +180,11 @@ void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse_in, const at::Tensor&
     }
     for_each_range(V, ranges, [&](int64_t, int64_t v0, int64_t v1) {
       for (int64_t v = v0; v < v1; ++v) {
-        if (softcap > 0) col_softcap_grad(base + v * C, ls, f.data(), C, inv_cap);
-        else col_scale(base + v * C, f.data(), C);
+        if (softcap > 0) col_softcap_grad(base + v * ld, ls, f.data(), C, inv_cap);
+        else col_scale(base + v * ld, f.data(), C);
       }
     });
     for (int64_t c = 0; c < C; ++c)
-      if (y[c] >= 0) base[y[c] * C + c] += at_target[c];
+      if (y[c] >= 0) base[y[c] * ld + c] += at_target[c];
   });
 }

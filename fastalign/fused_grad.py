@@ -18,9 +18,9 @@ statistics are fp32), except with a softcap, whose derivative is taken from an f
 """
 import torch
 
-from fastalign.chunk_pass import (CHUNK_BYTES, MIN_CHUNK_ROWS, GradInForwardFunction, GradInForwardPlan,  # noqa: F401
+from fastalign.chunk_pass import (CHUNK_ELEMENTS, MIN_CHUNK_ROWS, GradInForwardFunction, GradInForwardPlan,  # noqa: F401
                                   _chunk_pass, _compute_dtype, _plan, group_bounds, row_bounds, rows_per_chunk,
-                                  run_grad_in_forward, tile_itemsize)
+                                  run_grad_in_forward)
 from fastalign.losses import check_pair_weights, check_token_inputs, weighted_mean
 from fastalign.ops import _autocast_inputs, _check_inputs, map_targets
 
@@ -69,7 +69,7 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
         if n == 0 and needs_grad:  # connected to the graph: zero gradients, the empty case of every loss
             loss = loss + 0.0 * hidden.sum() + 0.0 * weight.sum()
         return loss
-    bounds = row_bounds(n, rows_per_chunk(v, chunk_rows, tile_itemsize(hidden.dtype, softcap)))
+    bounds = row_bounds(n, rows_per_chunk(v, chunk_rows))
     logp, carrier = run_grad_in_forward(hidden, weight, bias, targets, bounds,
                                         lambda s, e, lp: coeff[s:e], temperature=temperature, softcap=softcap,
                                         backend=backend)
@@ -114,7 +114,7 @@ def forward_logps(loss_module, hidden, weight, labels, bias=None, sequence_index
     policy's exactly when the two models are equal (DPO's first loss is then exactly ln 2)."""
     flat_h, targets, seq, n_seq, live, n_tok = _token_layout(hidden, labels, loss_module.ignore_index,
                                                              sequence_index, n_sequences)
-    step = rows_per_chunk(weight.shape[0], loss_module.chunk_rows, tile_itemsize(hidden.dtype, loss_module.softcap))
+    step = rows_per_chunk(weight.shape[0], loss_module.chunk_rows)
     if pairs and n_seq % 2 == 0 and n_seq > 0:
         order, _, sizes = _pair_order(seq, live, n_tok, n_seq // 2)
         bounds = group_bounds(sizes, step)
@@ -155,8 +155,7 @@ def preference_forward(loss_module, hidden, weight, labels, ref_chosen_logps, re
         rc, rr = loss_module._reference(labels, b, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
                                         ref_bias, sequence_index, n_seq)
     order, key_sorted, tokens_per_pair = _pair_order(seq, live, n_tok, b)
-    bounds = group_bounds(tokens_per_pair, rows_per_chunk(weight.shape[0], loss_module.chunk_rows,
-                                                          tile_itemsize(hidden.dtype, loss_module.softcap)))
+    bounds = group_bounds(tokens_per_pair, rows_per_chunk(weight.shape[0], loss_module.chunk_rows))
     starts = [0]
     for c in tokens_per_pair:
         starts.append(starts[-1] + c)
@@ -225,8 +224,7 @@ def sft_forward(loss_module, hidden, weight, labels, bias, sequence_index, n_seq
                                                              sequence_index, n_sequences)
     total = int(live.numel())
     scale = -1.0 / total if total else 0.0
-    bounds = row_bounds(total, rows_per_chunk(weight.shape[0], loss_module.chunk_rows,
-                                              tile_itemsize(hidden.dtype, loss_module.softcap)))
+    bounds = row_bounds(total, rows_per_chunk(weight.shape[0], loss_module.chunk_rows))
     if total == 0:
         loss = 0.0 * hidden.sum() + 0.0 * weight.sum()
         return SFTLossOutput(loss=loss, sequence_logps=torch.zeros(n_seq, device=hidden.device), n_tokens=n_tok)

@@ -54,6 +54,21 @@ def set_mmap_threshold(nbytes):
         pass
 
 
+def release_free_heap():
+    """Hand the heap's free memory back to the OS (glibc's malloc_trim; Linux only, a no-op elsewhere).
+
+    A large request is served from free heap chunks before glibc considers mmap, whatever the threshold: memory
+    freed earlier under a high threshold (a warm-up run) would be reused without raising RSS, and a peak measured
+    from RSS would miss it. PeakMemory calls this on entry, before it reads the baseline."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry, in bytes, of what runs inside the block.
 
@@ -73,6 +88,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
         else:
             set_mmap_threshold(MMAP_THRESHOLD_MEASURE)
+            release_free_heap()
             self._base = _rss_bytes()
             self._peak = self._base
             self._stop = threading.Event()

@@ -15,8 +15,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
 def test_rows_per_chunk():
-    from fastalign.fused_grad import CHUNK_BYTES, MIN_CHUNK_ROWS, rows_per_chunk
-    assert rows_per_chunk(32000) == CHUNK_BYTES // (4 * 32000) >= MIN_CHUNK_ROWS
+    from fastalign.chunk_pass import CHUNK_ELEMENTS, MIN_CHUNK_ROWS, rows_per_chunk
+    assert rows_per_chunk(32000) == 512 == CHUNK_ELEMENTS // 32000 // 64 * 64 >= MIN_CHUNK_ROWS
     assert rows_per_chunk(256000) == MIN_CHUNK_ROWS  # a large vocabulary keeps GEMMs thick enough
     assert rows_per_chunk(256000, 7) == 7
 
