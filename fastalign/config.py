@@ -120,6 +120,8 @@ class TrainConfig:
     grad_in_forward: str = _f("auto", "compute the loss's gradient in its forward pass (3 GEMMs for the lm_head "
                               "instead of 4; fastalign.fused_grad): on, off, or auto (on for CPU training)",
                               ("auto", "on", "off"))
+    loss_chunk_rows: Optional[int] = _f(None, "rows per chunk of the gradient-in-forward loss (None: 16M logits per "
+                                        "chunk, 512 rows at V=32000); fewer rows use less memory and more time")
 
     def __post_init__(self):
         self.validate()
@@ -163,6 +165,8 @@ class TrainConfig:
         if self.grad_in_forward not in ("auto", "on", "off"):
             raise ConfigError(f"unknown grad_in_forward {self.grad_in_forward!r}; valid: auto, on, off")
         _int("warmup_steps", self.warmup_steps, 0)
+        if self.loss_chunk_rows is not None:
+            _int("loss_chunk_rows", self.loss_chunk_rows, 1)
         if self.max_completion_length is not None:
             _int("max_completion_length", self.max_completion_length, 1)
         if self.truncation_mode not in TRUNCATION_MODES:

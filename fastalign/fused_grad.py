@@ -34,7 +34,7 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
         reduction="sum":  -sum_t w_t logp_t          reduction="mean": that / sum of w_t over labelled tokens
 
     Same value and gradients as ``-(w * linear_logprobs(...)).sum()`` (divided for "mean"), with three GEMMs
-    for forward+backward instead of four and one [chunk_rows, V] fp32 tile of memory (Liger-Kernel's fused
+    for forward+backward instead of four and one [V, chunk_rows] tile of memory (Liger-Kernel's fused
     linear cross-entropy does the same). Under ``torch.no_grad()`` nothing is computed for backward.
     """
     if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):

@@ -285,6 +285,7 @@ def test_ddp_on_two_gpus_equals_one_gpu(tmp_path):
     ({"report_to": "neptune"}, "unknown report_to"),
     ({"label_smoothing": 0.1, "loss_type": "hinge"}, "label_smoothing has no meaning"),
     ({"max_steps": 0}, "max_steps must be a positive number"),
+    ({"loss_chunk_rows": 0}, "loss_chunk_rows must be an integer >= 1, got 0"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -410,3 +411,15 @@ def test_cli_train_with_yaml_config(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "sft", "--model", "org/some-hub-model"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "never downloads" in missing.stderr
+
+
+def test_loss_chunk_rows_reaches_the_loss_and_changes_nothing_but_chunking(tmp_path):
+    """loss_chunk_rows (the gradient-in-forward loss's chunk size) reaches the loss module; a tiny chunk gives the
+    same first-step loss as the default (the chunks hold whole pairs either way)."""
+    small = dpo(tmp_path / "small", grad_in_forward="on", loss_chunk_rows=8, max_steps=1)
+    default = dpo(tmp_path / "default", grad_in_forward="on", max_steps=1)
+    small._setup()
+    default._setup()
+    assert small.loss_module.chunk_rows == 8 and default.loss_module.chunk_rows is None
+    a, b = small.train()[0]["loss"], default.train()[0]["loss"]
+    assert abs(a - b) < 1e-5, (a, b)

@@ -66,7 +66,7 @@ class DPOTrainer(BaseTrainer):
         self._batch_groups = None
         temperature, softcap = lm_head_config(self.model)
         common = dict(temperature=temperature, softcap=softcap, backend=cfg.backend, deterministic=cfg.deterministic,
-                      grad_in_forward=self._grad_in_forward())
+                      grad_in_forward=self._grad_in_forward(), chunk_rows=cfg.loss_chunk_rows)
         if cfg.loss_type == "simpo":
             self.loss_module = FusedSimPOLoss(beta=cfg.beta, gamma=cfg.simpo_gamma,
                                               label_smoothing=cfg.label_smoothing, **common)

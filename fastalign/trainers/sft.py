@@ -33,7 +33,8 @@ class SFTTrainer(BaseTrainer):
         temperature, softcap = lm_head_config(self.model)
         self.loss_module = FusedSFTLoss(temperature=temperature, softcap=softcap, backend=self.config.backend,
                                         deterministic=self.config.deterministic,
-                                        grad_in_forward=self._grad_in_forward())
+                                        grad_in_forward=self._grad_in_forward(),
+                                        chunk_rows=self.config.loss_chunk_rows)
 
     def _loss(self, model, batch, extra):
         hidden, head = self._hidden(model, batch)

@@ -21,7 +21,7 @@ FREE_TO_CHANGE = frozenset((
     "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "save_strategy",
     "save_steps", "save_total_limit", "save_only_model", "eval_strategy", "evaluation_strategy", "eval_steps",
     "eval_delay", "eval_on_start", "per_device_eval_batch_size", "eval_accumulation_steps", "report_to",
-    "run_name", "disable_tqdm", "check_model", "backend", "grad_in_forward", "deterministic", "gradient_checkpointing", "padding_free",
+    "run_name", "disable_tqdm", "check_model", "backend", "grad_in_forward", "loss_chunk_rows", "deterministic", "gradient_checkpointing", "padding_free",
     "precompute_ref_log_probs", "ref_cache_dir",
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "early_stopping_patience",
     "early_stopping_threshold", "push_to_hub", "hub_model_id", "dataloader_num_workers", "log_level"))
