@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import fastalign as fa
 from fastalign.cli import main
 
 
@@ -47,7 +48,8 @@ def test_bench_dpo_loss_table_json_png_and_missing_peer_row(tmp_path, capsys, no
 
 
 def test_bench_linear_logprobs_peers_rows(tmp_path, capsys, no_peers):
-    assert main(["bench", "linear_logprobs", *_args(tmp_path)]) == 0  # a dry run never fails its CHECK rows
+    # a dry run never fails its CHECK rows
+    assert main(["bench", "linear_logprobs", "--chunk-rows", "3", *_args(tmp_path)]) == 0
     out = capsys.readouterr().out
     result, _ = _outputs(tmp_path, "linear_logprobs")
     rows = result["results"]
@@ -57,6 +59,9 @@ def test_bench_linear_logprobs_peers_rows(tmp_path, capsys, no_peers):
     assert measured and all(r["value_rel_err"] < 1e-5 for r in measured)
     assert any(r.get("softcap") == 30.0 for r in measured)  # the Gemma-2-like head
     assert "| shape | pass | variant |" in out and "1 GEMM (floor)" in out
+    if "cpp" in fa.available_backends():  # --chunk-rows: one more gradient-in-forward row per value
+        chunked = [r for r in rows if r["variant"] == "fastalign NLL[cpp] grad-in-fwd chunk_rows=3" and "seconds" in r]
+        assert chunked and all(r["value_rel_err"] < 1e-5 for r in chunked)
 
 
 def test_bench_e2e_without_trl(tmp_path, capsys, no_peers):
@@ -75,6 +80,8 @@ def test_bench_e2e_without_trl(tmp_path, capsys, no_peers):
     (["linear_logprobs", "--heads", "--shape", "4,4,8"], "give one of them"),
     (["dpo_loss", "--dtype", "float16"], "float32 or bfloat16"),
     (["dpo_loss", "--heads"], "linear_logprobs only"),
+    (["dpo_loss", "--chunk-rows", "64"], "linear_logprobs only"),
+    (["linear_logprobs", "--chunk-rows", "0"], "--chunk-rows must be a positive integer"),
     (["e2e", "--dtype", "float32"], "--dtype does not apply"),
     (["e2e", "--repeats", "0"], "--repeats must be a positive integer"),
 ])

@@ -71,7 +71,13 @@ def script_argv(args):
             argv += ["--repeats", str(args.repeats)]
         if args.no_compile:
             argv.append("--no-compile")
+        for r in args.chunk_rows or []:
+            if r < 1:
+                raise FastalignError(f"--chunk-rows must be a positive integer, got {r}")
+            argv += ["--chunk-rows", str(r)]
         return argv
+    if args.chunk_rows:
+        raise FastalignError(f"--chunk-rows applies to linear_logprobs only, not to {args.op}")
     if args.heads is not None:
         raise FastalignError(f"--heads applies to linear_logprobs only, not to {args.op}")
     if args.shape and len(args.shape) > 1:
@@ -127,6 +133,9 @@ def register(sub):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats (medians); for e2e, timed training steps (default: the bench's own)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--chunk-rows", type=int, action="append", default=None,
+                   help="linear_logprobs: also the gradient-in-forward cpp loss with this chunk_rows (repeatable): "
+                        "its time / memory trade")
     p.add_argument("--out", default="fastalign-bench", help="folder for the JSON and PNG (default: ./fastalign-bench)")
     p.add_argument("--jsonl", default=None, help="also append each row to this file as it is measured")
     p.set_defaults(func=cmd_bench)
