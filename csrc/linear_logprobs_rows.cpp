@@ -1,14 +1,14 @@
-// Row passes of the gradient-in-forward loss path (fastalign/fused_grad.py).
+// Row passes of the gradient-in-forward loss path (fastalign/chunk_pass.py).
 //
 // There the caller runs every GEMM-shaped step as a plain BLAS call outside any parallel region (the logits of
 // a chunk of C rows over the whole vocabulary, then d_hidden and d_weight); these two functions are the work in
-// between, in place on the fp32 (fp64) logits tile. The tile is vocabulary-major, tile [V, C] = ((h W^T + b) /
+// between, in place on the logits tile (fp32, fp64, or bf16/fp16 without a softcap). The tile is vocabulary-major, tile [V, C] = ((h W^T + b) /
 // tau)^T: BLAS fills W h^T at near its full-size speed for thin chunks (C = 128-256), where h W^T loses 10-25%
 // (2-core EPYC, fp32, H=512, V=32000), and the reductions over the vocabulary become vector adds across columns.
 //
 //   rows_logsumexp_(tile [V, C], targets [C] (-1: ignored), softcap)
 //       -> {logp [C], lse [C], shift [C]}; logp = l_y - lse (0 for ignored rows). Afterwards the tile holds
-//       exp(l - shift) without a softcap (the caller takes the gradients from it, see fused_grad.py), or
+//       exp(l - shift) without a softcap (the caller takes the gradients from it, see chunk_pass.py), or
 //       l = c tanh(z / c) with one. A bf16/fp16 tile (no softcap) keeps its type; the statistics are fp32.
 //   rows_dlogits_(tile, lse [C], shift [C], targets [C], coeff [C], softcap, inv_temp)
 //       tile <- coeff * (1[v = y] - p_v) * c'(l_v) * inv_temp: d loss / d (h W^T + b)^T for a loss whose

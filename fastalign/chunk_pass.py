@@ -64,7 +64,8 @@ def group_bounds(group_sizes, max_rows):
 
 
 def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
-    """logp [N] fp32 and the gradients (d_h [N, H] in hidden's dtype, d_w in weight's, d_b fp32) of the plan's
+    """logp [N] fp32 (fp64 for fp64 inputs) and the gradients (d_h [N, H] in hidden's dtype, d_w in weight's, d_b
+    fp32 or fp64) of the plan's
     loss. bf16/fp16 inputs run their GEMMs in that type, as naive PyTorch's would; d_w then accumulates in that
     type too, chunk by chunk (as Liger-Kernel's chunked losses do): an fp32 [V, H] accumulator would cost twice
     the memory of the gradient itself."""
@@ -113,8 +114,8 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
             continue
         coeff = plan.coeff_fn(s, e, lp)
         if plan.softcap is None:
-            _exp_tile_gradients(tile, hc, weight, tgt, coeff, lse, shift, inv_t, d_h[s:e] if need_h else None,
-                                d_w, d_b, i == 0)
+            _exp_tile_gradients(tile, hc, weight, tgt, coeff, lp, lse, shift, inv_t,
+                                d_h[s:e] if need_h else None, d_w, d_b, i == 0)
             continue
         rows_impl.rows_dlogits_(tile, lse, shift, tgt, coeff, plan)
         if need_b:
@@ -147,32 +148,36 @@ def _mm_write_or_add(dst, a, b, first):
         dst.addmm_(a, b)
 
 
-def _exp_tile_gradients(tile, hc, weight, tgt, coeff, lse, shift, inv_t, d_h_c, d_w, d_b, first):
+def _exp_tile_gradients(tile, hc, weight, tgt, coeff, logp, lse, shift, inv_t, d_h_c, d_w, d_b, first):
     """Gradients of one chunk (no softcap) straight from the tile E = exp(l - shift) [V, C], without a pass that
-    turns it into d logits: with gs = coeff / tau (0 for ignored rows) and f = -gs exp(shift - lse),
+    turns it into d logits. With g = coeff / tau (0 for ignored rows), f = -g exp(shift - lse) and E' = E with each
+    row's target entry set to 0,
 
-        d logits^T = E diag(f) + onehot(y) diag(gs)
+        d logits^T = E' diag(f) + onehot(y) diag(t),   t = g (1 - p_y) = -g expm1(logp)
 
-    so d_h_c = f * (E^T W) + gs * W[y], d_W += E (f * h_c) + gs * h_c added to the rows y, and d_b += E f + gs
-    added at y: the scaling lands on the thin [C, H] operands, not on the [V, C] tile."""
+    so d_h_c = f * (E'^T W) + t * W[y], d_W += E' (f * h_c) + t * h_c added to the rows y, d_b += E' f + t at y:
+    the scaling lands on the thin [C, H] operands, not on the [V, C] tile. The target's term is taken out of the
+    GEMMs and computed from logp: 1 - p_y from E_y would cancel when p_y is near 1 (in a bf16 tile E_y is only
+    good to 2^-9, so a confident prediction's gradient would be mostly rounding error)."""
     ct = lse.dtype
     live = tgt >= 0
     gs = torch.where(live, coeff.to(ct) * inv_t, torch.zeros((), dtype=ct, device=tile.device))
     f = -gs * torch.exp(shift.to(ct) - lse)
+    t = -gs * torch.expm1(logp.to(ct))
+    live_rows = live.nonzero().squeeze(1)
+    y_live = tgt.index_select(0, live_rows)
+    tile.index_put_((y_live, live_rows), torch.zeros((), dtype=tile.dtype, device=tile.device))
     y = tgt.clamp_min(0)
     if d_h_c is not None:
         prod = torch.mm(tile.t(), weight).to(ct)
-        d_h_c.copy_(prod.mul_(f.unsqueeze(1)).addcmul_(gs.unsqueeze(1), weight.index_select(0, y).to(ct)))
-    if d_w is None and d_b is None:
-        return
-    live_rows = live.nonzero().squeeze(1)
-    y_live, gs_live = y.index_select(0, live_rows), gs.index_select(0, live_rows)
+        d_h_c.copy_(prod.mul_(f.unsqueeze(1)).addcmul_(t.unsqueeze(1), weight.index_select(0, y).to(ct)))
+    t_live = t.index_select(0, live_rows)
     if d_w is not None:
         _mm_write_or_add(d_w, tile, (hc.to(ct) * f.unsqueeze(1)).to(weight.dtype), first)
-        d_w.index_add_(0, y_live, (hc.index_select(0, live_rows).to(ct) * gs_live.unsqueeze(1)).to(d_w.dtype))
+        d_w.index_add_(0, y_live, (hc.index_select(0, live_rows).to(ct) * t_live.unsqueeze(1)).to(d_w.dtype))
     if d_b is not None:
         _write_or_add(d_b, torch.mv(tile, f.to(tile.dtype)).to(ct), first)
-        d_b.index_add_(0, y_live, gs_live)
+        d_b.index_add_(0, y_live, t_live)
 
 
 class GradInForwardFunction(torch.autograd.Function):
@@ -193,13 +198,14 @@ class GradInForwardFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, _grad_logp, grad_carrier):
         # scaled in place: no second copy of d_weight. A second backward through the same graph
-        # (retain_graph=True) then fails autograd's check on the saved tensors' versions, loudly.
+        # (retain_graph=True) after one with an upstream gradient other than 1 then fails autograd's check on the
+        # saved tensors' versions, loudly (after a gradient of exactly 1 nothing was modified, and it succeeds).
         d_h, d_w, d_b = ctx.saved_tensors
         hd, wd, bd = ctx.dtypes
         g = grad_carrier
         if g.device.type == "cpu" and float(g) == 1.0:  # loss.backward() on the loss itself: nothing to scale
             return (d_h, None if d_w is None else d_w.to(wd), None if d_b is None else d_b.to(bd), None, None)
-        return (None if d_h is None else d_h.mul_(g.to(hd)),
+        return (None if d_h is None else d_h.mul_(g),  # g as fp32: a bf16-rounded scale would bias d_h
                 None if d_w is None else d_w.mul_(g).to(wd),
                 None if d_b is None else d_b.mul_(g).to(bd), None, None)
 

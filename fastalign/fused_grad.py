@@ -6,20 +6,20 @@ known once the log-probs of a few rows are (the mean token NLL; a preference los
 pair are scored) can do better, as Liger-Kernel's chunked losses do: for each chunk of rows,
 
     tile = (W h_c^T + b) / tau        [V, C], one GEMM            (logits of the chunk, transposed)
-    logp, lse per row                  row pass                     (backend: cpp or torch)
+    logp, lse per row; tile <- E       row pass                     (backend: cpp or torch; E = exp(l - max))
     coeff = d loss / d logp            the loss on the chunk's sequences (a few scalars, autograd)
-    tile <- coeff (onehot - p) c'/tau  row pass, in place
-    d_h_c = tile^T W,  d_W += tile h_c two GEMMs
+    d_h_c, d_W from E                  two GEMMs                    (row scaling on the thin operands, the
+                                                                     target's term from logp: chunk_pass.py)
 
-and backward only scales the stored gradients by the upstream scalar. Memory: one [V, C] tile (C rows,
+and backward only scales the stored gradients by the upstream scalar. With a softcap the row pass forms
+d logits = coeff (onehot - p) c'(l) / tau in the tile first, then the same two GEMMs take it as it is. Memory: one [V, C] tile (C rows,
 the chunk) plus the gradients themselves; chunks hold whole groups (a sequence, or the two answers of a pair).
 For bf16/fp16 inputs the GEMMs run in the input dtype (as naive PyTorch's would), and so does the tile (its
 statistics are fp32), except with a softcap, whose derivative is taken from an fp32 tile.
 """
 import torch
 
-from fastalign.chunk_pass import (CHUNK_ELEMENTS, MIN_CHUNK_ROWS, GradInForwardFunction, GradInForwardPlan,  # noqa: F401
-                                  _chunk_pass, _compute_dtype, _plan, group_bounds, row_bounds, rows_per_chunk,
+from fastalign.chunk_pass import (_chunk_pass, _compute_dtype, _plan, group_bounds, row_bounds, rows_per_chunk,
                                   run_grad_in_forward)
 from fastalign.losses import check_pair_weights, check_token_inputs, weighted_mean
 from fastalign.ops import _autocast_inputs, _check_inputs, map_targets
@@ -69,7 +69,12 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
         if n == 0 and needs_grad:  # connected to the graph: zero gradients, the empty case of every loss
             loss = loss + 0.0 * hidden.sum() + 0.0 * weight.sum()
         return loss
-    bounds = row_bounds(n, rows_per_chunk(v, chunk_rows))
+    live = (~ignored).nonzero().squeeze(1)
+    if live.numel() == 0:  # nothing labelled: loss 0, zero gradients, connected to the graph
+        return 0.0 * hidden.sum() + 0.0 * weight.sum() + (0.0 * bias.sum() if bias is not None else 0.0)
+    if live.numel() < n:  # only labelled rows reach the tile (an ignored row's logits may be anything, even inf)
+        hidden, targets, coeff = hidden.index_select(0, live), targets[live], coeff[live]
+    bounds = row_bounds(live.numel(), rows_per_chunk(v, chunk_rows))
     logp, carrier = run_grad_in_forward(hidden, weight, bias, targets, bounds,
                                         lambda s, e, lp: coeff[s:e], temperature=temperature, softcap=softcap,
                                         backend=backend)

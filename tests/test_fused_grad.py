@@ -150,6 +150,13 @@ def test_nll_loss_edges_and_bad_input():
         y2 = torch.tensor([1, 2, -100, 3])
         want = -reference_linear_logprobs(h.double(), w.double(), y2)[[0, 1, 3]].sum() / 3
         assert abs(fused_linear_nll_loss(h, w, y2).item() - want.item()) < 1e-5
+    for bad in (float("nan"), float("inf")):  # an ignored row's values never reach the others' gradients
+        hb = torch.randn(4, 8)
+        hb[2] = bad
+        hb.requires_grad_()
+        wb = w.detach().clone().requires_grad_()
+        fused_linear_nll_loss(hb, wb, torch.tensor([1, 2, -100, 3]), backend="cpp" if "cpp" in BACKENDS else "torch").backward()
+        assert torch.isfinite(hb.grad).all() and torch.isfinite(wb.grad).all() and hb.grad[2].abs().sum() == 0
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
         fused_linear_nll_loss(h, w, y, reduction="none")
     with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
@@ -222,3 +229,25 @@ def test_row_passes_on_a_vocabulary_major_tile(backend, dtype, softcap):
         want_d = coeff * (onehot - torch.softmax(l64, dim=0)) * chain * (y >= 0)
         for got_d in [tile.double()] + ([] if p is None else [coeff * (onehot - p) * (y >= 0)]):
             assert (got_d - want_d).abs().max().item() <= 10 * tol * max(1.0, want_d.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_confident_predictions_keep_their_gradient_in_bf16(backend):
+    """A row whose target holds p ~ 0.998: its d logits is g (1 - p), a difference that bf16's E_y (good to 2^-9)
+    would mostly lose; the target's term is computed from logp instead. d_hidden must stay within the error that
+    bf16 logits themselves cause (a few percent), not tens of percent."""
+    g = torch.Generator().manual_seed(11)
+    n, hdim, v = 6, 32, 300
+    w = torch.randn(v, hdim, generator=g, dtype=torch.float64) * 0.3
+    y = torch.randint(0, v, (n,), generator=g)
+    aim = w[y] / w[y].norm(dim=1, keepdim=True) ** 2  # h . w_y = 1 along this direction
+    h = torch.randn(n, hdim, generator=g, dtype=torch.float64) * 0.1 + 17.6 * aim
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16()
+    fused_linear_nll_loss(hb, wb, y, reduction="sum", backend=backend).backward()
+    h64 = hb.detach().double().requires_grad_()
+    with torch.no_grad():
+        p_y = torch.softmax(h64 @ wb.double().t(), dim=1).gather(1, y[:, None]).squeeze(1)
+    assert float(p_y.min()) > 0.99  # the regime this test is about
+    (-torch.log_softmax(h64 @ wb.double().t(), dim=1).gather(1, y[:, None]).sum()).backward()
+    rel = (hb.grad.double() - h64.grad).norm(dim=1) / h64.grad.norm(dim=1)
+    assert float(rel.max()) < 0.1, rel

@@ -1,14 +1,15 @@
-"""C++ row passes of the gradient-in-forward loss path (fastalign.fused_grad), in place on an fp32 logits tile.
+"""C++ row passes of the gradient-in-forward loss path (fastalign.chunk_pass), in place on a logits tile.
 
 The contract every ``loss_rows_<backend>`` module follows (tile [V, C] fp32, fp64 for fp64 inputs, or bf16/fp16
-without a softcap (then logp, lse and shift are fp32); contiguous, vocabulary-major: already
+without a softcap (then logp, lse and shift are fp32); row-major with lines possibly padded (stride(0) >= C),
+vocabulary-major: already
 ((h W^T + b) / temperature)^T for the C rows of a chunk; targets [C] int64 with -1 for ignored rows):
 
     rows_logsumexp_(tile, targets, opts) -> (logp [C], lse [C], shift [C])
     rows_dlogits_(tile, lse, shift, targets, coeff [C], opts) -> None    tile <- coeff (onehot - p) c' / temperature
 
 Between the two calls the tile holds exp(l - shift) without a softcap (the caller may take its gradients from that
-directly: see fused_grad._exp_tile_gradients), and l with one.
+directly: see chunk_pass._exp_tile_gradients; the torch backend widens a bf16/fp16 tile to fp32 while it works), and l with one.
 """
 from typing import List
 
