@@ -188,8 +188,9 @@ def test_reference_pass_cancels_policy_exactly(backend):
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_row_passes_on_a_vocabulary_major_tile(backend, dtype, softcap):
     """The row passes alone on a [V, C] tile against float64: V large enough for several vocabulary ranges (one
-    per thread), C = 13 (an 8-wide vector and a tail), an ignored row. bf16/fp16 tiles (no softcap) keep their
-    type and hold exp(l - shift) afterwards; fp32/fp64 tiles too, or l with a softcap."""
+    per thread), C = 45 (two 16-wide AVX-512 vectors, one 8-wide AVX2 vector, a scalar tail of 5), an ignored row.
+    bf16/fp16 tiles (no softcap) keep their type and hold exp(l - shift) afterwards; fp32/fp64 tiles too, or l with
+    a softcap."""
     from fastalign.backends import get_backend
     from fastalign.chunk_pass import GradInForwardPlan
     if softcap is not None and dtype in (torch.bfloat16, torch.float16):
@@ -197,7 +198,7 @@ def test_row_passes_on_a_vocabulary_major_tile(backend, dtype, softcap):
     rows = get_backend(backend, op="loss_rows")
     plan = GradInForwardPlan(backend=backend, temperature=1.0, softcap=softcap, bounds=(), coeff_fn=None)
     g = torch.Generator().manual_seed(5)
-    v, c = 1500, 13
+    v, c = 1500, 45
     tile = (torch.randn(v, c, generator=g, dtype=torch.float64) * 4).to(dtype)
     y = torch.randint(0, v, (c,), generator=g)
     y[3] = -1
