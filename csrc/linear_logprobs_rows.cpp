@@ -22,6 +22,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "col_math.h"
@@ -60,32 +61,51 @@ void for_each_range(int64_t V, int64_t ranges, const F& fn) {
   });
 }
 
-// rows_logsumexp_ on a bf16/fp16 tile (no softcap): max and sum in fp32, exp(l - shift) stored in the tile's type;
-// logp, lse and shift come back in fp32.
-template <typename S>
-void logsumexp_narrow(at::Tensor& tile, const int64_t* y, float* lp, float* ls, float* sh) {
+// The vocabulary reductions on one tile line for storage S and statistics T: the same functions for fp32/fp64
+// tiles (S = T; with a softcap the line keeps l), the narrow ones for bf16/fp16 tiles (T = float; always stores).
+template <typename S, typename T>
+void line_max(const S* x, T* acc, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) col_max(x, acc, n); else col_max_narrow(x, acc, n);
+}
+template <typename S, typename T>
+void line_exp(S* x, const T* shift, T* acc, int64_t n, bool store) {
+  if constexpr (std::is_same_v<S, T>) col_exp_acc(x, shift, acc, n, store); else col_exp_store_narrow(x, shift, acc, n);
+}
+
+// rows_logsumexp_ on a tile of S with statistics (and logp, lse, shift) in T.
+template <typename S, typename T>
+void logsumexp_cols(at::Tensor& tile, const int64_t* y, double softcap, T* lp, T* ls, T* sh) {
   const int64_t V = tile.size(0), C = tile.size(1), ld = tile.stride(0);
   const int64_t ranges = vocab_ranges(V);
   S* base = reinterpret_cast<S*>(tile.data_ptr());
-  std::vector<float> part(ranges * C, -std::numeric_limits<float>::infinity());
+  std::vector<T> part(ranges * C, -std::numeric_limits<T>::infinity());
   for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
-    for (int64_t v = v0; v < v1; ++v) col_max_narrow(base + v * ld, part.data() + t * C, C);
+    T* acc = part.data() + t * C;
+    for (int64_t v = v0; v < v1; ++v) {
+      if constexpr (std::is_same_v<S, T>) {
+        if (softcap > 0) softcap_row(base + v * ld, C, T(softcap));
+      }
+      line_max(base + v * ld, acc, C);
+    }
   });
   for (int64_t c = 0; c < C; ++c) {
-    float m = part[c];
+    T m = part[c];
     for (int64_t t = 1; t < ranges; ++t) m = std::max(m, part[t * C + c]);
     sh[c] = m;
-    lp[c] = y[c] >= 0 ? static_cast<float>(base[y[c] * ld + c]) : 0.0f;
+    lp[c] = y[c] >= 0 ? static_cast<T>(base[y[c] * ld + c]) : T(0);  // l_y, before the tile is overwritten
   }
-  std::fill(part.begin(), part.end(), 0.0f);
+  std::fill(part.begin(), part.end(), T(0));
+  // with a softcap the second pass needs l for c'(l): keep it; else keep exp(l - shift)
+  const bool store = !(softcap > 0);
   for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
-    for (int64_t v = v0; v < v1; ++v) col_exp_store_narrow(base + v * ld, sh, part.data() + t * C, C);
+    T* acc = part.data() + t * C;
+    for (int64_t v = v0; v < v1; ++v) line_exp(base + v * ld, sh, acc, C, store);
   });
   for (int64_t c = 0; c < C; ++c) {
-    float s = part[c];
+    T s = part[c];
     for (int64_t t = 1; t < ranges; ++t) s += part[t * C + c];
     ls[c] = sh[c] + std::log(s);
-    lp[c] = y[c] >= 0 ? lp[c] - ls[c] : 0.0f;
+    lp[c] = y[c] >= 0 ? lp[c] - ls[c] : T(0);
   }
 }
 
@@ -93,58 +113,24 @@ void logsumexp_narrow(at::Tensor& tile, const int64_t* y, float* lp, float* ls, 
 
 std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targets, double softcap) {
   check_tile(tile, targets, /*narrow_ok=*/true);
-  const int64_t ld = tile.stride(0);
-  if (is_narrow(tile)) {
-    TORCH_CHECK(!(softcap > 0), "fastalign._C: a softcap needs an fp32/fp64 tile (c'(l) is taken from it)");
-    const int64_t C = tile.size(1);
-    const auto opts = tile.options().dtype(at::kFloat);
-    at::Tensor logp = at::empty({C}, opts), lse = at::empty({C}, opts), shift = at::empty({C}, opts);
-    const int64_t* y = targets.data_ptr<int64_t>();
-    if (tile.scalar_type() == at::kBFloat16)
-      logsumexp_narrow<c10::BFloat16>(tile, y, logp.data_ptr<float>(), lse.data_ptr<float>(), shift.data_ptr<float>());
-    else
-      logsumexp_narrow<c10::Half>(tile, y, logp.data_ptr<float>(), lse.data_ptr<float>(), shift.data_ptr<float>());
-    return {logp, lse, shift};
-  }
-  const int64_t V = tile.size(0), C = tile.size(1);
-  at::Tensor logp = at::empty({C}, tile.options());
-  at::Tensor lse = at::empty({C}, tile.options());
-  at::Tensor shift = at::empty({C}, tile.options());
+  const bool narrow = is_narrow(tile);
+  TORCH_CHECK(!(narrow && softcap > 0), "fastalign._C: a softcap needs an fp32/fp64 tile (c'(l) is taken from it)");
+  const int64_t C = tile.size(1);
+  const auto opts = narrow ? tile.options().dtype(at::kFloat) : tile.options();
+  at::Tensor logp = at::empty({C}, opts), lse = at::empty({C}, opts), shift = at::empty({C}, opts);
   const int64_t* y = targets.data_ptr<int64_t>();
-  const int64_t ranges = vocab_ranges(V);
-  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "rows_logsumexp_", [&] {
-    scalar_t* base = tile.data_ptr<scalar_t>();
-    scalar_t* lp = logp.data_ptr<scalar_t>();
-    scalar_t* ls = lse.data_ptr<scalar_t>();
-    scalar_t* sh = shift.data_ptr<scalar_t>();
-    std::vector<scalar_t> part(ranges * C, -std::numeric_limits<scalar_t>::infinity());
-    for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
-      scalar_t* acc = part.data() + t * C;
-      for (int64_t v = v0; v < v1; ++v) {
-        if (softcap > 0) softcap_row(base + v * ld, C, scalar_t(softcap));
-        col_max(base + v * ld, acc, C);
-      }
+  if (tile.scalar_type() == at::kBFloat16) {
+    logsumexp_cols<c10::BFloat16, float>(tile, y, softcap, logp.data_ptr<float>(), lse.data_ptr<float>(),
+                                         shift.data_ptr<float>());
+  } else if (tile.scalar_type() == at::kHalf) {
+    logsumexp_cols<c10::Half, float>(tile, y, softcap, logp.data_ptr<float>(), lse.data_ptr<float>(),
+                                     shift.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "rows_logsumexp_", [&] {
+      logsumexp_cols<scalar_t, scalar_t>(tile, y, softcap, logp.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                                         shift.data_ptr<scalar_t>());
     });
-    for (int64_t c = 0; c < C; ++c) {
-      scalar_t m = part[c];
-      for (int64_t t = 1; t < ranges; ++t) m = std::max(m, part[t * C + c]);
-      sh[c] = m;
-      lp[c] = y[c] >= 0 ? base[y[c] * ld + c] : scalar_t(0);  // l_y, before the tile is overwritten
-    }
-    std::fill(part.begin(), part.end(), scalar_t(0));
-    // with a softcap the second pass needs l for c'(l): keep it; else keep exp(l - shift)
-    const bool store = !(softcap > 0);
-    for_each_range(V, ranges, [&](int64_t t, int64_t v0, int64_t v1) {
-      scalar_t* acc = part.data() + t * C;
-      for (int64_t v = v0; v < v1; ++v) col_exp_acc(base + v * ld, sh, acc, C, store);
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      scalar_t s = part[c];
-      for (int64_t t = 1; t < ranges; ++t) s += part[t * C + c];
-      ls[c] = sh[c] + std::log(s);
-      lp[c] = y[c] >= 0 ? lp[c] - ls[c] : scalar_t(0);
-    }
-  });
+  }
   return {logp, lse, shift};
 }
 
