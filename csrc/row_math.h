@@ -48,20 +48,25 @@ T scaled_exp_scalar(T* x, int64_t n, T shift, T scale) {
 #ifdef FASTALIGN_X86_SIMD
 // exp for 8 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial), within 2 ulp; inputs below
 // -87.3 give 0 (softmax terms that small do not change an fp32 sum).
+// Cephes' expf constants, shared by exp8 and col_math.h's exp16: clamp bounds, ln 2 split into a part exact in fp32
+// and the rest, and the polynomial for e^r - 1 - r over r^2 on [-ln2/2, ln2/2] (highest degree first).
+struct ExpPoly {
+  static constexpr float kLo = -87.3365447504f, kHi = 88.3762626647949f, kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  static constexpr float kCoeff[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                                      4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+};
+
 __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447504f), hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 lo = _mm256_set1_ps(ExpPoly::kLo), hi = _mm256_set1_ps(ExpPoly::kHi);
   const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(ExpPoly::kLog2e), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(ExpPoly::kLn2Hi), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(ExpPoly::kLn2Lo), x);
   const __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  __m256 y = _mm256_set1_ps(ExpPoly::kCoeff[0]);
+  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(ExpPoly::kCoeff[i]));
   y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
   const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)));
