@@ -65,10 +65,9 @@ def group_bounds(group_sizes, max_rows):
 
 def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     """logp [N] fp32 (fp64 for fp64 inputs) and the gradients (d_h [N, H] in hidden's dtype, d_w in weight's, d_b
-    fp32 or fp64) of the plan's
-    loss. bf16/fp16 inputs run their GEMMs in that type, as naive PyTorch's would; d_w then accumulates in that
-    type too, chunk by chunk (as Liger-Kernel's chunked losses do): an fp32 [V, H] accumulator would cost twice
-    the memory of the gradient itself."""
+    fp32 or fp64) of the plan's loss. bf16/fp16 inputs run their GEMMs in that type, as naive PyTorch's would; d_w
+    then accumulates in that type too, chunk by chunk (as Liger-Kernel's chunked losses do): an fp32 [V, H]
+    accumulator would cost twice the memory of the gradient itself."""
     rows_impl = get_backend(plan.backend, op="loss_rows")
     ct = _compute_dtype(hidden)
     n, v = hidden.shape[0], weight.shape[0]
@@ -190,7 +189,7 @@ class GradInForwardFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         logp, d_h, d_w, d_b = _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b)
         ctx.save_for_backward(d_h, d_w, d_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype  # d_h and d_w are already in their input's dtype
         ctx.mark_non_differentiable(logp)
         return logp, logp.new_zeros(())
 
@@ -201,13 +200,12 @@ class GradInForwardFunction(torch.autograd.Function):
         # (retain_graph=True) after one with an upstream gradient other than 1 then fails autograd's check on the
         # saved tensors' versions, loudly (after a gradient of exactly 1 nothing was modified, and it succeeds).
         d_h, d_w, d_b = ctx.saved_tensors
-        hd, wd, bd = ctx.dtypes
         g = grad_carrier
-        if g.device.type == "cpu" and float(g) == 1.0:  # loss.backward() on the loss itself: nothing to scale
-            return (d_h, None if d_w is None else d_w.to(wd), None if d_b is None else d_b.to(bd), None, None)
-        return (None if d_h is None else d_h.mul_(g),  # g as fp32: a bf16-rounded scale would bias d_h
-                None if d_w is None else d_w.mul_(g).to(wd),
-                None if d_b is None else d_b.mul_(g).to(bd), None, None)
+        if not (g.device.type == "cpu" and float(g) == 1.0):  # loss.backward() on the loss itself: nothing to scale
+            for d in (d_h, d_w, d_b):
+                if d is not None:
+                    d.mul_(g)  # g as fp32: a bf16-rounded scale would bias a bf16 d_h / d_w
+        return d_h, d_w, None if d_b is None else d_b.to(ctx.bias_dtype), None, None
 
 
 def _plan(hidden, bounds, coeff_fn, temperature, softcap, backend):
