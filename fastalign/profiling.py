@@ -37,6 +37,17 @@ MMAP_THRESHOLD_MEASURE = 1 << 17  # while PeakMemory measures: every large tenso
 MMAP_THRESHOLD_MAX = 32 << 20     # glibc's ceiling for its dynamic threshold on 64-bit, where a long process ends up
 
 
+def _glibc_call(name, *args):
+    """libc.so.6's ``name(*args)`` on Linux; nothing elsewhere or where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        getattr(ctypes.CDLL("libc.so.6"), name)(*args)
+    except (OSError, AttributeError):
+        pass
+
+
 def set_mmap_threshold(nbytes):
     """Fix glibc's mmap threshold (Linux; a no-op elsewhere).
 
@@ -45,13 +56,7 @@ def set_mmap_threshold(nbytes):
     peak. PeakMemory sets MMAP_THRESHOLD_MEASURE on entry, so that freed tensors leave the resident set, and
     MMAP_THRESHOLD_MAX on exit: timed runs outside it then pay no page faults a training process would not pay.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes))
-    except (OSError, AttributeError):
-        pass
+    _glibc_call("mallopt", _M_MMAP_THRESHOLD, int(nbytes))
 
 
 def release_free_heap():
@@ -60,13 +65,7 @@ def release_free_heap():
     A large request is served from free heap chunks before glibc considers mmap, whatever the threshold: memory
     freed earlier under a high threshold (a warm-up run) would be reused without raising RSS, and a peak measured
     from RSS would miss it. PeakMemory calls this on entry, before it reads the baseline."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _glibc_call("malloc_trim", 0)
 
 
 class PeakMemory:
