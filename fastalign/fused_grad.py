@@ -67,11 +67,11 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
                                    backend=backend) if n else hidden.new_zeros(0, dtype=ct)
         loss = (coeff * logp.to(ct)).sum()
         if n == 0 and needs_grad:  # connected to the graph: zero gradients, the empty case of every loss
-            loss = loss + 0.0 * hidden.sum() + 0.0 * weight.sum()
+            loss = loss + _connected_zero(hidden, weight)
         return loss
     live = (~ignored).nonzero().squeeze(1)
     if live.numel() == 0:  # nothing labelled: loss 0, zero gradients, connected to the graph
-        return 0.0 * hidden.sum() + 0.0 * weight.sum() + (0.0 * bias.sum() if bias is not None else 0.0)
+        return _connected_zero(hidden, weight, bias)
     if live.numel() < n:  # only labelled rows reach the tile (an ignored row's logits may be anything, even inf)
         hidden, targets, coeff = hidden.index_select(0, live), targets[live], coeff[live]
     bounds = row_bounds(live.numel(), rows_per_chunk(v, chunk_rows))
@@ -79,6 +79,11 @@ def fused_linear_nll_loss(hidden, weight, targets, bias=None, *, token_weights=N
                                         lambda s, e, lp: coeff[s:e], temperature=temperature, softcap=softcap,
                                         backend=backend)
     return (coeff * logp).sum() + carrier
+
+
+def _connected_zero(*tensors):
+    """A zero loss connected to the graph of each tensor given (None skipped): zero gradients, not none."""
+    return sum(0.0 * t.sum() for t in tensors if t is not None)
 
 
 def _token_layout(hidden, labels, ignore_index, sequence_index, n_sequences):
@@ -231,7 +236,7 @@ def sft_forward(loss_module, hidden, weight, labels, bias, sequence_index, n_seq
     scale = -1.0 / total if total else 0.0
     bounds = row_bounds(total, rows_per_chunk(weight.shape[0], loss_module.chunk_rows))
     if total == 0:
-        loss = 0.0 * hidden.sum() + 0.0 * weight.sum()
+        loss = _connected_zero(hidden, weight)
         return SFTLossOutput(loss=loss, sequence_logps=torch.zeros(n_seq, device=hidden.device), n_tokens=n_tok)
     logp, carrier = run_grad_in_forward(flat_h.index_select(0, live), weight, bias, targets[live], bounds,
                                         lambda s, e, lp: torch.full_like(lp, scale),
