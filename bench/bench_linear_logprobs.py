@@ -9,8 +9,8 @@ measured in the same run (repeats interleaved across variants, so load on a shar
 alike), GFLOP/s and the fraction of the GEMM roofline for every row. The fastalign and naive rows compute
 per-token log-probs (backward of their sum); the Liger and CCE rows compute the per-token NLL sum = -sum logp
 (its backward has the same cost): the "value err" column checks each row against naive's sum.
-On CPU a CHECK row fails (exit status 1) when the cpp backend, which backend="auto" picks there, is slower than
-naive PyTorch.
+On CPU a CHECK row fails (exit status 1) when what backend="auto" runs there (see CHECKED) is slower than naive
+PyTorch.
 
   python bench/bench_linear_logprobs.py                  # CPU goal shapes (fp32, bf16), or the named heads on CUDA
   python bench/bench_linear_logprobs.py --heads          # the named heads (scaled down on CPU, see HEADS)
@@ -79,6 +79,8 @@ def _fastalign(ctx):
             continue
         out.append((f"fastalign[{b}]", (lambda b: lambda h, w, t: fa.linear_logprobs(
             h, w, t, softcap=ctx.softcap, backend=b))(b), 1))
+    if ctx.device.type == "cpu":  # what backend="auto" does there: with gradients, the kept tile (kept_tiles.py)
+        out.append(("fastalign[auto]", lambda h, w, t: fa.linear_logprobs(h, w, t, softcap=ctx.softcap), 1))
     return out
 
 
@@ -215,15 +217,23 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream
     return rows
 
 
+# The rows a CPU CHECK holds to naive's time, and in which modes: what backend="auto" runs (forward-only: the cpp
+# forward; with gradients: the kept tile), and the loss path the trainers use on CPU (fastalign.fused_grad). The
+# cpp row's fwd+bwd is the recompute path, 4 GEMMs in O(chunk) memory: a trade the user asks for by name, reported
+# but not held to naive's time (at GEMM-bound fp32 shapes the fourth GEMM costs more than naive's passes).
+CHECKED = {("fastalign[cpp]", "fwd"): "CHECK cpp <= naive",
+           ("fastalign[auto]", "fwd"): "CHECK auto <= naive",
+           ("fastalign[auto]", "fwd+bwd"): "CHECK auto <= naive",
+           ("fastalign NLL[cpp] grad-in-fwd", "fwd+bwd"): "CHECK cpp grad-in-fwd <= naive"}
+
+
 def cpu_checks(rows):
-    """CHECK rows: on CPU, backend="auto" picks cpp, so cpp must not be slower than naive in the same run.
+    """CHECK rows: on CPU, what backend="auto" runs must not be slower than naive in the same run (see CHECKED).
     In a dry run the shapes are too small to time anything: the status says so and the exit status ignores it."""
     checks = []
     for r in rows:
-        # the op as backend="auto" picks it, and the loss path the trainers use on CPU (fastalign.fused_grad)
-        label = {"fastalign[cpp]": "CHECK cpp <= naive",
-                 "fastalign NLL[cpp] grad-in-fwd": "CHECK cpp grad-in-fwd <= naive"}.get(r["variant"])
-        if label and "time_vs_naive" in r and not (label.endswith("grad-in-fwd <= naive") and r["mode"] == "fwd"):
+        label = CHECKED.get((r["variant"], r.get("mode")))
+        if label and "time_vs_naive" in r:
             ok = r["time_vs_naive"] <= 1.0
             checks.append(dict(shape=r["shape"], mode=r["mode"], variant=label,
                                status=("PASS" if ok else "FAIL") + (" (dry run: not enforced)" if dryrun() else ""),
@@ -399,9 +409,9 @@ def main(argv=None):
             [r for r in rows if r.get("mode") == "fwd+bwd" and "seconds" in r],
             [("time_vs_naive", "fwd+bwd time vs naive"), ("memory_vs_naive", "peak extra memory vs naive")])
     for c in rows:
-        if str(c.get("variant")).startswith("CHECK cpp") and c["status"] == "FAIL" and status:
-            print(f"FAIL: cpp is slower than naive at {c['shape']} {c['mode']} ({c['time_vs_naive']:.2f}x)",
-                  file=sys.stderr)
+        if str(c.get("variant")).startswith("CHECK ") and c["status"] == "FAIL" and status:
+            print(f"FAIL: {c['variant'][6:].split(' <=')[0]} is slower than naive at {c['shape']} {c['mode']} "
+                  f"({c['time_vs_naive']:.2f}x)", file=sys.stderr)
     return status
 
 

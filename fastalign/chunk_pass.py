@@ -82,49 +82,93 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     # the tile: [V, C] = logits^T, vocabulary-major (BLAS runs W h_c^T near full speed for thin chunks, see
     # csrc/linear_logprobs_rows.cpp), in the GEMMs' type; with a softcap and bf16/fp16 inputs the GEMMs write a
     # narrow buffer and the tile is fp32. Buffers are made once: a fresh large tensor per chunk costs page faults.
-    narrow_tile = hidden.dtype in (torch.bfloat16, torch.float16) and plan.softcap is None
-    tile_dtype = hidden.dtype if narrow_tile else ct
+    tile_dtype = tile_dtype_for(hidden, plan.softcap)
     ld = _padded(widest)
     tile_buf = torch.empty(v * ld, dtype=tile_dtype, device=hidden.device)
     widened = tile_dtype != hidden.dtype
     if widened:
         narrow_buf = torch.empty(v * ld, dtype=hidden.dtype, device=hidden.device)
-    # the temperature scales the thin operand (h_c, or the bias), not the [V, C] tile
-    bias_c = None if bias is None else (bias.to(ct) * inv_t).unsqueeze(1)
+    zero_padding(tile_buf, v, ld, widest)
+    if widened:
+        zero_padding(narrow_buf, v, ld, widest)
+    bias_c = scaled_bias(bias, ct, inv_t)
     for i, (s, e) in enumerate(plan.bounds):
         hc, tgt = hidden[s:e], targets[s:e]
-        hs = hc if inv_t == 1.0 else hc * inv_t
         tile = tile_buf.view(v, ld)[:, :e - s]
-        # GEMMs outside any parallel region: BLAS threads them itself
-        if widened:
-            narrow = narrow_buf.view(v, ld)[:, :e - s]
-            tile.copy_(torch.mm(weight, hs.t(), out=narrow))
-            if bias_c is not None:
-                tile.add_(bias_c)
-        elif bias_c is not None and tile_dtype == ct:
-            torch.addmm(bias_c, weight, hs.t(), out=tile)
-        else:
-            torch.mm(weight, hs.t(), out=tile)
-            if bias_c is not None:
-                tile.add_(bias_c.to(tile_dtype))
+        narrow = narrow_buf.view(v, ld)[:, :e - s] if widened else None
+        fill_tile(tile, narrow, hc if inv_t == 1.0 else hc * inv_t, weight, bias_c)
         lp, lse, shift = rows_impl.rows_logsumexp_(tile, tgt, plan)
         logp[s:e] = lp
-        if not (need_h or need_w or need_b):
-            continue
-        coeff = plan.coeff_fn(s, e, lp)
-        if plan.softcap is None:
-            _exp_tile_gradients(tile, hc, weight, tgt, coeff, lp, lse, shift, inv_t,
-                                d_h[s:e] if need_h else None, d_w, d_b, i == 0)
-            continue
-        rows_impl.rows_dlogits_(tile, lse, shift, tgt, coeff, plan)
-        if need_b:
-            _write_or_add(d_b, tile.sum(1), i == 0)
-        d = narrow.copy_(tile) if widened else tile
-        if need_h:
-            torch.mm(d.t(), weight, out=d_h[s:e])
-        if need_w:
-            _mm_write_or_add(d_w, d, hc, i == 0)
+        if need_h or need_w or need_b:
+            tile_gradients(rows_impl, plan, tile, narrow, hc, weight, tgt, plan.coeff_fn(s, e, lp), lp, lse, shift,
+                           d_h[s:e] if need_h else None, d_w, d_b, i == 0)
     return logp, d_h, d_w, d_b
+
+
+def tile_dtype_for(hidden, softcap):
+    """The tile's dtype: bf16/fp16 inputs keep it in their type (fp32 statistics) unless a softcap needs c'(l) from
+    an fp32 tile; fp32 and fp64 inputs use theirs."""
+    if hidden.dtype in (torch.bfloat16, torch.float16) and softcap is None:
+        return hidden.dtype
+    return _compute_dtype(hidden)
+
+
+def scaled_bias(bias, ct, inv_t):
+    """bias / temperature as a [V, 1] column in the compute dtype (the temperature scales the thin operands, h_c
+    and the bias, not the [V, C] tile), or None."""
+    return None if bias is None else (bias.to(ct) * inv_t).unsqueeze(1)
+
+
+def fill_tile(tile, narrow, hs, weight, bias_c):
+    """tile [V, C] <- W hs^T + bias_c: one GEMM outside any parallel region (BLAS threads it itself). hs [C, H] is
+    already divided by the temperature. narrow: a buffer shaped like the tile in the GEMM's (input) dtype when the
+    tile is wider (bf16/fp16 inputs with a softcap), else None."""
+    if narrow is not None:
+        tile.copy_(torch.mm(weight, hs.t(), out=narrow))
+        if bias_c is not None:
+            tile.add_(bias_c)
+    elif bias_c is not None and tile.dtype == bias_c.dtype:
+        torch.addmm(bias_c, weight, hs.t(), out=tile)
+    else:
+        torch.mm(weight, hs.t(), out=tile)
+        if bias_c is not None:
+            tile.add_(bias_c.to(tile.dtype))
+
+
+def tile_gradients(rows_impl, opts, tile, narrow, hc, weight, tgt, coeff, logp, lse, shift, d_h_c, d_w, d_b, first,
+                   zero_targets=True):
+    """One chunk's share of the gradients from its tile after ``rows_logsumexp_`` (E = exp(l - shift) without a
+    softcap: _exp_tile_gradients; with one, the row pass forms d logits in the tile, which the same two GEMMs take).
+    coeff [C]: d loss / d logp per row. d_h_c [C, H] is written; d_w, d_b are written when ``first``, else added to.
+    opts: anything with ``temperature`` and ``softcap``. zero_targets=False: E's target entries are already 0."""
+    inv_t = 1.0 / opts.temperature
+    if opts.softcap is None:
+        _exp_tile_gradients(tile, hc, weight, tgt, coeff, logp, lse, shift, inv_t, d_h_c, d_w, d_b, first,
+                            zero_targets)
+        return
+    rows_impl.rows_dlogits_(tile, lse, shift, tgt, coeff, opts)
+    if d_b is not None:
+        _write_or_add(d_b, tile.sum(1), first)
+    d = narrow.copy_(tile) if narrow is not None else tile
+    if d_h_c is not None:
+        torch.mm(d.t(), weight, out=d_h_c)
+    if d_w is not None:
+        _mm_write_or_add(d_w, d, hc, first)
+
+
+def zero_target_entries(tile, tgt):
+    """Set E's entry at each labelled row's target to 0 (see _exp_tile_gradients): tile [V, C], tgt [C]."""
+    live_rows = (tgt >= 0).nonzero().squeeze(1)
+    tile.index_put_((tgt.index_select(0, live_rows), live_rows), torch.zeros((), dtype=tile.dtype, device=tile.device))
+    return live_rows
+
+
+def zero_padding(buf, v, ld, c):
+    """Zero columns [c, ld) of buf seen as [V, ld]. They are never part of a tile, but a bf16 GEMM reads a
+    matrix's padding and multiplies it by 0 (torch 2.13 CPU, [257, 45] in 48-element lines). An uninitialized NaN
+    there would make that product NaN, and the gradient with it."""
+    if ld > c:
+        buf.view(v, ld)[:, c:].zero_()
 
 
 def _padded(c):
@@ -147,7 +191,8 @@ def _mm_write_or_add(dst, a, b, first):
         dst.addmm_(a, b)
 
 
-def _exp_tile_gradients(tile, hc, weight, tgt, coeff, logp, lse, shift, inv_t, d_h_c, d_w, d_b, first):
+def _exp_tile_gradients(tile, hc, weight, tgt, coeff, logp, lse, shift, inv_t, d_h_c, d_w, d_b, first,
+                        zero_targets=True):
     """Gradients of one chunk (no softcap) straight from the tile E = exp(l - shift) [V, C], without a pass that
     turns it into d logits. With g = coeff / tau (0 for ignored rows), f = -g exp(shift - lse) and E' = E with each
     row's target entry set to 0,
@@ -163,9 +208,8 @@ def _exp_tile_gradients(tile, hc, weight, tgt, coeff, logp, lse, shift, inv_t, d
     gs = torch.where(live, coeff.to(ct) * inv_t, torch.zeros((), dtype=ct, device=tile.device))
     f = -gs * torch.exp(shift.to(ct) - lse)
     t = -gs * torch.expm1(logp.to(ct))
-    live_rows = live.nonzero().squeeze(1)
+    live_rows = zero_target_entries(tile, tgt) if zero_targets else live.nonzero().squeeze(1)
     y_live = tgt.index_select(0, live_rows)
-    tile.index_put_((y_live, live_rows), torch.zeros((), dtype=tile.dtype, device=tile.device))
     y = tgt.clamp_min(0)
     if d_h_c is not None:
         prod = torch.mm(tile.t(), weight).to(ct)

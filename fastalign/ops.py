@@ -1,13 +1,15 @@
 """The fused op: per-token log-probabilities of targets straight from hidden states and the lm_head weight.
 
 logits = (hidden @ weight.T + bias) / temperature, then softcap * tanh(logits / softcap) when softcap is set;
-result[t] = log_softmax(logits[t])[targets[t]]. The [N, V] logits never exist in memory.
+result[t] = log_softmax(logits[t])[targets[t]]. The [N, V] logits never exist in memory, except on CPU with
+gradients and backend="auto", which keeps one tile of them for speed (fastalign/kept_tiles.py).
 """
 import numbers
 
 import torch
 
 from fastalign.backends import get_backend, resolve_backend
+from fastalign.kept_tiles import kept_tile_logprobs
 from fastalign.options import LogprobOptions
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -137,7 +139,9 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
     Gradients reach hidden, weight and bias in their own dtypes (accumulated in fp32). Under
     ``torch.no_grad()`` a forward-only path runs and nothing is saved. Under autocast, hidden, weight and
     bias are cast to the autocast dtype first, as ``F.linear`` would.
-    backend: "auto" (CUDA -> triton, CPU -> cpp when built, else torch), "triton", "cpp" or "torch".
+    backend: "auto" (CUDA -> triton, CPU -> cpp when built, else torch), "triton", "cpp" or "torch". On CPU with
+    gradients, "auto" keeps one [V, N] logits tile from forward to backward (3 GEMMs, never slower than naive
+    PyTorch; see fastalign/kept_tiles.py) where "cpp" and "torch" recompute it in backward (4 GEMMs, O(chunk) memory).
     deterministic: bitwise reproducible gradients; on triton this costs one more logits recompute in backward.
     grad_filter_eps: opt-in approximate backward (Cut Cross-Entropy's filter): backward skips the tiles (cpp:
     a row's share of a vocabulary block) where every p_v * c'_v (c' the softcap's derivative, 1 without) is
@@ -167,6 +171,12 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
             return _empty_result(hidden)
         logp, _, _ = get_backend(name).forward(hidden, weight, bias, targets, opts, save_for_hidden=False)
         return logp
+    if backend == "auto" and name in ("cpp", "torch") and hidden.device.type == "cpu" and not opts.grad_filter_eps:
+        # with gradients on CPU, auto keeps the tile (3 GEMMs): the recompute path's fourth GEMM can make it slower
+        # than naive PyTorch (see kept_tiles.py); backend="cpp" asks for the O(chunk)-memory recompute path
+        logp = kept_tile_logprobs(hidden, weight, bias, targets, opts)
+        if logp is not None:
+            return logp
     # N = 0 goes through the Function too: the result is empty and hidden, weight and bias all get zero
     # gradients (not None), the empty case every loss follows (see losses.weighted_mean).
     logp, _ = LinearLogprobsFunction.apply(hidden, weight, bias, targets, opts)

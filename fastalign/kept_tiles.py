@@ -1,0 +1,95 @@
+"""The fused op on CPU with gradients and ``backend="auto"``: keep the logits tile from forward to backward.
+
+The recompute path (``backend="cpp"``) does one GEMM in forward and three in backward (the logits again, then
+d_hidden and d_weight), in O(chunk) memory. Naive PyTorch does three GEMMs plus a few passes over a stored [N, V].
+Where the GEMMs dominate (fp32, H >= 1024 on a 2-core EPYC: 1.13x naive's time at N=2048, V=32000), that fourth
+GEMM costs more than naive's passes. So ``auto``, which must never pick a CPU path slower than naive (issue 10),
+takes this path instead: naive's three GEMMs and none of its extra passes.
+
+    forward   T = (W H^T + b) / tau       [V, N], one GEMM
+              row pass: logp, lse; T <- E = exp(l - shift); E's target entries <- 0
+    backward  g = upstream / tau,  f = -g exp(shift - lse),  t = -g expm1(logp)
+              d_H = f * (E^T W) + t * W[y],   d_W = E (f * H) + t * H added at rows y,   d_b = E f + t at y
+
+These are two GEMMs over all rows at once (see chunk_pass._exp_tile_gradients for why the target's term is
+taken from logp). With a softcap the tile keeps l. Backward then forms d logits chunk by chunk on a copy (the
+kept tile must survive a second backward with retain_graph=True) and runs the same two GEMMs per chunk.
+
+Memory: one [V, N] tile in the GEMMs' type (bf16/fp16 inputs without a softcap keep theirs). Naive keeps the
+logits, their log-softmax and d logits. Only labelled rows enter. Pass ``backend="cpp"`` for the O(chunk)-memory
+recompute path.
+"""
+import torch
+
+from fastalign.backends import get_backend
+from fastalign.chunk_pass import (_compute_dtype, _padded, fill_tile, row_bounds, rows_per_chunk, scaled_bias,
+                                  tile_dtype_for, tile_gradients, zero_padding, zero_target_entries)
+
+
+class KeptTileFunction(torch.autograd.Function):
+    """hidden [N, H] (all rows labelled), weight [V, H], bias [V] or None, targets [N] in [0, V), opts: a
+    LogprobOptions whose backend names the row passes (op "loss_rows"). Returns logp [N] fp32 (fp64 for fp64)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, opts):
+        rows_impl = get_backend(opts.backend, op="loss_rows")
+        ct = _compute_dtype(hidden)
+        n, v = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / opts.temperature
+        tile_dtype = tile_dtype_for(hidden, opts.softcap)
+        ld = _padded(n)
+        tile_buf = torch.empty(v * ld, dtype=tile_dtype, device=hidden.device)
+        zero_padding(tile_buf, v, ld, n)
+        tile = tile_buf.view(v, ld)[:, :n]
+        narrow = None if tile_dtype == hidden.dtype else torch.empty(v, ld, dtype=hidden.dtype,
+                                                                     device=hidden.device)[:, :n]
+        fill_tile(tile, narrow, hidden if inv_t == 1.0 else hidden * inv_t, weight, scaled_bias(bias, ct, inv_t))
+        del narrow
+        logp, lse, shift = rows_impl.rows_logsumexp_(tile, targets, opts)
+        if opts.softcap is None:
+            zero_target_entries(tile, targets)  # once here, so backward never writes to the kept tile
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, weight, bias, targets, tile, logp, lse, shift)
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, targets, tile, logp, lse, shift = ctx.saved_tensors
+        opts = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        rows_impl = get_backend(opts.backend, op="loss_rows")
+        ct = lse.dtype
+        n, v = hidden.shape[0], weight.shape[0]
+        coeff = grad_logp.to(ct)
+        d_h = torch.empty_like(hidden) if need_h else None
+        d_w = torch.empty_like(weight) if need_w else None
+        d_b = torch.empty(v, dtype=ct, device=weight.device) if need_b else None
+        if opts.softcap is None:  # all rows at once: two full-size GEMMs, nothing written to the tile
+            tile_gradients(rows_impl, opts, tile, None, hidden, weight, targets, coeff, logp, lse, shift,
+                           d_h, d_w, d_b, True, zero_targets=False)
+        else:  # d logits chunk by chunk, on a copy of the kept tile
+            step = min(rows_per_chunk(v), n)
+            ld = _padded(step)
+            scratch = torch.zeros(v, ld, dtype=tile.dtype, device=tile.device)  # zero padding: see zero_padding
+            narrow_buf = None if tile.dtype == hidden.dtype else torch.zeros_like(scratch, dtype=hidden.dtype)
+            for i, (s, e) in enumerate(row_bounds(n, step)):
+                work = scratch[:, :e - s].copy_(tile[:, s:e])
+                narrow = None if narrow_buf is None else narrow_buf[:, :e - s]
+                tile_gradients(rows_impl, opts, work, narrow, hidden[s:e], weight, targets[s:e], coeff[s:e],
+                               logp[s:e], lse[s:e], shift[s:e], d_h[s:e] if need_h else None, d_w, d_b, i == 0)
+        return d_h, d_w, None if d_b is None else d_b.to(bias.dtype), None, None
+
+
+def kept_tile_logprobs(hidden, weight, bias, targets, opts):
+    """linear_logprobs through KeptTileFunction: targets [N] with -1 for ignored rows (they give 0 and get no
+    gradient; their hidden rows never reach the tile, so an inf there cannot poison the others). None when no
+    row is labelled (the caller's general path handles that case)."""
+    n = hidden.shape[0]
+    live = (targets >= 0).nonzero().squeeze(1)
+    if live.numel() == 0:
+        return None
+    if live.numel() == n:
+        return KeptTileFunction.apply(hidden, weight, bias, targets, opts)
+    logp_live = KeptTileFunction.apply(hidden.index_select(0, live), weight, bias, targets[live], opts)
+    return logp_live.new_zeros(n).index_copy(0, live, logp_live)
