@@ -21,6 +21,7 @@ from fastalign.data import DataError, is_nonempty, load_rows
 from fastalign.generation import read_jsonl, sample, write_jsonl
 from fastalign.scoring import _check_same_tokenizer, best_of_n
 from fastalign.trainers.afd_reward import RM_KINDS, AfDRewardConfig
+from fastalign.trainers.runlog import OutputDirLock
 
 STAGES = ("samples-init", "samples-sft", "reward-model", "best-of-n")
 
@@ -177,70 +178,72 @@ def run_afd(init_model, sft_model, demos, prompts=None, *, output_dir, rm_kind="
     bon_prompts = load_prompts(prompts) if prompts is not None else [r["prompt"] for r in demo_rows]
     demo_prompts = [r["prompt"] for r in demo_rows]
     rm_base = rm_base or init_model
-    os.makedirs(output_dir, exist_ok=True)
-    stages = Stages(output_dir)
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    data_id = {"demos": _file_hash(demos) if isinstance(demos, str) else None,
-               "prompts": _file_hash(prompts) if isinstance(prompts, str) else None}
-    paths = {k: os.path.join(output_dir, f) for k, f in (("init", "samples_init.jsonl"), ("sft", "samples_sft.jsonl"),
-                                                         ("rm", "reward_model"), ("bon", "best_of_n.jsonl"),
-                                                         ("rm_eval", "reward_model_eval.json"))}
-    models = {}
+    # two runs never share an output folder (the stages' files would interleave): held until the last stage ends
+    with OutputDirLock(output_dir):
+        stages = Stages(output_dir)
+        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        data_id = {"demos": _file_hash(demos) if isinstance(demos, str) else None,
+                   "prompts": _file_hash(prompts) if isinstance(prompts, str) else None}
+        paths = {k: os.path.join(output_dir, f) for k, f in (
+            ("init", "samples_init.jsonl"), ("sft", "samples_sft.jsonl"), ("rm", "reward_model"),
+            ("bon", "best_of_n.jsonl"), ("rm_eval", "reward_model_eval.json"))}
+        models = {}
 
-    def lm(which):
-        if which not in models:
-            models[which] = load_causal_lm(init_model if which == "init" else sft_model)
-        return models[which]
+        def lm(which):
+            if which not in models:
+                models[which] = load_causal_lm(init_model if which == "init" else sft_model)
+            return models[which]
 
-    _check_same_tokenizer((lm("init")[1], lm("sft")[1]))
-    needed = set(RM_KINDS[rm_kind])
-    for which, stage in (("init", "samples-init"), ("sft", "samples-sft")):
-        settings = {"model": os.path.abspath(init_model if which == "init" else sft_model), "n": samples_per_prompt,
-                    **gen, **data_id}
-        if which not in needed:
-            continue
-        if stages.done(stage, settings):
-            log(f"stage {stage}: done already ({paths[which]})")
-            continue
-        model, tok = lm(which)
-        sample(model, tok, demo_prompts, n=samples_per_prompt, batch_size=batch_size, source=which,
-               output=paths[which], cache_dir=os.path.join(output_dir, "cache"), show_progress=show_progress, **gen)
-        stages.mark(stage, settings)
-        log(f"stage {stage}: wrote {paths[which]}")
+        _check_same_tokenizer((lm("init")[1], lm("sft")[1]))
+        needed = set(RM_KINDS[rm_kind])
+        for which, stage in (("init", "samples-init"), ("sft", "samples-sft")):
+            settings = {"model": os.path.abspath(init_model if which == "init" else sft_model), "n": samples_per_prompt,
+                        **gen, **data_id}
+            if which not in needed:
+                continue
+            if stages.done(stage, settings):
+                log(f"stage {stage}: done already ({paths[which]})")
+                continue
+            model, tok = lm(which)
+            sample(model, tok, demo_prompts, n=samples_per_prompt, batch_size=batch_size, source=which,
+                   output=paths[which], cache_dir=os.path.join(output_dir, "cache"), show_progress=show_progress, **gen)
+            stages.mark(stage, settings)
+            log(f"stage {stage}: wrote {paths[which]}")
 
-    rm_opts = {"output_dir": os.path.join(output_dir, "reward_model_training"), "rm_kind": rm_kind,
-               **(rm_options or {})}
-    rm_settings = {"rm_kind": rm_kind, "rm_base": os.path.abspath(rm_base), "options": rm_opts, **gen, **data_id}
-    if stages.done("reward-model", rm_settings):
-        log(f"stage reward-model: done already ({paths['rm']})")
-    else:
-        from fastalign.trainers.afd_reward import AfDRewardTrainer
-        cfg = AfDRewardConfig.from_dict(rm_opts)
-        samples = {k: read_jsonl(paths[k]) for k in needed if k != "demo"}
-        rows = reward_rows(rm_kind, demos=demo_rows, init_samples=samples.get("init"), sft_samples=samples.get("sft"))
-        train_rows, eval_rows = split_by_prompt(rows, cfg.eval_fraction, cfg.seed)
-        rm, tok = load_reward_model(rm_base)
-        trainer = AfDRewardTrainer(rm, tokenizer=tok, train_dataset=train_rows,
-                                   eval_dataset=eval_rows or None, config=cfg)
-        # an interrupted run of this stage resumes from its last checkpoint (save_steps in rm_options)
-        trainer.train(resume_from_checkpoint=ckpt.latest_checkpoint(cfg.output_dir))
-        trainer.save_model(paths["rm"])
-        if eval_rows:
-            metrics = trainer.evaluate()
-            write_jsonl(paths["rm_eval"], [metrics])
-            log("reward model held out: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-        stages.mark("reward-model", rm_settings)
-        log(f"stage reward-model: saved {paths['rm']}")
+        rm_opts = {"output_dir": os.path.join(output_dir, "reward_model_training"), "rm_kind": rm_kind,
+                   **(rm_options or {})}
+        rm_settings = {"rm_kind": rm_kind, "rm_base": os.path.abspath(rm_base), "options": rm_opts, **gen, **data_id}
+        if stages.done("reward-model", rm_settings):
+            log(f"stage reward-model: done already ({paths['rm']})")
+        else:
+            from fastalign.trainers.afd_reward import AfDRewardTrainer
+            cfg = AfDRewardConfig.from_dict(rm_opts)
+            samples = {k: read_jsonl(paths[k]) for k in needed if k != "demo"}
+            rows = reward_rows(rm_kind, demos=demo_rows, init_samples=samples.get("init"),
+                               sft_samples=samples.get("sft"))
+            train_rows, eval_rows = split_by_prompt(rows, cfg.eval_fraction, cfg.seed)
+            rm, tok = load_reward_model(rm_base)
+            trainer = AfDRewardTrainer(rm, tokenizer=tok, train_dataset=train_rows,
+                                       eval_dataset=eval_rows or None, config=cfg)
+            # an interrupted run of this stage resumes from its last checkpoint (save_steps in rm_options)
+            trainer.train(resume_from_checkpoint=ckpt.latest_checkpoint(cfg.output_dir))
+            trainer.save_model(paths["rm"])
+            if eval_rows:
+                metrics = trainer.evaluate()
+                write_jsonl(paths["rm_eval"], [metrics])
+                log("reward model held out: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+            stages.mark("reward-model", rm_settings)
+            log(f"stage reward-model: saved {paths['rm']}")
 
-    bon_settings = {"n": n, "rm": rm_settings, "sft": os.path.abspath(sft_model), **gen, **data_id}
-    if stages.done("best-of-n", bon_settings):
-        log(f"stage best-of-n: done already ({paths['bon']})")
-    else:
-        model, tok = lm("sft")
-        rm, _ = load_reward_model(paths["rm"], tok)
-        result = best_of_n(model, rm.to(_device()), tok, bon_prompts, n=n, batch_size=batch_size,
-                           cache_dir=os.path.join(output_dir, "cache"), output=paths["bon"],
-                           show_progress=show_progress, **gen)
-        stages.mark("best-of-n", bon_settings)
-        log(f"stage best-of-n: wrote {paths['bon']} (mean chosen score {float(result.chosen_scores.mean()):.3f})")
-    return paths
+        bon_settings = {"n": n, "rm": rm_settings, "sft": os.path.abspath(sft_model), **gen, **data_id}
+        if stages.done("best-of-n", bon_settings):
+            log(f"stage best-of-n: done already ({paths['bon']})")
+        else:
+            model, tok = lm("sft")
+            rm, _ = load_reward_model(paths["rm"], tok)
+            result = best_of_n(model, rm.to(_device()), tok, bon_prompts, n=n, batch_size=batch_size,
+                               cache_dir=os.path.join(output_dir, "cache"), output=paths["bon"],
+                               show_progress=show_progress, **gen)
+            stages.mark("best-of-n", bon_settings)
+            log(f"stage best-of-n: wrote {paths['bon']} (mean chosen score {float(result.chosen_scores.mean()):.3f})")
+        return paths

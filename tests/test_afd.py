@@ -156,6 +156,11 @@ def test_afd_cli_runs_stages_once(saved_models, monkeypatch, capsys):
     # other settings in the same folder are refused
     assert main(argv[:-2] + ["--seed", "5", "--output-dir", str(d / "out")]) == 2
     assert "other settings (differ: seed)" in capsys.readouterr().err
+    # a folder another run holds is refused before any stage starts
+    from fastalign.trainers.runlog import OutputDirLock
+    with OutputDirLock(str(d / "out")):
+        assert main(argv) == 1  # the CLI's status for a run-state error, as for the trainers
+    assert "is in use by another run" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs(saved_models, capsys):
