@@ -10,3 +10,12 @@ def cpu_backends():
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         names = [b for b in names if b != "triton"]
     return names
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 right now, for torchrun's --master_port: a fixed port collides with another
+    job on the machine (or a port still in TIME_WAIT), and the test then fails for reasons of its own."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

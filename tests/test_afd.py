@@ -10,6 +10,7 @@ from fastalign import afd
 from fastalign.config import ConfigError
 from fastalign.data import DataError, default_model_and_tokenizer
 from fastalign.trainers.afd_reward import binary_auc
+from tests.backends import free_port
 
 ROWS = [{"prompt": "ab:", "answer": "aab", "label": 1}, {"prompt": "cd:", "answer": "xyz", "label": 0},
         {"prompt": "ef:", "completion": "a much longer answer", "label": True},
@@ -183,18 +184,15 @@ def test_cli_bad_inputs(saved_models, capsys):
 
 
 def _run_worker(tmp_path, nproc, name):
-    import socket
     import subprocess
     import sys
     worker = os.path.join(os.path.dirname(__file__), "afd_ddp_worker.py")
     # CPU and gloo on any machine (CUDA hidden): with one GPU, rank 1 would ask for cuda:1
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
                CUDA_VISIBLE_DEVICES="")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, worker] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", worker]
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+         worker]
     out = tmp_path / f"{name}.json"
     r = subprocess.run(cmd + [str(out), "4", str(tmp_path / name)], env=env, capture_output=True, text=True,
                        timeout=300)

@@ -13,6 +13,7 @@ from fastalign.data import DEFAULT_PREFERENCES, default_model_and_tokenizer, loa
 from fastalign.trainer import DPOTrainer, RewardTrainer, SFTTrainer
 from fastalign.trainers.callbacks import EarlyStoppingCallback, TrainerCallback, TrainerControl, TrainerState
 from fastalign.trainers.reporting import mean_by_key
+from tests.backends import free_port
 
 ROWS = load_rows(DEFAULT_PREFERENCES, "train")[:16]
 EVAL = load_rows(DEFAULT_PREFERENCES, "test")[:8]
@@ -309,7 +310,7 @@ def test_readme_torchrun_commands_end_cleanly_and_match_one_process(tmp_path):
         argv = shlex.split(command)
         argv[0] = torchrun if os.path.exists(torchrun) else argv[0]
         metrics, model_dir = _run_cli(argv + ["--per-device-train-batch-size", "2"], tmp_path / f"run{i}",
-                                      port=29531 + i)
+                                      port=free_port())
         for k, v in one_metrics.items():
             if k.startswith("eval_"):
                 assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (command, k)

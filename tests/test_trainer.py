@@ -11,6 +11,7 @@ from fastalign import checkpoint as ckpt
 from fastalign.config import ConfigError, DPOConfig, RewardConfig, SFTConfig
 from fastalign.data import DEFAULT_PREFERENCES, DataError, default_model_and_tokenizer, load_rows
 from fastalign.trainer import DPOTrainer, RewardTrainer, SFTTrainer
+from tests.backends import free_port
 
 ROWS = load_rows(DEFAULT_PREFERENCES, "train")[:32]
 EVAL = load_rows(DEFAULT_PREFERENCES, "test")[:12]
@@ -229,14 +230,15 @@ def test_lora_uses_disabled_adapters_as_reference_and_skips_frozen_head(tmp_path
     torch.testing.assert_close(out2.chosen_rewards, out1.chosen_rewards, rtol=1e-5, atol=1e-6)
 
 
-def _torchrun(tmp_path, name, *args, nproc=2, port=29513, cuda=False):
+def _torchrun(tmp_path, name, *args, nproc=2, cuda=False):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     if not cuda:  # CPU and gloo on any machine: with one GPU, rank 1 would ask for cuda:1
         env["CUDA_VISIBLE_DEVICES"] = ""
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, worker] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", worker]
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+         worker]
     r = subprocess.run(cmd + [str(out), "4", str(tmp_path / name), *args], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -248,8 +250,8 @@ def test_ddp_and_fsdp_two_processes_equal_single_process(tmp_path):
     and the full model FSDP2 saves (gathered from shards) equals the single-process one."""
     import transformers
     one = _torchrun(tmp_path, "one", nproc=1)
-    ddp = _torchrun(tmp_path, "ddp", "ddp", port=29513)
-    fsdp = _torchrun(tmp_path, "fsdp", "fsdp", port=29514)
+    ddp = _torchrun(tmp_path, "ddp", "ddp")
+    fsdp = _torchrun(tmp_path, "fsdp", "fsdp")
     assert one["world"] == 1 and ddp["world"] == 2 and fsdp["world"] == 2
     for run in (ddp, fsdp):
         torch.testing.assert_close(torch.tensor(run["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=1e-6)
@@ -259,7 +261,7 @@ def test_ddp_and_fsdp_two_processes_equal_single_process(tmp_path):
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=5e-5, msg=na)
     # an FSDP2 checkpoint resumes (sharded again on load) and continues exactly
-    resumed = _torchrun(tmp_path, "fsdp_resumed", "fsdp", str(tmp_path / "fsdp" / "checkpoint-2"), port=29515)
+    resumed = _torchrun(tmp_path, "fsdp_resumed", "fsdp", str(tmp_path / "fsdp" / "checkpoint-2"))
     torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(one["loss"][2:]), rtol=1e-5, atol=1e-6)
 
 
@@ -268,7 +270,7 @@ def test_ddp_on_two_gpus_equals_one_gpu(tmp_path):
     """nccl on 2 GPUs, same global batch: the 1-GPU losses (triton's atomic backward is not bitwise
     reproducible, hence the tolerance). Skips with fewer than 2 GPUs."""
     one = _torchrun(tmp_path, "one", nproc=1, cuda=True)
-    ddp = _torchrun(tmp_path, "ddp", "ddp", port=29516, cuda=True)
+    ddp = _torchrun(tmp_path, "ddp", "ddp", cuda=True)
     assert one["world"] == 1 and ddp["world"] == 2
     torch.testing.assert_close(torch.tensor(ddp["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-5)
 
