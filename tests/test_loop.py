@@ -354,6 +354,53 @@ def test_fp16_trains_with_a_gradient_scaler_on_cuda(tmp_path):
     assert all(abs(a - b) < 0.05 for a, b in zip(fp16, fp32))
 
 
+class _FakeScaler:
+    """Stands in for torch.amp.GradScaler (CUDA-only here): only its state travels through checkpoints."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def test_fp16_gradient_scaler_state_is_checkpointed_and_resumed(tmp_path):
+    """A checkpoint holds the scaler's state (scaler.pt, transformers' name) and resuming loads it: a resumed fp16
+    run keeps its learned loss scale instead of starting again from 65536 and skipping steps."""
+    import os
+    model, tok = default_model_and_tokenizer(seed=0)
+    t = DPOTrainer(model, args=cfg(tmp=tmp_path, max_steps=1, report_to="none"), processing_class=tok,
+                   train_dataset=ROWS)
+    t.train()
+    t.scaler = _FakeScaler({"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                            "_growth_tracker": 7})
+    path = t.save_checkpoint()
+    assert os.path.isfile(os.path.join(path, "scaler.pt"))
+    t.scaler = _FakeScaler()
+    t._load_checkpoint(path)
+    assert t.scaler.state == {"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                              "_growth_tracker": 7}
+    t.scaler = None  # an fp32 run never writes one
+    assert not os.path.exists(os.path.join(t.save_checkpoint(), "scaler.pt"))
+
+
+@pytest.mark.gpu
+def test_fp16_resume_keeps_the_loss_scale_on_cuda(tmp_path):
+    model, tok = default_model_and_tokenizer(seed=0)
+    first = DPOTrainer(model, args=cfg(tmp=tmp_path, fp16=True, max_steps=2, save_steps=2, report_to="none",
+                                       backend="torch"), processing_class=tok, train_dataset=ROWS)
+    first.train()
+    model, tok = default_model_and_tokenizer(seed=0)
+    resumed = DPOTrainer(model, args=cfg(tmp=tmp_path, fp16=True, max_steps=2, save_steps=2, report_to="none",
+                                         backend="torch", overwrite_output_dir=True),
+                         processing_class=tok, train_dataset=ROWS)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.scaler.get_scale() == first.scaler.get_scale()
+
+
 def test_wandb_and_mlflow_receive_every_logged_row(tmp_path, monkeypatch):
     """The trackers' wiring, with stand-in wandb and mlflow modules (neither is a dependency)."""
     import importlib.machinery

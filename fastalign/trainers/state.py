@@ -168,6 +168,8 @@ class CheckpointMixin:
         ckpt.save_torch(optim_sd, os.path.join(tmp, "optimizer.pt"))
         ckpt.save_torch(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         ckpt.save_torch(ckpt.rng_state(), os.path.join(tmp, "rng_state.pt"))
+        if getattr(self, "scaler", None) is not None:  # fp16: the loss scale it has learned (transformers' name)
+            ckpt.save_torch(self.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
 
     def _checkpoint_bytes(self):
         """About how many bytes a checkpoint takes: weights plus optimizer state (for a full-disk message)."""
@@ -187,7 +189,7 @@ class CheckpointMixin:
 
     def save_checkpoint(self):
         """checkpoint-{step} under output_dir with model (safetensors), tokenizer, optimizer, scheduler, RNG
-        states (loadable with weights_only=True), the resolved config, the data fingerprint, the run id and
+        states (loadable with weights_only=True), the fp16 gradient scaler's state, the resolved config, the data fingerprint, the run id and
         the logging window, written crash-safely. Returns its path (on the main process)."""
         if not hasattr(self, "optimizer"):
             raise RuntimeError("save_checkpoint() saves training state and needs train() to have started; "
@@ -278,6 +280,10 @@ class CheckpointMixin:
             self.optimizer.load_state_dict(optim_sd)
         self.scheduler.load_state_dict(scheduler_sd)
         ckpt.set_rng_state(rng)
+        scaler_path = os.path.join(path, "scaler.pt")
+        if getattr(self, "scaler", None) is not None and os.path.exists(scaler_path):
+            # without it a resumed fp16 run starts again from a scale of 65536 and skips steps until it backs off
+            self.scaler.load_state_dict(ckpt.load_torch(scaler_path))
         self.global_step = int(state["global_step"])
         self._log_window = list(state.get("log_window") or [])
         self._run_id = state.get("run_id") or self._run_id
