@@ -13,17 +13,19 @@ takes this path instead: naive's three GEMMs and none of its extra passes.
 
 These are two GEMMs over all rows at once (see chunk_pass._exp_tile_gradients for why the target's term is
 taken from logp). With a softcap the tile keeps l. Backward then forms d logits chunk by chunk on a copy (the
-kept tile must survive a second backward with retain_graph=True) and runs the same two GEMMs per chunk.
+kept tile must survive a second backward with retain_graph=True) and runs the same two GEMMs per chunk (bf16/fp16:
+gathers d logits in the input dtype for two GEMMs over all rows, so d_weight is accumulated in fp32 inside BLAS).
 
-Memory: one [V, N] tile in the GEMMs' type (bf16/fp16 inputs without a softcap keep theirs). Naive keeps the
+Memory: one [V, N] tile in the GEMMs' type (bf16/fp16 inputs without a softcap keep theirs; with one the tile is
+fp32, and backward adds a [V, N] d logits buffer in the input dtype). Naive keeps the
 logits, their log-softmax and d logits. Only labelled rows enter. Pass ``backend="cpp"`` for the O(chunk)-memory
 recompute path.
 """
 import torch
 
 from fastalign.backends import get_backend
-from fastalign.chunk_pass import (_compute_dtype, _padded, fill_tile, row_bounds, rows_per_chunk, scaled_bias,
-                                  tile_dtype_for, tile_gradients, zero_padding, zero_target_entries)
+from fastalign.chunk_pass import (_compute_dtype, _padded, _write_or_add, fill_tile, row_bounds, rows_per_chunk,
+                                  scaled_bias, tile_dtype_for, tile_gradients, zero_padding, zero_target_entries)
 
 
 class KeptTileFunction(torch.autograd.Function):
@@ -68,17 +70,42 @@ class KeptTileFunction(torch.autograd.Function):
         if opts.softcap is None:  # all rows at once: two full-size GEMMs, nothing written to the tile
             tile_gradients(rows_impl, opts, tile, None, hidden, weight, targets, coeff, logp, lse, shift,
                            d_h, d_w, d_b, True, zero_targets=False)
-        else:  # d logits chunk by chunk, on a copy of the kept tile
+        elif tile.dtype == hidden.dtype:  # fp32/fp64: d logits chunk by chunk on a copy of the kept tile
             step = min(rows_per_chunk(v), n)
-            ld = _padded(step)
-            scratch = torch.zeros(v, ld, dtype=tile.dtype, device=tile.device)  # zero padding: see zero_padding
-            narrow_buf = None if tile.dtype == hidden.dtype else torch.zeros_like(scratch, dtype=hidden.dtype)
+            scratch = torch.zeros(v, _padded(step), dtype=tile.dtype, device=tile.device)  # zero padding
             for i, (s, e) in enumerate(row_bounds(n, step)):
-                work = scratch[:, :e - s].copy_(tile[:, s:e])
-                narrow = None if narrow_buf is None else narrow_buf[:, :e - s]
-                tile_gradients(rows_impl, opts, work, narrow, hidden[s:e], weight, targets[s:e], coeff[s:e],
-                               logp[s:e], lse[s:e], shift[s:e], d_h[s:e] if need_h else None, d_w, d_b, i == 0)
+                tile_gradients(rows_impl, opts, scratch[:, :e - s].copy_(tile[:, s:e]), None, hidden[s:e], weight,
+                               targets[s:e], coeff[s:e], logp[s:e], lse[s:e], shift[s:e],
+                               d_h[s:e] if need_h else None, d_w, d_b, i == 0)
+        else:  # bf16/fp16: d logits of every row in the input dtype, then one GEMM each, as naive's
+            _narrow_softcap_gradients(rows_impl, opts, tile, hidden, weight, targets, coeff, lse, shift,
+                                      d_h, d_w, d_b)
         return d_h, d_w, None if d_b is None else d_b.to(bias.dtype), None, None
+
+
+def _narrow_softcap_gradients(rows_impl, opts, tile, hidden, weight, targets, coeff, lse, shift, d_h, d_w, d_b):
+    """bf16/fp16 inputs with a softcap: the kept tile is fp32 (c'(l) is taken from it). d logits are formed chunk
+    by chunk in an fp32 copy, as in fp32, but gathered into one [V, N] buffer in the input dtype so that d_weight
+    is a single GEMM (accumulated in fp32 inside BLAS, as naive PyTorch's). Adding bf16 chunk products instead
+    had 8x naive's d_weight error at 64 chunks."""
+    n, v = hidden.shape[0], weight.shape[0]
+    step = min(rows_per_chunk(v), n)
+    scratch = torch.empty(v, _padded(step), dtype=tile.dtype, device=tile.device)
+    ld = _padded(n)
+    d_buf = torch.empty(v * ld, dtype=hidden.dtype, device=hidden.device)
+    zero_padding(d_buf, v, ld, n)
+    d_logits = d_buf.view(v, ld)[:, :n]
+    for i, (s, e) in enumerate(row_bounds(n, step)):
+        work = scratch[:, :e - s].copy_(tile[:, s:e])
+        rows_impl.rows_dlogits_(work, lse[s:e], shift[s:e], targets[s:e], coeff[s:e], opts)
+        if d_b is not None:
+            _write_or_add(d_b, work.sum(1), i == 0)
+        d_logits[:, s:e].copy_(work)
+    del scratch
+    if d_h is not None:
+        torch.mm(d_logits.t(), weight, out=d_h)
+    if d_w is not None:
+        torch.mm(d_logits, hidden, out=d_w)
 
 
 def kept_tile_logprobs(hidden, weight, bias, targets, opts):

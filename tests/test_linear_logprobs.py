@@ -596,3 +596,18 @@ def test_uninitialized_tile_padding_cannot_poison_bf16_gradients(monkeypatch, so
                                                             backend="auto").expand(1)):
         got = run(fn, hidden, weight, bias, targets, torch.ones(()))
         assert all(torch.isfinite(g).all() for g in got), [bool(torch.isfinite(g).all()) for g in got]
+
+
+def test_kept_tile_bf16_softcap_accumulates_d_weight_like_naive(monkeypatch):
+    """bf16 + softcap over 64 chunks of d logits: d_weight is one GEMM over all rows (fp32 inside BLAS), so its
+    error stays that of naive bf16 PyTorch's; adding bf16 chunk products had 8x that error."""
+    from fastalign import chunk_pass
+    monkeypatch.setattr(chunk_pass, "CHUNK_ELEMENTS", 8 * 257)  # 8 rows per chunk
+    monkeypatch.setattr(chunk_pass, "MIN_CHUNK_ROWS", 1)
+    hidden, weight, bias, targets, grad = make_case(512, 24, 257, dtype=torch.bfloat16, bias=True, ignore_every=0)
+    grad = grad.abs() + 0.5  # one sign: d_weight's sum over rows, and the rounding of partial sums, grow
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, softcap=3.0)
+    naive = run(naive_linear_logprobs, hidden, weight, bias, targets, grad, softcap=3.0)
+    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, softcap=3.0)
+    assert max_err(got[2], ref[2]) <= 1.5 * max_err(naive[2], ref[2]), (max_err(got[2], ref[2]),
+                                                                          max_err(naive[2], ref[2]))
