@@ -70,8 +70,27 @@ def test_cli_info_json():
 
 
 def test_kernels_installed_as_subpackage_only(tmp_path):
-    """Outside the checkout, `fastalign.kernels` imports and a top-level `kernels` does not."""
-    code = ("import importlib.util, fastalign.kernels as k; "
-            "print(k.__name__, importlib.util.find_spec('kernels') is None)")
+    """Outside the checkout, `fastalign.kernels` imports, and a top-level `kernels` is not fastalign's (it is
+    absent, or Hugging Face's `kernels`, a dependency of transformers since 5.25)."""
+    code = ("import importlib.util, os, fastalign.kernels as k; s = importlib.util.find_spec('kernels'); "
+            "print(k.__name__, s is None or os.path.dirname(s.origin) != os.path.dirname(k.__file__))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["fastalign.kernels", "True"]
+
+
+def test_checkout_root_on_sys_path_does_not_shadow_hugging_face_kernels():
+    """Run from the root of a checkout (`python -m`, pytest), `import kernels` finds the kernels/ folder first. Where
+    Hugging Face's `kernels` is installed (transformers 5.25 imports it with its activations), the folder hands the
+    import over to it; and transformers' models import either way."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import importlib.metadata, os\n"
+            "try:\n    importlib.metadata.version('kernels')\nexcept importlib.metadata.PackageNotFoundError:\n"
+            "    installed = False\nelse:\n    installed = True\n"
+            "import kernels\n"
+            "print(installed, os.path.dirname(kernels.__file__) != os.path.join(os.getcwd(), 'kernels'))\n"
+            "import transformers\ntransformers.LlamaForCausalLM\nimport fastalign.kernels.nn_count\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert lines[0] in ("True True", "False False") and lines[1] == "ok", out.stdout
