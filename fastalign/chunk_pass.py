@@ -78,7 +78,7 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     new = torch.empty if plan.bounds else torch.zeros
     d_w = new(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     d_b = new(v, dtype=ct, device=weight.device) if need_b else None
-    widest = max((e - s for s, e in plan.bounds), default=0)
+    widest = max([e - s for s, e in plan.bounds] or [0])
     # the tile: [V, C] = logits^T, vocabulary-major (BLAS runs W h_c^T near full speed for thin chunks, see
     # csrc/linear_logprobs_rows.cpp), in the GEMMs' type; with a softcap and bf16/fp16 inputs the GEMMs write a
     # narrow buffer and the tile is fp32. Buffers are made once: a fresh large tensor per chunk costs page faults.
@@ -96,7 +96,7 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
         hc, tgt = hidden[s:e], targets[s:e]
         tile = tile_buf.view(v, ld)[:, :e - s]
         narrow = narrow_buf.view(v, ld)[:, :e - s] if widened else None
-        fill_tile(tile, narrow, hc if inv_t == 1.0 else hc * inv_t, weight, bias_c)
+        fill_tile(tile, narrow, hc, weight, bias_c, inv_t)
         lp, lse, shift = rows_impl.rows_logsumexp_(tile, tgt, plan)
         logp[s:e] = lp
         if need_h or need_w or need_b:
@@ -114,25 +114,26 @@ def tile_dtype_for(hidden, softcap):
 
 
 def scaled_bias(bias, ct, inv_t):
-    """bias / temperature as a [V, 1] column in the compute dtype (the temperature scales the thin operands, h_c
-    and the bias, not the [V, C] tile), or None."""
+    """bias / temperature as a [V, 1] column in the compute dtype (the temperature is the GEMM's alpha and scales
+    the bias, never the [V, C] tile in a pass of its own), or None."""
     return None if bias is None else (bias.to(ct) * inv_t).unsqueeze(1)
 
 
-def fill_tile(tile, narrow, hs, weight, bias_c):
-    """tile [V, C] <- W hs^T + bias_c: one GEMM outside any parallel region (BLAS threads it itself). hs [C, H] is
-    already divided by the temperature. narrow: a buffer shaped like the tile in the GEMM's (input) dtype when the
-    tile is wider (bf16/fp16 inputs with a softcap), else None."""
-    if narrow is not None:
-        tile.copy_(torch.mm(weight, hs.t(), out=narrow))
+def fill_tile(tile, narrow, hc, weight, bias_c, inv_t):
+    """tile [V, C] <- (W hc^T) / temperature + bias_c: one GEMM outside any parallel region (BLAS threads it itself),
+    with 1 / temperature as its alpha, so a bf16 tile is rounded once, as F.linear's logits are (scaling hc or the
+    tile first would round twice). bias_c is already divided by the temperature. narrow: a buffer shaped like the
+    tile in the GEMM's (input) dtype when the tile is wider (bf16/fp16 inputs with a softcap), else None."""
+    if narrow is not None:  # the fp32 tile takes the fp32 bias after the GEMM's one rounding
+        tile.copy_(torch.addmm(narrow, weight, hc.t(), beta=0, alpha=inv_t, out=narrow))
         if bias_c is not None:
             tile.add_(bias_c)
-    elif bias_c is not None and tile.dtype == bias_c.dtype:
-        torch.addmm(bias_c, weight, hs.t(), out=tile)
+    elif bias_c is not None:
+        torch.addmm(bias_c.to(tile.dtype), weight, hc.t(), alpha=inv_t, out=tile)
+    elif inv_t != 1.0:
+        torch.addmm(tile, weight, hc.t(), beta=0, alpha=inv_t, out=tile)  # beta=0: the tile's old values unread
     else:
-        torch.mm(weight, hs.t(), out=tile)
-        if bias_c is not None:
-            tile.add_(bias_c.to(tile.dtype))
+        torch.mm(weight, hc.t(), out=tile)
 
 
 def tile_gradients(rows_impl, opts, tile, narrow, hc, weight, tgt, coeff, logp, lse, shift, d_h_c, d_w, d_b, first,

@@ -140,8 +140,9 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
     ``torch.no_grad()`` a forward-only path runs and nothing is saved. Under autocast, hidden, weight and
     bias are cast to the autocast dtype first, as ``F.linear`` would.
     backend: "auto" (CUDA -> triton, CPU -> cpp when built, else torch), "triton", "cpp" or "torch". On CPU with
-    gradients, "auto" keeps one [V, N] logits tile from forward to backward (3 GEMMs, never slower than naive
-    PyTorch; see fastalign/kept_tiles.py) where "cpp" and "torch" recompute it in backward (4 GEMMs, O(chunk) memory).
+    gradients, "auto" keeps one [V, N] logits tile from forward to backward (3 GEMMs; measured never slower than naive
+    PyTorch, see fastalign/kept_tiles.py) up to kept_tiles.MAX_TILE_BYTES (1 GiB), where "cpp" and "torch" recompute
+    it in backward (4 GEMMs, O(chunk) memory).
     deterministic: bitwise reproducible gradients; on triton this costs one more logits recompute in backward.
     grad_filter_eps: opt-in approximate backward (Cut Cross-Entropy's filter): backward skips the tiles (cpp:
     a row's share of a vocabulary block) where every p_v * c'_v (c' the softcap's derivative, 1 without) is

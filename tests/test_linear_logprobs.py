@@ -611,3 +611,59 @@ def test_kept_tile_bf16_softcap_accumulates_d_weight_like_naive(monkeypatch):
     ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, softcap=3.0)
     assert max_err(got[2], ref[2]) <= 1.5 * max_err(naive[2], ref[2]), (max_err(got[2], ref[2]),
                                                                           max_err(naive[2], ref[2]))
+
+
+def test_torch_compile_traces_the_kept_tile_and_the_loss_path():
+    """torch.compile (aot_eager: the tracing, without inductor's build time) of auto's CPU path and of the
+    gradient-in-forward loss: same values and gradients as eager. The in-place row pass must be a custom op that
+    compile accepts (it refused one that mutates its input and returns a list)."""
+    hidden, weight, bias, targets, grad = make_case(24, 16, 50, bias=True)
+    for fn, g in ((lambda h, w, t, b: fa.linear_logprobs(h, w, t, b), grad),
+                  (lambda h, w, t, b: fa.fused_linear_nll_loss(h, w, t, b), torch.ones(()))):
+        eager = run(fn, hidden, weight, bias, targets, g)
+        compiled = run(torch.compile(fn, backend="aot_eager"), hidden, weight, bias, targets, g)
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_labelled_inf_row_with_zero_upstream_gradient_leaves_gradients_finite(backend):
+    """A labelled row whose hidden state is inf, multiplied away by a zero upstream gradient: the other rows'
+    gradients stay finite and exact (0 times its NaN tile column must not reach the GEMMs)."""
+    hidden, weight, bias, targets, grad = make_case(12, 16, 40, bias=True, ignore_every=0)
+    hidden[3] = float("inf")
+    grad[3] = 0.0
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=backend)
+    assert all(torch.isfinite(g).all() for g in got[1:]), backend
+    keep = torch.arange(12) != 3
+    ref = run(reference_linear_logprobs, hidden[keep], weight, bias, targets[keep], grad[keep])
+    assert_close_to_reference((got[0][keep], got[1][keep], got[2], got[3]), ref, ATOL[torch.float32])
+    assert torch.all(got[1][3] == 0)
+
+
+def test_auto_recomputes_above_the_kept_tile_budget(monkeypatch):
+    """A tile over kept_tiles.MAX_TILE_BYTES is not kept: auto takes the recompute path (O(chunk) memory)."""
+    from fastalign import kept_tiles
+    hidden, weight, bias, targets, grad = make_case(40, 16, 300, bias=True)
+    kept = _count_calls(monkeypatch, kept_tiles.KeptTileFunction, "apply")
+    monkeypatch.setattr(kept_tiles, "MAX_TILE_BYTES", 300 * 32 * 4 - 1)  # 30 labelled rows padded to 32, fp32
+    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad)
+    assert not kept
+    monkeypatch.setattr(kept_tiles, "MAX_TILE_BYTES", 300 * 32 * 4)
+    assert_close_to_reference(got, run(reference_linear_logprobs, hidden, weight, bias, targets, grad),
+                              ATOL[torch.float32])
+    run(fa.linear_logprobs, hidden, weight, bias, targets, grad)
+    assert len(kept) == 1
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7}])
+def test_bf16_bias_and_temperature_round_the_logits_once(kw):
+    """bf16 with a bias and a temperature: logp within 1.25x naive bf16's error. Adding the bias after the GEMM,
+    or scaling hidden by 1/temperature before it, rounds the logits twice (1.6x naive's error)."""
+    hidden, weight, bias, targets, grad = make_case(512, 64, 500, dtype=torch.bfloat16, bias=True)
+    ref = reference_linear_logprobs(hidden, weight, targets, bias, **kw)
+    naive_err = max_err(naive_linear_logprobs(hidden, weight, targets, bias, **kw), ref)
+    for got in (fa.linear_logprobs(hidden.requires_grad_(), weight, targets, bias, **kw),
+                -fa.fused_linear_nll_loss(hidden, weight, targets, bias, reduction="sum", **kw)):
+        err = max_err(got, ref) if got.dim() else abs(got.item() - ref.sum().item()) / targets.ne(-100).sum().item()
+        assert err <= 1.25 * naive_err, (err, naive_err)

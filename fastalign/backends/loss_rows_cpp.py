@@ -11,22 +11,25 @@ vocabulary-major: already
 Between the two calls the tile holds exp(l - shift) without a softcap (the caller may take its gradients from that
 directly: see chunk_pass._exp_tile_gradients; the torch backend widens a bf16/fp16 tile to fp32 while it works), and l with one.
 """
-from typing import List
+from typing import Tuple
 
 import torch
 
 from fastalign import _ext
 
 
+# A tuple, not a list: torch.compile refuses a custom op that mutates an input and returns Tensor[] ("a custom
+# (non-ATen) operator whose output has alias annotations"), and every loss_rows caller would stop compiling.
 @torch.library.custom_op("fastalign::cpp_rows_logsumexp_", mutates_args=("tile",))
-def _rows_logsumexp(tile: torch.Tensor, targets: torch.Tensor, softcap: float) -> List[torch.Tensor]:
-    return list(_ext.C.rows_logsumexp_(tile, targets, softcap))
+def _rows_logsumexp(tile: torch.Tensor, targets: torch.Tensor,
+                    softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_ext.C.rows_logsumexp_(tile, targets, softcap))
 
 
 @_rows_logsumexp.register_fake
 def _(tile, targets, softcap):
     dtype = torch.float32 if tile.dtype in (torch.bfloat16, torch.float16) else tile.dtype
-    return [tile.new_empty(tile.shape[1], dtype=dtype) for _ in range(3)]
+    return tuple(tile.new_empty(tile.shape[1], dtype=dtype) for _ in range(3))
 
 
 @torch.library.custom_op("fastalign::cpp_rows_dlogits_", mutates_args=("tile",))
