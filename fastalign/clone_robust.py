@@ -64,7 +64,15 @@ def project(x, dim):
     if dim is None or dim >= x.shape[1]:
         return x
     centred = x - x.mean(0)
-    _, vectors = torch.linalg.eigh(centred.T @ centred)          # ascending eigenvalues
+    try:
+        _, vectors = torch.linalg.eigh(centred.T @ centred)          # ascending eigenvalues
+    except torch.linalg.LinAlgError:
+        # MKL's eigh fails to converge on some CPUs when the [d, d] matrix has many repeated (zero) eigenvalues:
+        # few points in many dimensions, e.g. M = 8 sparse n-gram vectors in d = 256 on a 2-core Intel Xeon with
+        # two threads (one thread converged). The SVD of the [M, d] points gives the same components.
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)   # descending singular values
+        out = centred @ vh[:dim].T
+        return torch.nn.functional.pad(out, (0, dim - out.shape[1]))  # M < dim: the missing components are 0
     return centred @ vectors[:, -dim:].flip(1)
 
 

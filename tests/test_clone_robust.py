@@ -179,3 +179,21 @@ def test_weighted_mle_loss_bad_input(kwargs, exc, words):
     args.update(kwargs)
     with pytest.raises(exc, match=words):
         fa.weighted_mle_loss(args.pop("rewards"), args.pop("pairs"), **args)
+
+
+def test_projection_falls_back_to_svd_when_eigh_does_not_converge(monkeypatch):
+    """MKL's eigh can fail on a [d, d] matrix with many repeated zero eigenvalues (few points, many dimensions):
+    the SVD fallback gives the same components (up to sign), padded with zeros when M < dim."""
+    from fastalign.clone_robust import project
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.1])
+    expected = project(x, 2)
+
+    def no_convergence(*a, **k):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
+    got = project(x, 2)
+    signs = torch.sign((got * expected).sum(0))
+    assert torch.allclose(got * signs, expected, atol=1e-10)
+    assert project(x[:3], 4).shape == (3, 4)  # rank 2 after centring: components 3 and 4 are 0
