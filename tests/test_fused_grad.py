@@ -186,13 +186,14 @@ def test_reference_pass_cancels_policy_exactly(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_row_passes_on_a_vocabulary_major_tile(backend, dtype, softcap):
+def test_row_passes_on_a_vocabulary_major_tile(monkeypatch, backend, dtype, softcap):
     """The row passes alone on a [V, C] tile against float64: V large enough for several vocabulary ranges (one
     per thread), C = 45 (two 16-wide AVX-512 vectors, one 8-wide AVX2 vector, a scalar tail of 5), an ignored row.
     bf16/fp16 tiles (no softcap) keep their type and hold exp(l - shift) afterwards; fp32/fp64 tiles too, or l with
-    a softcap."""
-    from fastalign.backends import get_backend
+    a softcap. The torch pass works on a narrow tile in vocabulary blocks: 64 rows here, 24 blocks with a tail."""
+    from fastalign.backends import get_backend, loss_rows_torch
     from fastalign.chunk_pass import GradInForwardPlan
+    monkeypatch.setattr(loss_rows_torch, "WIDEN_BLOCK_ELEMENTS", 45 * 64)
     if softcap is not None and dtype in (torch.bfloat16, torch.float16):
         pytest.skip("a softcap runs on an fp32 tile")
     rows = get_backend(backend, op="loss_rows")

@@ -9,7 +9,8 @@ vocabulary-major: already
     rows_dlogits_(tile, lse, shift, targets, coeff [C], opts) -> None    tile <- coeff (onehot - p) c' / temperature
 
 Between the two calls the tile holds exp(l - shift) without a softcap (the caller may take its gradients from that
-directly: see chunk_pass._exp_tile_gradients; the torch backend widens a bf16/fp16 tile to fp32 while it works), and l with one.
+directly: see chunk_pass._exp_tile_gradients; the torch backend works on a bf16/fp16 tile in fp32 one vocabulary block at a
+time), and l with one.
 """
 from typing import Tuple
 

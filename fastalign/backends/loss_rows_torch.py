@@ -2,12 +2,28 @@
 import torch
 
 
+# A bf16/fp16 tile is worked on in fp32 one vocabulary block of about this many elements at a time: a widened copy
+# of the whole tile would hold three times the tile's own memory (this pass also runs the fused losses on CUDA).
+WIDEN_BLOCK_ELEMENTS = 1 << 22
+
+
 def rows_logsumexp_(tile, targets, opts):
     if tile.dtype in (torch.bfloat16, torch.float16):  # statistics in fp32, exp(l - shift) back in the tile's type
-        wide = tile.float()
-        logp, lse, shift = rows_logsumexp_(wide, targets, opts)
-        tile.copy_(wide)
-        return logp, lse, shift
+        if opts.softcap is not None:  # not in the contract (a softcap takes an fp32 tile); kept correct anyway
+            wide = tile.float()
+            logp, lse, shift = rows_logsumexp_(wide, targets, opts)
+            tile.copy_(wide)
+            return logp, lse, shift
+        shift = tile.amax(dim=0).float()
+        picked = tile.gather(0, targets.clamp_min(0).unsqueeze(0)).squeeze(0).float()
+        total = torch.zeros_like(shift)
+        step = max(1, WIDEN_BLOCK_ELEMENTS // max(tile.shape[1], 1))
+        for s in range(0, tile.shape[0], step):
+            block = tile[s:s + step].float().sub_(shift.unsqueeze(0)).exp_()
+            total.add_(block.sum(0))
+            tile[s:s + step].copy_(block)
+        lse = shift + total.log()
+        return torch.where(targets >= 0, picked - lse, torch.zeros_like(lse)), lse, shift
     if opts.softcap is not None:
         tile.div_(opts.softcap).tanh_().mul_(opts.softcap)
     picked = tile.gather(0, targets.clamp_min(0).unsqueeze(0)).squeeze(0)
