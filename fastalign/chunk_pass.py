@@ -83,19 +83,15 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     # csrc/linear_logprobs_rows.cpp), in the GEMMs' type; with a softcap and bf16/fp16 inputs the GEMMs write a
     # narrow buffer and the tile is fp32. Buffers are made once: a fresh large tensor per chunk costs page faults.
     tile_dtype = tile_dtype_for(hidden, plan.softcap)
-    ld = _padded(widest)
-    tile_buf = torch.empty(v * ld, dtype=tile_dtype, device=hidden.device)
+    tile_buf = padded_buffer(v, widest, tile_dtype, hidden.device)
     widened = tile_dtype != hidden.dtype
     if widened:
-        narrow_buf = torch.empty(v * ld, dtype=hidden.dtype, device=hidden.device)
-    zero_padding(tile_buf, v, ld, widest)
-    if widened:
-        zero_padding(narrow_buf, v, ld, widest)
+        narrow_buf = padded_buffer(v, widest, hidden.dtype, hidden.device)
     bias_c = scaled_bias(bias, ct, inv_t)
     for i, (s, e) in enumerate(plan.bounds):
         hc, tgt = hidden[s:e], targets[s:e]
-        tile = tile_buf.view(v, ld)[:, :e - s]
-        narrow = narrow_buf.view(v, ld)[:, :e - s] if widened else None
+        tile = tile_buf[:, :e - s]
+        narrow = narrow_buf[:, :e - s] if widened else None
         fill_tile(tile, narrow, hc, weight, bias_c, inv_t)
         lp, lse, shift = rows_impl.rows_logsumexp_(tile, tgt, plan)
         logp[s:e] = lp
@@ -164,12 +160,13 @@ def zero_target_entries(tile, tgt):
     return live_rows
 
 
-def zero_padding(buf, v, ld, c):
-    """Zero columns [c, ld) of buf seen as [V, ld]. They are never part of a tile, but a bf16 GEMM reads a
-    matrix's padding and multiplies it by 0 (torch 2.13 CPU, [257, 45] in 48-element lines). An uninitialized NaN
-    there would make that product NaN, and the gradient with it."""
-    if ld > c:
-        buf.view(v, ld)[:, c:].zero_()
+def padded_buffer(v, c, dtype, device):
+    """A [V, ld] buffer for tiles of up to c columns, ld = _padded(c), with columns [c, ld) zeroed: they are never
+    part of a tile, but a bf16 GEMM reads a matrix's padding and multiplies it by 0 (torch 2.13 CPU, [257, 45] in
+    48-element lines). An uninitialized NaN there would make that product NaN, and the gradient with it."""
+    buf = torch.empty(v, _padded(c), dtype=dtype, device=device)
+    buf[:, c:].zero_()
+    return buf
 
 
 def _padded(c):

@@ -25,8 +25,8 @@ recomputes, as ``backend="cpp"`` always does.
 import torch
 
 from fastalign.backends import get_backend
-from fastalign.chunk_pass import (_compute_dtype, _padded, _write_or_add, fill_tile, row_bounds, rows_per_chunk,
-                                  scaled_bias, tile_dtype_for, tile_gradients, zero_padding, zero_target_entries)
+from fastalign.chunk_pass import (_compute_dtype, _padded, _write_or_add, fill_tile, padded_buffer, row_bounds,
+                                  rows_per_chunk, scaled_bias, tile_dtype_for, tile_gradients, zero_target_entries)
 
 # The largest tile auto keeps (bytes; fp32 [V, N] at V=32000 is 1 GiB at N=8192). Above it auto recomputes, in
 # O(chunk) memory, as it does on CUDA: naive PyTorch would need about three times this, and a user at that size is
@@ -46,16 +46,13 @@ class KeptTileFunction(torch.autograd.Function):
         n, v = hidden.shape[0], weight.shape[0]
         inv_t = 1.0 / opts.temperature
         tile_dtype = tile_dtype_for(hidden, opts.softcap)
-        ld = _padded(n)
-        tile_buf = torch.empty(v * ld, dtype=tile_dtype, device=hidden.device)
-        zero_padding(tile_buf, v, ld, n)
-        tile = tile_buf.view(v, ld)[:, :n]
+        tile = padded_buffer(v, n, tile_dtype, hidden.device)[:, :n]
         bias_c = scaled_bias(bias, ct, inv_t)
         if tile_dtype == hidden.dtype:
             fill_tile(tile, None, hidden, weight, bias_c, inv_t)
         else:  # bf16/fp16 with a softcap: an fp32 tile, filled chunk by chunk through a small GEMM buffer
             step = min(rows_per_chunk(v), n)
-            narrow_buf = torch.empty(v, _padded(step), dtype=hidden.dtype, device=hidden.device)
+            narrow_buf = padded_buffer(v, step, hidden.dtype, hidden.device)
             for s, e in row_bounds(n, step):
                 fill_tile(tile[:, s:e], narrow_buf[:, :e - s], hidden[s:e], weight, bias_c, inv_t)
             del narrow_buf
@@ -103,7 +100,7 @@ def _gradients(opts, tile, hidden, weight, targets, coeff, logp, lse, shift, nee
                        d_h, d_w, d_b, True, zero_targets=False)
     elif tile.dtype == hidden.dtype:  # fp32/fp64: d logits chunk by chunk on a copy of the kept tile
         step = min(rows_per_chunk(v), n)
-        scratch = torch.zeros(v, _padded(step), dtype=tile.dtype, device=tile.device)  # zero padding
+        scratch = padded_buffer(v, step, tile.dtype, tile.device)
         for i, (s, e) in enumerate(row_bounds(n, step)):
             tile_gradients(rows_impl, opts, scratch[:, :e - s].copy_(tile[:, s:e]), None, hidden[s:e], weight,
                            targets[s:e], coeff[s:e], logp[s:e], lse[s:e], shift[s:e],
@@ -120,11 +117,8 @@ def _narrow_softcap_gradients(rows_impl, opts, tile, hidden, weight, targets, co
     had 8x naive's d_weight error at 64 chunks."""
     n, v = hidden.shape[0], weight.shape[0]
     step = min(rows_per_chunk(v), n)
-    scratch = torch.empty(v, _padded(step), dtype=tile.dtype, device=tile.device)
-    ld = _padded(n)
-    d_buf = torch.empty(v * ld, dtype=hidden.dtype, device=hidden.device)
-    zero_padding(d_buf, v, ld, n)
-    d_logits = d_buf.view(v, ld)[:, :n]
+    scratch = padded_buffer(v, step, tile.dtype, tile.device)
+    d_logits = padded_buffer(v, n, hidden.dtype, hidden.device)[:, :n]
     for i, (s, e) in enumerate(row_bounds(n, step)):
         work = scratch[:, :e - s].copy_(tile[:, s:e])
         rows_impl.rows_dlogits_(work, lse[s:e], shift[s:e], targets[s:e], coeff[s:e], opts)
@@ -144,7 +138,7 @@ def kept_tile_logprobs(hidden, weight, bias, targets, opts):
     row is labelled or the tile would exceed MAX_TILE_BYTES: the caller's general path (recompute) runs then."""
     n, v = hidden.shape[0], weight.shape[0]
     live = (targets >= 0).nonzero().squeeze(1)
-    itemsize = torch.empty((), dtype=tile_dtype_for(hidden, opts.softcap)).element_size()
+    itemsize = tile_dtype_for(hidden, opts.softcap).itemsize
     if live.numel() == 0 or v * _padded(live.numel()) * itemsize > MAX_TILE_BYTES:
         return None
     if live.numel() == n:

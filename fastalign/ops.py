@@ -172,7 +172,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, te
             return _empty_result(hidden)
         logp, _, _ = get_backend(name).forward(hidden, weight, bias, targets, opts, save_for_hidden=False)
         return logp
-    if backend == "auto" and name in ("cpp", "torch") and hidden.device.type == "cpu" and not opts.grad_filter_eps:
+    if backend == "auto" and hidden.device.type == "cpu" and not opts.grad_filter_eps:  # auto on CPU: cpp or torch
         # with gradients on CPU, auto keeps the tile (3 GEMMs): the recompute path's fourth GEMM can make it slower
         # than naive PyTorch (see kept_tiles.py); backend="cpp" asks for the O(chunk)-memory recompute path
         logp = kept_tile_logprobs(hidden, weight, bias, targets, opts)

@@ -189,8 +189,9 @@ class CheckpointMixin:
 
     def save_checkpoint(self):
         """checkpoint-{step} under output_dir with model (safetensors), tokenizer, optimizer, scheduler, RNG
-        states (loadable with weights_only=True), the fp16 gradient scaler's state, the resolved config, the data fingerprint, the run id and
-        the logging window, written crash-safely. Returns its path (on the main process)."""
+        states (loadable with weights_only=True), the fp16 gradient scaler's state, the resolved config, the data
+        fingerprint, the run id and the logging window, written crash-safely. Returns its path (on the main
+        process)."""
         if not hasattr(self, "optimizer"):
             raise RuntimeError("save_checkpoint() saves training state and needs train() to have started; "
                                "use save_model() to save the weights alone")
