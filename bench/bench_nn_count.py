@@ -3,6 +3,7 @@ torch baseline (chunked cdist + argmin) in the same run; medians; JSON + markdow
 
     python bench/bench_nn_count.py                       # M in {1k, 10k, 100k}, d in {8, 64, 384}, S = 1e6
     python bench/bench_nn_count.py --m 1000 10000 --d 8 64 --samples 100000 --repeats 3
+    python bench/bench_nn_count.py --m 100000 --single-run --tag m100k   # one timed run per row (minutes each)
 """
 import argparse
 import os
@@ -31,6 +32,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1_000_000, help="samples S")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
+    p.add_argument("--tag", default="", help="suffix of the result file names (several runs on one day)")
+    p.add_argument("--single-run", action="store_true",
+                   help="one timed run per row, no warm-up (with --repeats 1: rows that take minutes)")
     add_common_args(p)
     args = p.parse_args(argv)
     if dryrun():  # the plumbing in seconds: tiny shapes, one repeat
@@ -48,22 +52,28 @@ def main(argv=None):
             base = None
             for name in ["torch"] + [n for n in names if n != "torch"]:
                 count = get_backend(name, op="nn_count").count
-                t, mem = measure(lambda: count(*inputs, args.samples), device, args.repeats, f"{name} M={m} d={d}")
+                if args.single_run:  # loading the extension (or a JIT) is not part of the row: a tiny call first
+                    count(*problem(64, d, device), 64)
+                t, mem = measure(lambda: count(*inputs, args.samples), device, 1 if args.single_run else args.repeats,
+                                 f"{name} M={m} d={d}", warmup=not args.single_run)
                 if name == "torch":
                     base = t
                 row = dict(shape=f"M={m} d={d}", m=m, d=d, samples=args.samples, backend=name, seconds=t,
                            peak_bytes=mem if isinstance(mem, int) else None,
                            speedup=(base / t) if (t and base) else None,
-                           samples_per_s=(args.samples / t) if t else None)
+                           samples_per_s=(args.samples / t) if t else None,
+                           gflops=(2 * args.samples * m * d / t / 1e9) if t else None)  # the distances' s.x
                 rows.append(stream.row(row))
                 print(f"M={m:>6} d={d:>3} S={args.samples} {name:>6}: "
                       f"{'failed' if t is None else f'{t:.3f} s'}  x{row['speedup'] or 0:.2f} vs torch", flush=True)
     columns = [("shape", "shape", None), ("backend", "backend", None), ("seconds", "median s", "{:.3f}"),
-               ("samples_per_s", "samples/s", "{:.3g}"), ("speedup", "vs torch", "{:.2f}x")]
+               ("samples_per_s", "samples/s", "{:.3g}"), ("gflops", "GFLOP/s", "{:.0f}"),
+               ("speedup", "vs torch", "{:.2f}x")]
     table = markdown_table(rows, columns)
     print(table)
-    print("wrote", write_results("nn_count", env, rows, table, args.out))
-    png = ratio_plot("nn_count", env, [r for r in rows if r["backend"] != "torch"], "shape", "backend",
+    name = "nn_count" + (f"-{args.tag}" if args.tag else "")
+    print("wrote", write_results(name, env, rows, table, args.out))
+    png = ratio_plot(name, env, [r for r in rows if r["backend"] != "torch"], "shape", "backend",
                      [("speedup", f"speed-up vs torch (cdist + argmin), S = {args.samples}")], args.out)
     if png:
         print("wrote", png)

@@ -138,13 +138,23 @@ class JsonlStream:
             self._f = None
 
 
-def measure(step, device, repeats, label):
+def measure(step, device, repeats, label, warmup=True):
     """(median seconds, peak extra bytes) of step() after one warm-up run (compilation and autotuning happen
     there, outside the measurement); None, reported on stderr, when the variant fails (e.g. torch.compile
-    unavailable, out of memory) so that the others still run."""
-    from fastalign.profiling import PeakMemory, median_time
+    unavailable, out of memory) so that the others still run. warmup=False with repeats=1: one run gives both
+    (for steps that take minutes and compile nothing)."""
+    from fastalign.profiling import PeakMemory, _sync, median_time
     try:
-        step()
+        if not warmup and repeats == 1:
+            with PeakMemory(device) as mem:
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                seconds = time.perf_counter() - t0
+            return seconds, mem.peak_bytes
+        if warmup:
+            step()
         with PeakMemory(device) as mem:
             step()
         return median_time(step, warmup=0, repeats=repeats, device=device), mem.peak_bytes

@@ -17,5 +17,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("inv_temp"));
   m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])",
         py::arg("points"), py::arg("sq_norms"), py::arg("group_start"), py::arg("keys"), py::arg("width"),
-        py::arg("num_samples"), py::arg("block_samples"), py::arg("block_alternatives"));
+        py::arg("num_samples"), py::arg("block_samples"), py::arg("block_alternatives"), py::arg("kernel") = "auto");
+  m.def("nn_count_kernels", &nn_count_kernels, "nn_count's micro-kernels on this CPU, widest first");
 }

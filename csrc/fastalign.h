@@ -26,4 +26,6 @@ void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse, const at::Tensor& sh
 // nn_count.cpp: nearest-neighbour counts of counter-generated uniform box samples (clone-robust weights).
 at::Tensor nn_count(const at::Tensor& points, const at::Tensor& sq_norms, const at::Tensor& group_start,
                     const at::Tensor& keys, const at::Tensor& width, int64_t num_samples, int64_t block_samples,
-                    int64_t block_alternatives);
+                    int64_t block_alternatives, const std::string& kernel);
+// The micro-kernels this CPU runs, widest first ("avx512", "avx2", "baseline"); kernel="auto" takes the first.
+std::vector<std::string> nn_count_kernels();

@@ -1,10 +1,11 @@
 // Nearest-neighbour counting on CPU (the clone-robust weights' heavy part): for every group, num_samples
 // uniform points of the group's box, each assigned to its nearest alternative; counts per alternative.
 //
-// Threading (DESIGN.md's CPU rule): one at::parallel_for over blocks of samples; each task generates its
-// samples, then computes scores |x|^2 - 2 s.x with a hand-written, register-blocked inner product (no BLAS
-// call inside the parallel region), keeps a running (min, argmin) per sample and counts into its thread's
-// own counts row; the rows are summed once at the end. No [samples x alternatives] matrix is ever stored.
+// Threading (DESIGN.md's CPU rule): the alternatives are packed once, then one at::parallel_for runs over blocks
+// of samples. Each task generates its samples, computes scores |x|^2 - 2 s.x with a hand-written,
+// register-blocked inner product (no BLAS call inside the parallel region; AVX-512, AVX2 or baseline code,
+// chosen at run time by the CPU's features), keeps a running (min, argmin) per sample and lane, and counts into
+// its thread's own counts row; the rows are summed once at the end. No [samples x alternatives] matrix is stored.
 //
 // The sample generator is the counter-based hash documented in fastalign/backends/nn_count_torch.py; the
 // same bits come out of the torch and Triton backends.
@@ -15,16 +16,28 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
 
-constexpr int kRows = 6;    // samples per micro-tile: 6 x 2 accumulator vectors + 2 loads + 1 broadcast fit 16 regs
-constexpr int kCols = 16;   // alternatives per micro-tile: two 8-float vectors
+// Micro-tile shapes: kRows samples x (2 vectors of W floats) alternatives, accumulators in registers.
+//   AVX-512: W = 16, 12 rows: 24 accumulators + 2 loads of the 32 registers (broadcasts are folded into the FMAs).
+//   AVX2 and the baseline: W = 8, 6 rows: 12 accumulators + 2 loads + 1 broadcast of 16 registers.
+// Each lane keeps its own running (min, argmin) in memory across the alternatives of a block (vector compare and
+// select, no scalar loop per score); a row's lanes are reduced once per block (see reduce_lanes).
+constexpr int kMaxTileCols = 32;  // the widest micro-tile (AVX-512); block_alternatives is a multiple of it
 
-// 8 floats; GCC lowers it to one AVX register (haswell clone) or two SSE registers (default clone).
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads
+struct Avx512Tile {
+  typedef float vf __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
+  static constexpr int W = 16, R = 12;
+};
+struct Avx2Tile {  // GCC lowers it to one AVX register (avx2 clone) or two SSE registers (baseline clone)
+  typedef float vf __attribute__((vector_size(32), aligned(4)));
+  typedef int32_t vi __attribute__((vector_size(32), aligned(4)));
+  static constexpr int W = 8, R = 6;
+};
 
 inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
@@ -40,63 +53,114 @@ inline float uniform(uint32_t index, uint32_t key) {
   return static_cast<float>((v >> 8) | 1u) * 5.9604644775390625e-08f;  // 2^-24
 }
 
-// acc[r][c] = sum_k s[r][k] * xt[k][c] for one micro-tile; s rows have stride d, xt rows stride ld.
-// Compiled twice (AVX2+FMA and the baseline, see kMicroTile below): the build uses no -march flag.
-template <bool kAvx2>
-__attribute__((always_inline)) inline void micro_tile_body(const float* s, int64_t d, const float* xt, int64_t ld, const float* sq, float* best,
-                int64_t* best_idx, int64_t first_idx) {
-  v8 acc[kRows][2];
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = v8{};
+// One micro-tile: scores sq[c] - 2 s[r].xt[:, c] for T::R samples (rows of s, stride d) and 2 T::W alternatives
+// (columns of xt, stride ld), folded into the per-lane running minima best / best_idx [T::R][2 T::W]. Strict <:
+// within a lane the first (lowest) index wins ties, and reduce_lanes keeps the lowest index among equal lanes,
+// so ties resolve as torch.argmin's do. Every score is the same k-ordered sum of FMAs on every clone.
+template <class T>
+__attribute__((always_inline)) inline void micro_tile_body(const float* s, int64_t d, const float* xt, int64_t ld,
+                                                           const float* sq, float* best, int32_t* best_idx,
+                                                           int32_t first_idx) {
+  typedef typename T::vf vf;
+  typedef typename T::vi vi;
+  constexpr int W = T::W, R = T::R;
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};
   for (int64_t k = 0; k < d; ++k) {
-    const v8 x0 = *reinterpret_cast<const v8u*>(xt + k * ld);
-    const v8 x1 = *reinterpret_cast<const v8u*>(xt + k * ld + 8);
-    for (int r = 0; r < kRows; ++r) {
+    const vf x0 = *reinterpret_cast<const vf*>(xt + k * ld);
+    const vf x1 = *reinterpret_cast<const vf*>(xt + k * ld + W);
+    for (int r = 0; r < R; ++r) {
       const float sk = s[r * d + k];
       acc[r][0] += sk * x0;
       acc[r][1] += sk * x1;
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    float dots[kCols];
-    __builtin_memcpy(dots, acc[r], sizeof(dots));
-    for (int c = 0; c < kCols; ++c) {
-      const float score = sq[c] - 2.0f * dots[c];
-      if (score < best[r]) {  // strict: the first index wins ties, as in torch.argmin
-        best[r] = score;
-        best_idx[r] = first_idx + c;
-      }
+  vi lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
+  for (int j = 0; j < 2; ++j) {
+    const vf sqj = *reinterpret_cast<const vf*>(sq + j * W);
+    const vi idx = lane + (first_idx + j * W);
+    for (int r = 0; r < R; ++r) {
+      vf* b = reinterpret_cast<vf*>(best + r * 2 * W + j * W);
+      vi* bi = reinterpret_cast<vi*>(best_idx + r * 2 * W + j * W);
+      const vf score = sqj - 2.0f * acc[r][j];
+      const vi better = score < *b;
+      *b = better ? score : *b;
+      *bi = better ? idx : *bi;
     }
   }
 }
 
-using MicroTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t*, int64_t);
+using MicroTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int32_t*, int32_t);
+
+__attribute__((target("avx512f,avx2,fma"))) void micro_tile_avx512(const float* s, int64_t d, const float* xt,
+                                                                   int64_t ld, const float* sq, float* best,
+                                                                   int32_t* best_idx, int32_t first_idx) {
+  micro_tile_body<Avx512Tile>(s, d, xt, ld, sq, best, best_idx, first_idx);
+}
 
 __attribute__((target("avx2,fma"))) void micro_tile_avx2(const float* s, int64_t d, const float* xt, int64_t ld,
-                                                         const float* sq, float* best, int64_t* best_idx,
-                                                         int64_t first_idx) {
-  micro_tile_body<true>(s, d, xt, ld, sq, best, best_idx, first_idx);
+                                                         const float* sq, float* best, int32_t* best_idx,
+                                                         int32_t first_idx) {
+  micro_tile_body<Avx2Tile>(s, d, xt, ld, sq, best, best_idx, first_idx);
 }
 
 void micro_tile_default(const float* s, int64_t d, const float* xt, int64_t ld, const float* sq, float* best,
-                        int64_t* best_idx, int64_t first_idx) {
-  micro_tile_body<false>(s, d, xt, ld, sq, best, best_idx, first_idx);
+                        int32_t* best_idx, int32_t first_idx) {
+  micro_tile_body<Avx2Tile>(s, d, xt, ld, sq, best, best_idx, first_idx);
 }
 
-// Chosen by CPU features, not CPU model (GCC's target_clones("arch=haswell") would skip AMD CPUs with AVX2).
-const MicroTile kMicroTile = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? micro_tile_avx2
-                                                                                                : micro_tile_default;
+struct Kernel {
+  const char* name;
+  MicroTile fn;
+  int rows, cols;  // the micro-tile: samples x alternatives
+};
+
+// Chosen by CPU features, not CPU model (GCC's target_clones("arch=haswell") would skip AMD CPUs with AVX2);
+// __builtin_cpu_supports also checks that the OS saves the wide registers. Widest first.
+std::vector<Kernel> supported_kernels() {
+  std::vector<Kernel> out;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f"))
+    out.push_back({"avx512", micro_tile_avx512, Avx512Tile::R, 2 * Avx512Tile::W});
+  if (avx2) out.push_back({"avx2", micro_tile_avx2, Avx2Tile::R, 2 * Avx2Tile::W});
+  out.push_back({"baseline", micro_tile_default, Avx2Tile::R, 2 * Avx2Tile::W});
+  return out;
+}
+
+Kernel pick_kernel(const std::string& name) {
+  const std::vector<Kernel> kernels = supported_kernels();
+  if (name == "auto") return kernels.front();
+  std::string names;
+  for (const Kernel& k : kernels) {
+    if (name == k.name) return k;
+    names += names.empty() ? k.name : std::string(", ") + k.name;
+  }
+  TORCH_CHECK(false, "nn_count: kernel '", name, "' is not supported on this CPU; supported: auto, ", names);
+}
+
+// The nearest alternative of one sample from its lanes' minima: the lowest score, the lowest index among equal ones.
+inline int32_t reduce_lanes(const float* best, const int32_t* best_idx, int lanes) {
+  float v = best[0];
+  int32_t i = best_idx[0];
+  for (int l = 1; l < lanes; ++l)
+    if (best[l] < v || (best[l] == v && best_idx[l] < i)) v = best[l], i = best_idx[l];
+  return i;
+}
 
 }  // namespace
 
 at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, const at::Tensor& group_start_in,
                     const at::Tensor& keys_in, const at::Tensor& width_in, int64_t num_samples,
-                    int64_t block_samples, int64_t block_alternatives) {
+                    int64_t block_samples, int64_t block_alternatives, const std::string& kernel_name) {
   TORCH_CHECK(points_in.dim() == 2 && points_in.scalar_type() == at::kFloat, "nn_count: points must be fp32 [M, d]");
   TORCH_CHECK(num_samples >= 1 && num_samples <= INT32_MAX, "nn_count: num_samples out of range");
-  TORCH_CHECK(block_samples >= kRows && block_samples % kRows == 0, "nn_count: block_samples must be a multiple of ",
-              kRows);
-  TORCH_CHECK(block_alternatives >= kCols && block_alternatives % kCols == 0,
-              "nn_count: block_alternatives must be a multiple of ", kCols);
+  const Kernel kernel = pick_kernel(kernel_name);
+  TORCH_CHECK(block_samples >= kernel.rows && block_samples % 12 == 0,
+              "nn_count: block_samples must be a multiple of 12 (every micro-tile's rows)");
+  TORCH_CHECK(block_alternatives >= kMaxTileCols && block_alternatives % kMaxTileCols == 0,
+              "nn_count: block_alternatives must be a multiple of ", kMaxTileCols);
+  TORCH_CHECK(points_in.size(0) < INT32_MAX, "nn_count: at most 2^31 - 1 alternatives");
   const at::Tensor points = points_in.contiguous();
   const at::Tensor sq_norms = sq_norms_in.to(at::kFloat).contiguous();
   const at::Tensor group_start = group_start_in.to(at::kLong).contiguous();
@@ -112,6 +176,31 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
   const uint32_t* key = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
   const float* wid = width.data_ptr<float>();
 
+  // Every group's alternatives packed once, before the parallel region, in panels of kMaxTileCols columns:
+  // panel p holds [d][kMaxTileCols] floats (transposed: a micro-tile reads a row of it per k), zeros and +inf
+  // norms past its group's end. Memory: about M x d floats, like the points themselves.
+  std::vector<int64_t> first_panel(n_groups + 1, 0);
+  for (int64_t g = 0; g < n_groups; ++g)
+    first_panel[g + 1] = first_panel[g] + (start[g + 1] - start[g] + kMaxTileCols - 1) / kMaxTileCols;
+  const int64_t panel_floats = d * kMaxTileCols;
+  std::vector<float> panels(static_cast<size_t>(first_panel[n_groups]) * panel_floats);
+  std::vector<float> panel_sq(static_cast<size_t>(first_panel[n_groups]) * kMaxTileCols);
+  for (int64_t g = 0; g < n_groups; ++g) {
+    at::parallel_for(first_panel[g], first_panel[g + 1], 64, [&](int64_t p_begin, int64_t p_end) {
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const int64_t m0 = start[g] + (p - first_panel[g]) * kMaxTileCols;
+        float* panel = panels.data() + p * panel_floats;
+        for (int64_t c = 0; c < kMaxTileCols; ++c) {
+          const bool real = m0 + c < start[g + 1];
+          panel_sq[p * kMaxTileCols + c] = real ? sq[m0 + c] : std::numeric_limits<float>::infinity();
+          for (int64_t k = 0; k < d; ++k) panel[k * kMaxTileCols + c] = real ? x[(m0 + c) * d + k] : 0.0f;
+        }
+      }
+    });
+  }
+  // alternatives per cache block: the panels a block of samples sweeps before moving on stay in L2
+  const int64_t panels_per_block = block_alternatives / kMaxTileCols;
+
   const int64_t blocks_per_group = (num_samples + block_samples - 1) / block_samples;
   const int64_t n_blocks = n_groups * blocks_per_group;
   const int n_threads = at::get_num_threads();
@@ -119,38 +208,36 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     int64_t* counts = thread_counts.data() + static_cast<size_t>(at::get_thread_num()) * m_total;
-    std::vector<float> samples(block_samples * d), packed(d * block_alternatives), packed_sq(block_alternatives);
-    std::vector<float> best(block_samples);
-    std::vector<int64_t> best_idx(block_samples);
+    std::vector<float> samples(block_samples * d);
+    const int lanes = kernel.cols;  // per-lane running minima, [block_samples][lanes]
+    std::vector<float> best(block_samples * lanes);
+    std::vector<int32_t> best_idx(block_samples * lanes);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t g = b / blocks_per_group;
       const int64_t i0 = (b % blocks_per_group) * block_samples;
       const int64_t rows = std::min(block_samples, num_samples - i0);
-      const int64_t m_lo = start[g], m_hi = start[g + 1];
+      if (start[g] == start[g + 1]) continue;  // an empty group: no alternative to count
       for (int64_t r = 0; r < block_samples; ++r) {  // rows past num_samples are generated but never counted
         const uint32_t index = static_cast<uint32_t>(i0 + r);
         for (int64_t k = 0; k < d; ++k)
           samples[r * d + k] = (uniform(index, key[g * d + k]) - 0.5f) * wid[g * d + k];
       }
       std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
-      std::fill(best_idx.begin(), best_idx.end(), m_lo);
-      for (int64_t m0 = m_lo; m0 < m_hi; m0 += block_alternatives) {
-        // pack this block of alternatives transposed [d, block] (zeros and +inf norms past the group's end)
-        const int64_t cols = std::min(block_alternatives, m_hi - m0);
-        const int64_t padded = (cols + kCols - 1) / kCols * kCols;
-        for (int64_t c = 0; c < padded; ++c) {
-          const bool real = c < cols;
-          packed_sq[c] = real ? sq[m0 + c] : std::numeric_limits<float>::infinity();
-          for (int64_t k = 0; k < d; ++k) packed[k * block_alternatives + c] = real ? x[(m0 + c) * d + k] : 0.0f;
-        }
-        for (int64_t r = 0; r < block_samples; r += kRows) {
-          for (int64_t c = 0; c < padded; c += kCols) {
-            kMicroTile(samples.data() + r * d, d, packed.data() + c, block_alternatives, packed_sq.data() + c,
-                       best.data() + r, best_idx.data() + r, m0 + c);
+      std::fill(best_idx.begin(), best_idx.end(), static_cast<int32_t>(start[g]));
+      for (int64_t p0 = first_panel[g]; p0 < first_panel[g + 1]; p0 += panels_per_block) {
+        const int64_t p1 = std::min(p0 + panels_per_block, first_panel[g + 1]);
+        for (int64_t r = 0; r < block_samples; r += kernel.rows) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int32_t m0 = static_cast<int32_t>(start[g] + (p - first_panel[g]) * kMaxTileCols);
+            for (int c = 0; c < kMaxTileCols; c += kernel.cols)
+              kernel.fn(samples.data() + r * d, d, panels.data() + p * panel_floats + c, kMaxTileCols,
+                        panel_sq.data() + p * kMaxTileCols + c, best.data() + r * lanes, best_idx.data() + r * lanes,
+                        m0 + c);
           }
         }
       }
-      for (int64_t r = 0; r < rows; ++r) counts[best_idx[r]] += 1;
+      for (int64_t r = 0; r < rows; ++r)
+        counts[reduce_lanes(best.data() + r * lanes, best_idx.data() + r * lanes, lanes)] += 1;
     }
   });
 
@@ -159,4 +246,10 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
   for (int t = 0; t < n_threads; ++t)
     for (int64_t m = 0; m < m_total; ++m) total[m] += thread_counts[static_cast<size_t>(t) * m_total + m];
   return out;
+}
+
+std::vector<std::string> nn_count_kernels() {
+  std::vector<std::string> names;
+  for (const Kernel& k : supported_kernels()) names.push_back(k.name);
+  return names;
 }

@@ -82,6 +82,57 @@ def test_backends_agree_exactly_on_counts():
         assert torch.equal(c, counts[0]), b
 
 
+def _cpp_kernels():
+    if "cpp" not in cpu_backends():
+        return []
+    from fastalign.backends import nn_count_cpp
+    return nn_count_cpp.kernels()
+
+
+@pytest.mark.parametrize("kernel", _cpp_kernels())
+@pytest.mark.parametrize("sizes,d,num_samples", [
+    ([1100], 33, 48),      # 35 panels of 32 columns, two cache blocks (992 alternatives each at d=33), ragged tail
+    ([5, 70, 31], 8, 50),  # groups that end inside a panel, one launch
+])
+def test_every_cpp_kernel_matches_float64_reference(kernel, sizes, d, num_samples):
+    """Each micro-kernel this CPU has (AVX-512, AVX2, baseline), not only the one the op picks here."""
+    from fastalign.backends import nn_count_cpp
+    points, sq, start, keys, width = _problem(sizes, d, seed=5)
+    got = nn_count_cpp.count_with_kernel(points, sq, start, keys, width, num_samples, kernel)
+    want, gaps = reference_counts(points, start, keys, width, num_samples)
+    assert int(got.sum()) == num_samples * len(sizes)
+    n_close = int((gaps < 1e-4 * (1 + np.abs(gaps).max())).sum())
+    assert np.abs(got.numpy() - want).sum() <= 2 * n_close, (kernel, got.numpy(), want)
+
+
+@pytest.mark.parametrize("kernel", _cpp_kernels())
+def test_cpp_kernels_give_exact_duplicates_to_the_first_as_argmin_does(kernel):
+    """Clones: an exact duplicate ties its original in every score; the first index wins, as torch.argmin's
+    does, whether the two share a lane (3, 35), not (3, 20), or sit in different cache blocks (3, 1050)."""
+    from fastalign.backends import nn_count_cpp
+    points, _, start, keys, width = _problem([1100], 33, seed=6)
+    for dup in (35, 20, 1050):
+        points[dup] = points[3]
+    sq = (points.double() ** 2).sum(1).float()
+    got = nn_count_cpp.count_with_kernel(points, sq, start, keys, width, 500, kernel)
+    torch_counts = get_backend("torch", op="nn_count").count(points, sq, start, keys, width, 500)
+    assert int(got[3]) > 0 and int(got[[20, 35, 1050]].sum()) == 0
+    assert int(torch_counts[[20, 35, 1050]].sum()) == 0
+
+
+def test_cpp_nn_count_rejects_an_unknown_kernel_and_skips_empty_groups():
+    if "cpp" not in cpu_backends():
+        pytest.skip("no C++ extension")
+    from fastalign.backends import nn_count_cpp
+    points, sq, _, keys, width = _problem([5], 4)
+    keys = torch.cat([keys, keys])
+    width = torch.cat([width, width])
+    with pytest.raises(RuntimeError, match="kernel 'sse9' is not supported on this CPU; supported: auto"):
+        nn_count_cpp.count_with_kernel(points, sq, torch.tensor([0, 5]), keys[:1], width[:1], 10, "sse9")
+    got = nn_count_cpp.count_with_kernel(points, sq, torch.tensor([0, 0, 5]), keys, width, 10, "auto")
+    assert int(got.sum()) == 10
+
+
 def test_sample_generator_matches_reference_bits():
     """The torch generator, the shared source of truth, against the numpy rewrite above."""
     from fastalign.backends.nn_count_torch import samples

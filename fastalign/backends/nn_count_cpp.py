@@ -4,12 +4,13 @@ import torch
 
 from fastalign import _ext
 
-BLOCK_SAMPLES = 240        # samples per parallel task (a multiple of the 6-row micro-tile)
+BLOCK_SAMPLES = 240        # samples per parallel task (a multiple of the micro-tiles' 12 (AVX-512) and 6 rows)
 PACKED_BYTES = 128 * 1024  # one packed block of alternatives [d, block] stays in L2
 
 
 def _block_alternatives(d):
-    return max(16, min(4096, PACKED_BYTES // (4 * max(d, 1))) // 16 * 16)
+    """Alternatives per packed block: a multiple of the widest micro-tile's 32 columns (AVX-512)."""
+    return max(32, min(4096, PACKED_BYTES // (4 * max(d, 1))) // 32 * 32)
 
 
 @torch.library.custom_op("fastalign::cpp_nn_count", mutates_args=())
@@ -26,3 +27,14 @@ def _(points, sq_norms, group_start, keys, width, num_samples):
 
 def count(points, sq_norms, group_start, keys, width, num_samples):
     return _count(points, sq_norms, group_start, keys, width, num_samples)
+
+
+def kernels():
+    """The micro-kernels this CPU can run, widest first ("avx512", "avx2", "baseline"); the op uses the first."""
+    return list(_ext.C.nn_count_kernels())
+
+
+def count_with_kernel(points, sq_norms, group_start, keys, width, num_samples, kernel):
+    """``count`` with a named micro-kernel (one of ``kernels()``): the tests compare every kernel this CPU has."""
+    return _ext.C.nn_count(points, sq_norms, group_start, keys, width, num_samples, BLOCK_SAMPLES,
+                           _block_alternatives(points.shape[1]), kernel)
