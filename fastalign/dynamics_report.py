@@ -51,7 +51,9 @@ def plot_speed_vs_distinguishability(predicted, speed, path, title=""):
     last = max([s for g in names for s in speed[g]["steps"]] or [1])
     for g in names:
         r, s = predicted[g], speed[g]
-        err = [[r.value - r.ci_low], [r.ci_high - r.value]] if math.isfinite(r.ci_low) else None
+        # no bar for an interval with an infinite end (a group of 2-3 pairs, see distinguishability_from_features)
+        err = [[r.value - r.ci_low], [r.ci_high - r.value]] if math.isfinite(r.ci_low) and math.isfinite(
+            r.ci_high) else None
         ax[0].errorbar(r.value, s["auc"], xerr=err, fmt="o", capsize=3)
         ax[0].annotate(g, (r.value, s["auc"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         step = s["learning_step"]

@@ -94,3 +94,26 @@ def test_bench_unknown_op_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "softmax"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_cpu_check_rows_name_the_variant_they_hold(monkeypatch, no_peers):
+    """A CHECK row says which measured row it holds to naive's time (the FAIL line prints that name)."""
+    monkeypatch.delenv("FASTALIGN_GPU_DRYRUN")
+    from bench.bench_linear_logprobs import cpu_checks
+    rows = [dict(shape="N=8", mode="fwd+bwd", variant="fastalign[auto]", time_vs_naive=1.2),
+            dict(shape="N=8", mode="fwd", variant="fastalign[auto]", time_vs_naive=0.5),
+            dict(shape="N=8", mode="fwd+bwd", variant="fastalign[torch]", time_vs_naive=3.0)]  # not checked
+    checks = cpu_checks(rows)
+    assert [(c["checked_variant"], c["mode"], c["status"]) for c in checks] == [
+        ("fastalign[auto]", "fwd+bwd", "FAIL"), ("fastalign[auto]", "fwd", "PASS")]
+
+
+def test_bench_nn_count_dry_run_single_run(tmp_path, capsys, no_peers):
+    """bench/bench_nn_count.py in a dry run: every CPU backend against torch, GFLOP/s, JSON, --jsonl rows."""
+    from bench.bench_nn_count import main as nn_main
+    nn_main(["--single-run", "--tag", "t", *_args(tmp_path)])
+    (js,) = tmp_path.glob("out/nn_count-t-*-dryrun-*.json")
+    rows = json.load(open(js))["results"]
+    assert {r["backend"] for r in rows} >= {"torch"} and all(r["seconds"] > 0 and r["gflops"] > 0 for r in rows)
+    assert [r["speedup"] for r in rows if r["backend"] == "torch"] == [1.0]
+    assert "| GFLOP/s | vs torch |" in capsys.readouterr().out

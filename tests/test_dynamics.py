@@ -64,6 +64,21 @@ def test_distinguishability_matches_float64_reference():
     json.dumps(res.to_dict())
 
 
+def test_distinguishability_of_two_pairs_warns_that_its_interval_is_unbounded():
+    """2 pairs: half the resamples copy one pair (no spread, an infinite ratio), so the upper end is infinite and
+    the caller is told why; 8 pairs bound it, without a warning."""
+    import warnings
+    rng = np.random.default_rng(1)
+    chosen, rejected = rng.normal(size=(8, 4)), rng.normal(size=(8, 4)) + 1.0
+    with pytest.warns(UserWarning, match=r"of 200 bootstrap resamples of these 2 pairs drew copies of a single pair"):
+        res = dyn.distinguishability_from_features(chosen[:2], rejected[:2], n_bootstrap=200, seed=0)
+    assert math.isinf(res.ci_high) and math.isfinite(res.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = dyn.distinguishability_from_features(chosen, rejected, n_bootstrap=200, seed=0)
+    assert math.isfinite(res.ci_high)
+
+
 def test_distinguishability_zero_for_identical_and_grows_with_separation():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(20, 8))

@@ -157,6 +157,16 @@ def test_save_total_limit_and_save_model(tmp_path):
     torch.testing.assert_close(reloaded.lm_head.weight, t.model.lm_head.weight)
 
 
+def test_disable_tqdm_also_quiets_transformers_save_bars(tmp_path, capfd):
+    """save_pretrained's own "Writing model shards" bar follows disable_tqdm, and the global setting is restored."""
+    from transformers.utils import logging as hf_logging
+    t = dpo(tmp_path, max_steps=1, save_steps=1)
+    t.train()
+    t.save_model()
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_padding_free_equals_padded_and_isolates_sequences(tmp_path):
     padded = dpo(tmp_path / "p")
     packed = dpo(tmp_path / "f", padding_free=True)

@@ -6,11 +6,12 @@ from fastalign.cli.common import _add_config_flags, load_config_file
 
 def _generation_flags(p, n_default=1):
     p.add_argument("--n", type=int, default=n_default, help=f"samples per prompt (default {n_default})")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64,
+                   help="tokens generated at most per sample (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    p.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same samples (default 0)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts generated at once (default 16)")
 
 
 def _gen_kwargs(args):
@@ -118,7 +119,8 @@ def register(sub):
     p.add_argument("--rm-config", dest="rm_config", help="YAML of AfDRewardConfig options for the reward model")
     p.add_argument("--samples-per-prompt", dest="samples_per_prompt", type=int, default=1,
                    help="samples per demonstration prompt for the reward model's rows (default 1)")
-    p.add_argument("--output-dir", dest="output_dir", required=True)
+    p.add_argument("--output-dir", dest="output_dir", required=True,
+                   help="folder of every stage's outputs (samples, reward model, Best-of-N); one run per folder")
     _generation_flags(p, n_default=16)
     p.set_defaults(func=cmd_afd)
 
@@ -138,8 +140,9 @@ def register(sub):
                    help="score by log pi_A(y|x) - log pi_B(y|x) (e.g. the SFT and the initial model)")
     p.add_argument("--prompts", required=True, help=".jsonl of {prompt}")
     p.add_argument("--output", required=True, help="output .jsonl (chosen answer, its score, all candidates)")
-    p.add_argument("--score-batch-size", dest="score_batch_size", type=int, default=64)
-    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--score-batch-size", dest="score_batch_size", type=int, default=64,
+                   help="candidates scored at once (default 64)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="reuse samples of an identical earlier call")
     _generation_flags(p, n_default=16)
     p.set_defaults(func=cmd_best_of_n)
 
@@ -150,10 +153,10 @@ def register(sub):
                    "AutoModelForSequenceClassification, num_labels=1)")
     p.add_argument("--config", help="YAML file of options (flags given here override it)")
     p.add_argument("--data", help="labelled rows .jsonl (prompt, answer, label)")
-    p.add_argument("--eval-data", dest="eval_data")
-    p.add_argument("--demos")
-    p.add_argument("--init-samples", dest="init_samples")
-    p.add_argument("--sft-samples", dest="sft_samples")
-    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--eval-data", dest="eval_data", help="held-out labelled rows .jsonl (prompt, answer, label)")
+    p.add_argument("--demos", help="demonstrations .jsonl (prompt, completion): the positives of --rm-kind")
+    p.add_argument("--init-samples", dest="init_samples", help="samples of the initial model .jsonl (`fastalign sample`)")
+    p.add_argument("--sft-samples", dest="sft_samples", help="samples of the SFT model .jsonl (`fastalign sample`)")
+    p.add_argument("--output-dir", dest="output_dir", help="where the reward model is saved (or set output_dir in --config)")
     _add_config_flags(p, AfDRewardConfig)
     p.set_defaults(func=cmd_afd_rm)

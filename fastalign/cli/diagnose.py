@@ -102,20 +102,27 @@ def register(sub):
     p.add_argument("--data", help="preference .json/.jsonl (default: the embedded persona data's train split)")
     p.add_argument("--eval-data", dest="eval_data", help="held-out pairs for --flip-group (default: --data's)")
     p.add_argument("--run", help="a training run's output_dir (reads its metrics.jsonl; final/ is the aligned model)")
-    p.add_argument("--group-column", dest="group_column", default="behaviour")
+    p.add_argument("--group-column", dest="group_column", default="behaviour",
+                   help="the data column naming each pair's group (default behaviour)")
     p.add_argument("--layer", type=int, default=-1, help="hidden state to measure (-1: final)")
     p.add_argument("--pooling", choices=("mean", "last"), default="mean", help="mean over answer tokens or last token")
     p.add_argument("--threshold", type=float, default=0.8, help="reward accuracy at which a group counts as learned")
-    p.add_argument("--n-bootstrap", dest="n_bootstrap", type=int, default=1000)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
-    p.add_argument("--max-length", dest="max_length", type=int, default=512)
-    p.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-bootstrap", dest="n_bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the pairs for each confidence interval (default 1000)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="pairs embedded at once (default 16)")
+    p.add_argument("--max-length", dest="max_length", type=int, default=512,
+                   help="tokens of prompt + answer kept, as the trainers truncate (default 512)")
+    p.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=256,
+                   help="tokens of the prompt kept (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
     p.add_argument("--output-dir", dest="output_dir", help="where PNGs and diagnose.json go (default: <run>/diagnose)")
     p.add_argument("--flip-group", dest="flip_group", help="train on this group's swapped pairs from the base and "
                    "the aligned model; report the steps each takes to reach the flipped preference")
     p.add_argument("--aligned", help="the aligned model for --flip-group (default: <run>/final)")
-    p.add_argument("--flip-steps", dest="flip_steps", type=int, default=60)
-    p.add_argument("--flip-eval-every", dest="flip_eval_every", type=int, default=5)
-    p.add_argument("--flip-learning-rate", dest="flip_learning_rate", type=float, default=None)
+    p.add_argument("--flip-steps", dest="flip_steps", type=int, default=60,
+                   help="DPO steps of each --flip-group run at most (default 60)")
+    p.add_argument("--flip-eval-every", dest="flip_eval_every", type=int, default=5,
+                   help="steps between held-out evaluations of the flipped pairs (default 5)")
+    p.add_argument("--flip-learning-rate", dest="flip_learning_rate", type=float, default=None,
+                   help="learning rate of the --flip-group runs (default: the embedded model's, else 1e-6)")
     p.set_defaults(func=cmd_diagnose)

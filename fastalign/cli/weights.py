@@ -49,10 +49,14 @@ def register(sub):
     p.add_argument("--out", required=True, help="output .jsonl")
     p.add_argument("--model", help="local save_pretrained folder: embed answers with its final hidden state")
     p.add_argument("--encoder", help="'model', 'ngram' (default without --model) or a sentence-transformers folder")
-    p.add_argument("--group-by", dest="group_by", choices=("prompt", "none"), default="prompt")
+    p.add_argument("--group-by", dest="group_by", choices=("prompt", "none"), default="prompt",
+                   help="answers compete within their prompt, or across the dataset (default prompt)")
     p.add_argument("--dim", type=int, default=8, help="principal components kept before the Voronoi search")
-    p.add_argument("--num-samples", dest="num_samples", type=int, default=100_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", dest="max_length", type=int, default=512)
-    p.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=256)
+    p.add_argument("--num-samples", dest="num_samples", type=int, default=100_000,
+                   help="uniform samples of each group's box in the Voronoi estimate (default 100000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples: the same seed, the same weights (default 0)")
+    p.add_argument("--max-length", dest="max_length", type=int, default=512,
+                   help="tokens of prompt + answer kept (default 512)")
+    p.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=256,
+                   help="tokens of the prompt kept (default 256)")
     p.set_defaults(func=cmd_weights)

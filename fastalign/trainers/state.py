@@ -163,7 +163,8 @@ class CheckpointMixin:
 
     def _checkpoint_payload(self, tmp, full=None):
         model_sd, optim_sd = full if full is not None else (None, self.optimizer.state_dict())
-        _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True, state_dict=model_sd)
+        with _transformers_bars(not self.config.disable_tqdm):
+            _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True, state_dict=model_sd)
         self.tokenizer.save_pretrained(tmp)
         ckpt.save_torch(optim_sd, os.path.join(tmp, "optimizer.pt"))
         ckpt.save_torch(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -295,8 +296,9 @@ class CheckpointMixin:
         full = self._full_states(with_optimizer=False)
         if self.is_main:
             def write(tmp):
-                _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True,
-                                                            state_dict=None if full is None else full[0])
+                with _transformers_bars(not self.config.disable_tqdm):
+                    _strip_parallel(self.model).save_pretrained(tmp, safe_serialization=True,
+                                                                state_dict=None if full is None else full[0])
                 self.tokenizer.save_pretrained(tmp)
             inside = os.path.realpath(out).startswith(os.path.realpath(self.config.output_dir) + os.sep)
             hold = runlog.OutputDirLock(self.config.output_dir) if inside and self._lock is None \
@@ -306,3 +308,18 @@ class CheckpointMixin:
         if self.distributed:
             dist.barrier()
         return out
+
+
+@contextlib.contextmanager
+def _transformers_bars(enabled):
+    """transformers' own progress bars (save_pretrained's "Writing model shards") follow ``disable_tqdm`` too:
+    switched off for the block when disabled, then restored."""
+    from transformers.utils import logging as hf_logging
+    off = not enabled and hf_logging.is_progress_bar_enabled()
+    if off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off:
+            hf_logging.enable_progress_bar()
