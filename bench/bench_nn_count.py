@@ -62,11 +62,13 @@ def main(argv=None):
                            peak_bytes=mem if isinstance(mem, int) else None,
                            speedup=(base / t) if (t and base) else None,
                            samples_per_s=(args.samples / t) if t else None,
-                           gflops=(2 * args.samples * m * d / t / 1e9) if t else None)  # the distances' s.x
+                           gflops=(2 * args.samples * m * d / t / 1e9) if t else None,  # the distances' s.x
+                           timed_runs=1 if args.single_run else args.repeats, warm_up=not args.single_run)
                 rows.append(stream.row(row))
                 print(f"M={m:>6} d={d:>3} S={args.samples} {name:>6}: "
                       f"{'failed' if t is None else f'{t:.3f} s'}  x{row['speedup'] or 0:.2f} vs torch", flush=True)
-    columns = [("shape", "shape", None), ("backend", "backend", None), ("seconds", "median s", "{:.3f}"),
+    columns = [("shape", "shape", None), ("backend", "backend", None),
+               ("seconds", "s (one run)" if args.single_run else "median s", "{:.3f}"),
                ("samples_per_s", "samples/s", "{:.3g}"), ("gflops", "GFLOP/s", "{:.0f}"),
                ("speedup", "vs torch", "{:.2f}x")]
     table = markdown_table(rows, columns)

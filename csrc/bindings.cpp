@@ -1,22 +1,25 @@
 // The one Python module of the extension, fastalign._C: every op declared in fastalign.h, one m.def each.
 #include "fastalign.h"
 
+// Every op runs without the GIL (py::call_guard): the kernels touch no Python object, and Python threads keep
+// running meanwhile (a progress bar; the benches' memory sampler, which would otherwise miss the op's peak).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastalign C++ CPU kernels";
-  m.def("linear_logprobs_forward", &linear_logprobs_forward, "forward: {logp, lse}",
+  using no_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("linear_logprobs_forward", &linear_logprobs_forward, "forward: {logp, lse}", no_gil(),
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("temperature"),
         py::arg("softcap"), py::arg("block_n"), py::arg("block_v"));
-  m.def("linear_logprobs_backward", &linear_logprobs_backward, "backward: {d_hidden, d_weight, d_bias}",
+  m.def("linear_logprobs_backward", &linear_logprobs_backward, "backward: {d_hidden, d_weight, d_bias}", no_gil(),
         py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
         py::arg("temperature"), py::arg("softcap"), py::arg("need_hidden"), py::arg("need_weight"),
         py::arg("need_bias"), py::arg("grad_filter_eps"), py::arg("block_n"), py::arg("block_v"));
-  m.def("rows_logsumexp_", &rows_logsumexp_, "in place on a logits tile; returns {logp, lse, shift}",
+  m.def("rows_logsumexp_", &rows_logsumexp_, "in place on a logits tile; returns {logp, lse, shift}", no_gil(),
         py::arg("tile"), py::arg("targets"), py::arg("softcap"));
-  m.def("rows_dlogits_", &rows_dlogits_, "in place: tile <- coeff * (onehot - softmax) * softcap' / tau",
+  m.def("rows_dlogits_", &rows_dlogits_, "in place: tile <- coeff * (onehot - softmax) * softcap' / tau", no_gil(),
         py::arg("tile"), py::arg("lse"), py::arg("shift"), py::arg("targets"), py::arg("coeff"), py::arg("softcap"),
         py::arg("inv_temp"));
-  m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])",
+  m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])", no_gil(),
         py::arg("points"), py::arg("sq_norms"), py::arg("group_start"), py::arg("keys"), py::arg("width"),
         py::arg("num_samples"), py::arg("block_samples"), py::arg("block_alternatives"), py::arg("kernel") = "auto");
-  m.def("nn_count_kernels", &nn_count_kernels, "nn_count's micro-kernels on this CPU, widest first");
+  m.def("nn_count_kernels", &nn_count_kernels, "nn_count's micro-kernels on this CPU, widest first", no_gil());
 }

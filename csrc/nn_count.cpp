@@ -21,9 +21,10 @@
 
 namespace {
 
-// Micro-tile shapes: kRows samples x (2 vectors of W floats) alternatives, accumulators in registers.
+// Micro-tile shapes: R samples x (2 vectors of W floats) alternatives, accumulators in registers.
 //   AVX-512: W = 16, 12 rows: 24 accumulators + 2 loads of the 32 registers (broadcasts are folded into the FMAs).
-//   AVX2 and the baseline: W = 8, 6 rows: 12 accumulators + 2 loads + 1 broadcast of 16 registers.
+//   AVX2: W = 8, 6 rows: 12 accumulators + 2 loads + 1 broadcast of the 16 registers.
+//   Baseline (SSE2, no FMA): W = 4, 6 rows: 12 accumulators of the 16 registers.
 // Each lane keeps its own running (min, argmin) in memory across the alternatives of a block (vector compare and
 // select, no scalar loop per score); a row's lanes are reduced once per block (see reduce_lanes).
 constexpr int kMaxTileCols = 32;  // the widest micro-tile (AVX-512); block_alternatives is a multiple of it
@@ -33,10 +34,15 @@ struct Avx512Tile {
   typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
   static constexpr int W = 16, R = 12;
 };
-struct Avx2Tile {  // GCC lowers it to one AVX register (avx2 clone) or two SSE registers (baseline clone)
+struct Avx2Tile {
   typedef float vf __attribute__((vector_size(32), aligned(4)));
   typedef int32_t vi __attribute__((vector_size(32), aligned(4)));
   static constexpr int W = 8, R = 6;
+};
+struct SseTile {
+  typedef float vf __attribute__((vector_size(16), aligned(4)));
+  typedef int32_t vi __attribute__((vector_size(16), aligned(4)));
+  static constexpr int W = 4, R = 6;
 };
 
 inline uint32_t hash32(uint32_t x) {
@@ -54,13 +60,16 @@ inline float uniform(uint32_t index, uint32_t key) {
 }
 
 // One micro-tile: scores sq[c] - 2 s[r].xt[:, c] for T::R samples (rows of s, stride d) and 2 T::W alternatives
-// (columns of xt, stride ld), folded into the per-lane running minima best / best_idx [T::R][2 T::W]. Strict <:
+// (columns of xt, stride ld), folded into the per-lane running minima best / best_idx [T::R][best_ld] (lanes
+// 0 .. 2 T::W - 1 of each row: a narrower tile uses fewer of the row's kMaxTileCols lanes). Strict <:
 // within a lane the first (lowest) index wins ties, and reduce_lanes keeps the lowest index among equal lanes,
-// so ties resolve as torch.argmin's do. Every score is the same k-ordered sum of FMAs on every clone.
+// so ties resolve as torch.argmin's do. Every score is the same k-ordered sum on every clone, fused
+// multiply-adds on AVX2 and AVX-512, separate multiplies and adds on the baseline (which may therefore resolve
+// a near-tie differently, as any two BLAS builds may).
 template <class T>
 __attribute__((always_inline)) inline void micro_tile_body(const float* s, int64_t d, const float* xt, int64_t ld,
                                                            const float* sq, float* best, int32_t* best_idx,
-                                                           int32_t first_idx) {
+                                                           int32_t first_idx, int64_t best_ld) {
   typedef typename T::vf vf;
   typedef typename T::vi vi;
   constexpr int W = T::W, R = T::R;
@@ -81,8 +90,8 @@ __attribute__((always_inline)) inline void micro_tile_body(const float* s, int64
     const vf sqj = *reinterpret_cast<const vf*>(sq + j * W);
     const vi idx = lane + (first_idx + j * W);
     for (int r = 0; r < R; ++r) {
-      vf* b = reinterpret_cast<vf*>(best + r * 2 * W + j * W);
-      vi* bi = reinterpret_cast<vi*>(best_idx + r * 2 * W + j * W);
+      vf* b = reinterpret_cast<vf*>(best + r * best_ld + j * W);
+      vi* bi = reinterpret_cast<vi*>(best_idx + r * best_ld + j * W);
       const vf score = sqj - 2.0f * acc[r][j];
       const vi better = score < *b;
       *b = better ? score : *b;
@@ -91,29 +100,30 @@ __attribute__((always_inline)) inline void micro_tile_body(const float* s, int64
   }
 }
 
-using MicroTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int32_t*, int32_t);
+using MicroTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int32_t*, int32_t,
+                           int64_t);
+#define FASTALIGN_MICRO_TILE(NAME, TARGET, TILE)                                                                   \
+  TARGET void NAME(const float* s, int64_t d, const float* xt, int64_t ld, const float* sq, float* best,         \
+                   int32_t* best_idx, int32_t first_idx, int64_t best_ld) {                                      \
+    micro_tile_body<TILE>(s, d, xt, ld, sq, best, best_idx, first_idx, best_ld);                                  \
+  }
+FASTALIGN_MICRO_TILE(micro_tile_avx512, __attribute__((target("avx512f,avx2,fma"))), Avx512Tile)
+FASTALIGN_MICRO_TILE(micro_tile_avx2, __attribute__((target("avx2,fma"))), Avx2Tile)
+FASTALIGN_MICRO_TILE(micro_tile_fma128, __attribute__((target("avx2,fma"))), SseTile)  // 8 columns, with FMA
+FASTALIGN_MICRO_TILE(micro_tile_sse, , SseTile)
+#undef FASTALIGN_MICRO_TILE
 
-__attribute__((target("avx512f,avx2,fma"))) void micro_tile_avx512(const float* s, int64_t d, const float* xt,
-                                                                   int64_t ld, const float* sq, float* best,
-                                                                   int32_t* best_idx, int32_t first_idx) {
-  micro_tile_body<Avx512Tile>(s, d, xt, ld, sq, best, best_idx, first_idx);
-}
+struct Tile {
+  MicroTile fn;
+  int rows, cols;  // samples x alternatives
+};
 
-__attribute__((target("avx2,fma"))) void micro_tile_avx2(const float* s, int64_t d, const float* xt, int64_t ld,
-                                                         const float* sq, float* best, int32_t* best_idx,
-                                                         int32_t first_idx) {
-  micro_tile_body<Avx2Tile>(s, d, xt, ld, sq, best, best_idx, first_idx);
-}
-
-void micro_tile_default(const float* s, int64_t d, const float* xt, int64_t ld, const float* sq, float* best,
-                        int32_t* best_idx, int32_t first_idx) {
-  micro_tile_body<Avx2Tile>(s, d, xt, ld, sq, best, best_idx, first_idx);
-}
-
+// One instruction set's tiles: the widest for full panels, narrower ones for a group's last few alternatives
+// (a prompt's 2-4 answers would otherwise fill a 32-column tile with padding). The three compute every score
+// with the same operations in the same order, so which one scores an alternative changes no result.
 struct Kernel {
   const char* name;
-  MicroTile fn;
-  int rows, cols;  // the micro-tile: samples x alternatives
+  Tile wide, mid, narrow;  // at most 32, 16 and 8 columns; rows divide wide.rows
 };
 
 // Chosen by CPU features, not CPU model (GCC's target_clones("arch=haswell") would skip AMD CPUs with AVX2);
@@ -121,10 +131,13 @@ struct Kernel {
 std::vector<Kernel> supported_kernels() {
   std::vector<Kernel> out;
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const Tile avx2_tile{micro_tile_avx2, Avx2Tile::R, 2 * Avx2Tile::W};
+  const Tile fma128_tile{micro_tile_fma128, SseTile::R, 2 * SseTile::W};
+  const Tile sse_tile{micro_tile_sse, SseTile::R, 2 * SseTile::W};
   if (avx2 && __builtin_cpu_supports("avx512f"))
-    out.push_back({"avx512", micro_tile_avx512, Avx512Tile::R, 2 * Avx512Tile::W});
-  if (avx2) out.push_back({"avx2", micro_tile_avx2, Avx2Tile::R, 2 * Avx2Tile::W});
-  out.push_back({"baseline", micro_tile_default, Avx2Tile::R, 2 * Avx2Tile::W});
+    out.push_back({"avx512", {micro_tile_avx512, Avx512Tile::R, 2 * Avx512Tile::W}, avx2_tile, fma128_tile});
+  if (avx2) out.push_back({"avx2", avx2_tile, avx2_tile, fma128_tile});
+  out.push_back({"baseline", sse_tile, sse_tile, sse_tile});
   return out;
 }
 
@@ -156,11 +169,12 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
   TORCH_CHECK(points_in.dim() == 2 && points_in.scalar_type() == at::kFloat, "nn_count: points must be fp32 [M, d]");
   TORCH_CHECK(num_samples >= 1 && num_samples <= INT32_MAX, "nn_count: num_samples out of range");
   const Kernel kernel = pick_kernel(kernel_name);
-  TORCH_CHECK(block_samples >= kernel.rows && block_samples % 12 == 0,
+  TORCH_CHECK(block_samples >= kernel.wide.rows && block_samples % 12 == 0,
               "nn_count: block_samples must be a multiple of 12 (every micro-tile's rows)");
   TORCH_CHECK(block_alternatives >= kMaxTileCols && block_alternatives % kMaxTileCols == 0,
               "nn_count: block_alternatives must be a multiple of ", kMaxTileCols);
-  TORCH_CHECK(points_in.size(0) < INT32_MAX, "nn_count: at most 2^31 - 1 alternatives");
+  TORCH_CHECK(points_in.size(0) + kMaxTileCols <= INT32_MAX, "nn_count: at most 2^31 - 33 alternatives");
+  TORCH_CHECK(group_start_in.dim() == 1 && group_start_in.numel() >= 1, "nn_count: group_start must be [G+1]");
   const at::Tensor points = points_in.contiguous();
   const at::Tensor sq_norms = sq_norms_in.to(at::kFloat).contiguous();
   const at::Tensor group_start = group_start_in.to(at::kLong).contiguous();
@@ -173,33 +187,41 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
   const float* x = points.data_ptr<float>();
   const float* sq = sq_norms.data_ptr<float>();
   const int64_t* start = group_start.data_ptr<int64_t>();
+  TORCH_CHECK(start[0] == 0 && start[n_groups] == m_total, "nn_count: group_start must run from 0 to M = ", m_total,
+              ", got ", start[0], " to ", start[n_groups]);
+  for (int64_t g = 0; g < n_groups; ++g)
+    TORCH_CHECK(start[g] <= start[g + 1], "nn_count: group_start must not decrease (group ", g, ")");
   const uint32_t* key = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
   const float* wid = width.data_ptr<float>();
 
-  // Every group's alternatives packed once, before the parallel region, in panels of kMaxTileCols columns:
-  // panel p holds [d][kMaxTileCols] floats (transposed: a micro-tile reads a row of it per k), zeros and +inf
-  // norms past its group's end. Memory: about M x d floats, like the points themselves.
-  std::vector<int64_t> first_panel(n_groups + 1, 0);
-  for (int64_t g = 0; g < n_groups; ++g)
-    first_panel[g + 1] = first_panel[g] + (start[g + 1] - start[g] + kMaxTileCols - 1) / kMaxTileCols;
+  // Alternatives in panels of kMaxTileCols columns: a panel holds [d][kMaxTileCols] floats (transposed: a
+  // micro-tile reads a row of it per k), zeros and +inf norms past its group's end. A group larger than one
+  // cache block (block_alternatives) is packed once, here, before the parallel region: together about M x d
+  // floats, like the points. A smaller group (clone-robust groups are a prompt's few answers) is packed by each
+  // task for each block of samples into the task's own buffer, so no group is padded in memory beyond a panel
+  // per task; the packing costs ~1/block_samples of the block's work.
+  const int64_t panels_per_block = block_alternatives / kMaxTileCols;
   const int64_t panel_floats = d * kMaxTileCols;
+  auto n_panels = [&](int64_t g) { return (start[g + 1] - start[g] + kMaxTileCols - 1) / kMaxTileCols; };
+  auto packed_once = [&](int64_t g) { return n_panels(g) > panels_per_block; };
+  std::vector<int64_t> first_panel(n_groups + 1, 0);
+  for (int64_t g = 0; g < n_groups; ++g) first_panel[g + 1] = first_panel[g] + (packed_once(g) ? n_panels(g) : 0);
   std::vector<float> panels(static_cast<size_t>(first_panel[n_groups]) * panel_floats);
   std::vector<float> panel_sq(static_cast<size_t>(first_panel[n_groups]) * kMaxTileCols);
-  for (int64_t g = 0; g < n_groups; ++g) {
-    at::parallel_for(first_panel[g], first_panel[g + 1], 64, [&](int64_t p_begin, int64_t p_end) {
-      for (int64_t p = p_begin; p < p_end; ++p) {
-        const int64_t m0 = start[g] + (p - first_panel[g]) * kMaxTileCols;
-        float* panel = panels.data() + p * panel_floats;
-        for (int64_t c = 0; c < kMaxTileCols; ++c) {
-          const bool real = m0 + c < start[g + 1];
-          panel_sq[p * kMaxTileCols + c] = real ? sq[m0 + c] : std::numeric_limits<float>::infinity();
-          for (int64_t k = 0; k < d; ++k) panel[k * kMaxTileCols + c] = real ? x[(m0 + c) * d + k] : 0.0f;
-        }
-      }
-    });
-  }
-  // alternatives per cache block: the panels a block of samples sweeps before moving on stay in L2
-  const int64_t panels_per_block = block_alternatives / kMaxTileCols;
+  auto pack = [&](int64_t m0, int64_t m_end, float* panel, float* psq) {  // one panel from alternative m0 on
+    for (int64_t c = 0; c < kMaxTileCols; ++c) {
+      const bool real = m0 + c < m_end;
+      psq[c] = real ? sq[m0 + c] : std::numeric_limits<float>::infinity();
+      for (int64_t k = 0; k < d; ++k) panel[k * kMaxTileCols + c] = real ? x[(m0 + c) * d + k] : 0.0f;
+    }
+  };
+  at::parallel_for(0, first_panel[n_groups], 16, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t g = std::upper_bound(first_panel.begin(), first_panel.end(), p) - first_panel.begin() - 1;
+      pack(start[g] + (p - first_panel[g]) * kMaxTileCols, start[g + 1], panels.data() + p * panel_floats,
+           panel_sq.data() + p * kMaxTileCols);
+    }
+  });
 
   const int64_t blocks_per_group = (num_samples + block_samples - 1) / block_samples;
   const int64_t n_blocks = n_groups * blocks_per_group;
@@ -209,7 +231,8 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
   at::parallel_for(0, n_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     int64_t* counts = thread_counts.data() + static_cast<size_t>(at::get_thread_num()) * m_total;
     std::vector<float> samples(block_samples * d);
-    const int lanes = kernel.cols;  // per-lane running minima, [block_samples][lanes]
+    std::vector<float> own_panels(panels_per_block * panel_floats), own_sq(panels_per_block * kMaxTileCols);
+    const int lanes = kMaxTileCols;  // per-lane running minima, [block_samples][lanes]
     std::vector<float> best(block_samples * lanes);
     std::vector<int32_t> best_idx(block_samples * lanes);
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -222,22 +245,41 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
         for (int64_t k = 0; k < d; ++k)
           samples[r * d + k] = (uniform(index, key[g * d + k]) - 0.5f) * wid[g * d + k];
       }
-      std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
-      std::fill(best_idx.begin(), best_idx.end(), static_cast<int32_t>(start[g]));
-      for (int64_t p0 = first_panel[g]; p0 < first_panel[g + 1]; p0 += panels_per_block) {
-        const int64_t p1 = std::min(p0 + panels_per_block, first_panel[g + 1]);
-        for (int64_t r = 0; r < block_samples; r += kernel.rows) {
+      // the lanes this group's tiles use (a 2-answer group: the narrow tile's 8), filled and reduced, no more
+      const int64_t size = start[g + 1] - start[g];
+      const int used = size > 16 ? kernel.wide.cols : (size > 8 ? kernel.mid.cols : kernel.narrow.cols);
+      for (int64_t r = 0; r < block_samples; ++r) {
+        std::fill_n(best.data() + r * lanes, used, std::numeric_limits<float>::infinity());
+        std::fill_n(best_idx.data() + r * lanes, used, static_cast<int32_t>(start[g]));
+      }
+      const float* group_panels = panels.data() + first_panel[g] * panel_floats;
+      const float* group_sq = panel_sq.data() + first_panel[g] * kMaxTileCols;
+      if (!packed_once(g)) {
+        for (int64_t p = 0; p < n_panels(g); ++p)
+          pack(start[g] + p * kMaxTileCols, start[g + 1], own_panels.data() + p * panel_floats,
+               own_sq.data() + p * kMaxTileCols);
+        group_panels = own_panels.data();
+        group_sq = own_sq.data();
+      }
+      for (int64_t p0 = 0; p0 < n_panels(g); p0 += panels_per_block) {
+        const int64_t p1 = std::min(p0 + panels_per_block, n_panels(g));
+        for (int64_t r = 0; r < block_samples; r += kernel.wide.rows) {
           for (int64_t p = p0; p < p1; ++p) {
-            const int32_t m0 = static_cast<int32_t>(start[g] + (p - first_panel[g]) * kMaxTileCols);
-            for (int c = 0; c < kMaxTileCols; c += kernel.cols)
-              kernel.fn(samples.data() + r * d, d, panels.data() + p * panel_floats + c, kMaxTileCols,
-                        panel_sq.data() + p * kMaxTileCols + c, best.data() + r * lanes, best_idx.data() + r * lanes,
-                        m0 + c);
+            const int64_t m0 = start[g] + p * kMaxTileCols;
+            const int64_t real = std::min<int64_t>(kMaxTileCols, start[g + 1] - m0);  // alternatives in the panel
+            for (int c = 0; c < real;) {  // the narrowest tile that covers what is left, no all-padding tile
+              const Tile& t = real - c > 16 ? kernel.wide : (real - c > 8 ? kernel.mid : kernel.narrow);
+              for (int rr = 0; rr < kernel.wide.rows; rr += t.rows)
+                t.fn(samples.data() + (r + rr) * d, d, group_panels + p * panel_floats + c, kMaxTileCols,
+                     group_sq + p * kMaxTileCols + c, best.data() + (r + rr) * lanes,
+                     best_idx.data() + (r + rr) * lanes, static_cast<int32_t>(m0 + c), lanes);
+              c += t.cols;
+            }
           }
         }
       }
       for (int64_t r = 0; r < rows; ++r)
-        counts[reduce_lanes(best.data() + r * lanes, best_idx.data() + r * lanes, lanes)] += 1;
+        counts[reduce_lanes(best.data() + r * lanes, best_idx.data() + r * lanes, used)] += 1;
     }
   });
 

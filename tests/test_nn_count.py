@@ -91,15 +91,19 @@ def _cpp_kernels():
 
 @pytest.mark.parametrize("kernel", _cpp_kernels())
 @pytest.mark.parametrize("sizes,d,num_samples", [
-    ([1100], 33, 48),      # 35 panels of 32 columns, two cache blocks (992 alternatives each at d=33), ragged tail
-    ([5, 70, 31], 8, 50),  # groups that end inside a panel, one launch
+    # a group of 35 panels of 32 columns in two cache blocks (992 alternatives each at d=33), packed once, with a
+    # ragged last panel; and a small group packed per block of samples, in the same call
+    ([1100, 7], 33, 500),
+    ([5, 70, 31, 12], 8, 50),  # small groups only: 8-, 16- and 32-column tiles, groups ending inside a panel
 ])
 def test_every_cpp_kernel_matches_float64_reference(kernel, sizes, d, num_samples):
     """Each micro-kernel this CPU has (AVX-512, AVX2, baseline), not only the one the op picks here."""
     from fastalign.backends import nn_count_cpp
-    points, sq, start, keys, width = _problem(sizes, d, seed=5)
+    points, sq, start, keys, width = _problem(sizes, d, seed=6)
     got = nn_count_cpp.count_with_kernel(points, sq, start, keys, width, num_samples, kernel)
     want, gaps = reference_counts(points, start, keys, width, num_samples)
+    if sizes[0] == 1100:  # the second cache block and the last panel must win samples, or they go untested
+        assert want[992:1100].sum() > 0 and want[1088:1100].sum() > 0
     assert int(got.sum()) == num_samples * len(sizes)
     n_close = int((gaps < 1e-4 * (1 + np.abs(gaps).max())).sum())
     assert np.abs(got.numpy() - want).sum() <= 2 * n_close, (kernel, got.numpy(), want)
@@ -108,29 +112,49 @@ def test_every_cpp_kernel_matches_float64_reference(kernel, sizes, d, num_sample
 @pytest.mark.parametrize("kernel", _cpp_kernels())
 def test_cpp_kernels_give_exact_duplicates_to_the_first_as_argmin_does(kernel):
     """Clones: an exact duplicate ties its original in every score; the first index wins, as torch.argmin's
-    does, whether the two share a lane (3, 35), not (3, 20), or sit in different cache blocks (3, 1050)."""
+    does, whether the two share a lane (o, o + 32), not (o, o + 17), or sit in different cache blocks (o, 1050)."""
     from fastalign.backends import nn_count_cpp
-    points, _, start, keys, width = _problem([1100], 33, seed=6)
-    for dup in (35, 20, 1050):
-        points[dup] = points[3]
+    points, sq, start, keys, width = _problem([1100], 33, seed=6)
+    before = get_backend("torch", op="nn_count").count(points, sq, start, keys, width, 500)
+    o = int(before[:900].argmax())  # the original: a point that wins many samples
+    dups = [o + 32, o + 17, 1050]
+    for dup in dups:
+        points[dup] = points[o]
     sq = (points.double() ** 2).sum(1).float()
     got = nn_count_cpp.count_with_kernel(points, sq, start, keys, width, 500, kernel)
     torch_counts = get_backend("torch", op="nn_count").count(points, sq, start, keys, width, 500)
-    assert int(got[3]) > 0 and int(got[[20, 35, 1050]].sum()) == 0
-    assert int(torch_counts[[20, 35, 1050]].sum()) == 0
+    assert int(got[o]) >= int(before[o]) > 5 and int(got[dups].sum()) == 0
+    assert int(torch_counts[dups].sum()) == 0
 
 
-def test_cpp_nn_count_rejects_an_unknown_kernel_and_skips_empty_groups():
+@pytest.mark.parametrize("group_start", [[0, 0, 5], [0, 5, 5], [0, 2, 2, 5]])
+def test_cpp_nn_count_skips_empty_groups_like_torch(group_start):
+    """An empty group, first, last or between two others: no alternative to count, the others as in torch."""
+    if "cpp" not in cpu_backends():
+        pytest.skip("no C++ extension")
+    points, sq, _, keys, width = _problem([5], 4)
+    g = len(group_start) - 1
+    keys, width = keys.repeat(g, 1), width.repeat(g, 1)
+    start = torch.tensor(group_start)
+    want = get_backend("torch", op="nn_count").count(points, sq, start, keys, width, 40)
+    for kernel in _cpp_kernels():
+        from fastalign.backends import nn_count_cpp
+        got = nn_count_cpp.count_with_kernel(points, sq, start, keys, width, 40, kernel)
+        assert torch.equal(got, want), (kernel, got, want)
+
+
+def test_cpp_nn_count_rejects_unknown_kernels_and_bad_group_bounds():
     if "cpp" not in cpu_backends():
         pytest.skip("no C++ extension")
     from fastalign.backends import nn_count_cpp
-    points, sq, _, keys, width = _problem([5], 4)
-    keys = torch.cat([keys, keys])
-    width = torch.cat([width, width])
+    points, sq, start, keys, width = _problem([5], 4)
     with pytest.raises(RuntimeError, match="kernel 'sse9' is not supported on this CPU; supported: auto"):
-        nn_count_cpp.count_with_kernel(points, sq, torch.tensor([0, 5]), keys[:1], width[:1], 10, "sse9")
-    got = nn_count_cpp.count_with_kernel(points, sq, torch.tensor([0, 0, 5]), keys, width, 10, "auto")
-    assert int(got.sum()) == 10
+        nn_count_cpp.count_with_kernel(points, sq, start, keys, width, 10, "sse9")
+    with pytest.raises(RuntimeError, match="group_start must run from 0 to M = 5, got 0 to 4"):
+        nn_count_cpp.count_with_kernel(points, sq, torch.tensor([0, 4]), keys, width, 10, "auto")
+    with pytest.raises(RuntimeError, match=r"group_start must not decrease \(group 1\)"):
+        nn_count_cpp.count_with_kernel(points, sq, torch.tensor([0, 6, 5]), keys.repeat(2, 1), width.repeat(2, 1),
+                                       10, "auto")
 
 
 def test_sample_generator_matches_reference_bits():
