@@ -4,7 +4,7 @@
 #   bash bench/gpu_wheels.sh        here, first: peer wheels + .whl/GIT_COMMIT (the device copy may lack .git)
 #   run(command="bash bench/run_gpu.sh tests", carry=[".whl"], timeout_s=600)    gpu-marked tests + backend smoke
 #   run(command="bash bench/run_gpu.sh kernels", carry=[".whl"], timeout_s=600)  bench_linear_logprobs.py per head
-#   run(command="bash bench/run_gpu.sh losses", carry=[".whl"], timeout_s=600)   bench/bench_dpo_loss.py
+#   run(command="bash bench/run_gpu.sh losses", carry=[".whl"], timeout_s=600)   bench_dpo_loss.py, bench_nn_count.py
 #   run(command="bash bench/run_gpu.sh e2e", carry=[".whl"], timeout_s=600)      bench/bench_e2e_dpo.py (vs TRL)
 #   run(command="bash bench/run_gpu.sh peers", carry=[".whl"], timeout_s=600)    the Liger / Cut Cross-Entropy rows
 #   bash bench/run_gpu.sh all       every stage in turn (local use: longer than one device call)
@@ -181,7 +181,11 @@ stage_kernels() {
         bench "kernels_$head" 170 bench/bench_linear_logprobs.py --heads "$head" --tag "$head"
     done
 }
-stage_losses() { bench bench_dpo_loss 480 bench/bench_dpo_loss.py; }
+stage_losses() {
+    bench bench_dpo_loss 480 bench/bench_dpo_loss.py
+    # the clone-robust weights' op (issue 8's GPU figures): triton vs the torch baseline, one timed run per row
+    bench bench_nn_count 90 bench/bench_nn_count.py --repeats 1
+}
 stage_e2e() { bench bench_e2e_dpo 460 bench/bench_e2e_dpo.py; }
 stage_peers() {
     # the peers' variants only (naive always runs: the baseline of the ratios); the DPO-loss bench is small whole

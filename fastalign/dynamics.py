@@ -108,9 +108,22 @@ def distinguishability_from_features(chosen, rejected, *, n_bootstrap=1000, conf
         degenerate = int(np.isinf(values[1:]).sum())
         warnings.warn(f"distinguishability: {degenerate} of {int(n_bootstrap)} bootstrap resamples of these {n} "
                       "pairs drew copies of a single pair (zero spread, an infinite ratio), so the interval's upper "
-                      f"end is infinite: {n} pairs cannot bound it (4 or more pairs usually do)", stacklevel=2)
+                      f"end is infinite: {n} pairs cannot bound it (4 or more pairs usually do)",
+                      stacklevel=_caller_stacklevel())
     return DistinguishabilityResult(value=float(values[0]), ci_low=float(lo), ci_high=float(hi), n_pairs=n,
                                     distance=float(distance[0]), spread=float(spread[0]))
+
+
+def _caller_stacklevel():
+    """The ``stacklevel`` that points a warning raised by our caller at the first frame outside fastalign (the
+    user's call, whether of distinguishability_from_features or of distinguishability)."""
+    import os
+    import sys
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _group_rows(rows, groups, min_pairs):

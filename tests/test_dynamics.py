@@ -70,8 +70,10 @@ def test_distinguishability_of_two_pairs_warns_that_its_interval_is_unbounded():
     import warnings
     rng = np.random.default_rng(1)
     chosen, rejected = rng.normal(size=(8, 4)), rng.normal(size=(8, 4)) + 1.0
-    with pytest.warns(UserWarning, match=r"of 200 bootstrap resamples of these 2 pairs drew copies of a single pair"):
+    with pytest.warns(UserWarning, match=r"of 200 bootstrap resamples of these 2 pairs drew copies of a single pair") \
+            as caught:
         res = dyn.distinguishability_from_features(chosen[:2], rejected[:2], n_bootstrap=200, seed=0)
+    assert caught[0].filename == __file__  # the warning points at the caller's line, not into fastalign
     assert math.isinf(res.ci_high) and math.isfinite(res.value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -14,9 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "run_gpu.sh")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 HEADS = ["kernels_qwen2.5-0.5b"]  # one head (FASTALIGN_GPU_HEADS): the dry run ignores --heads, so more add time only
-BENCH = {"kernels": HEADS, "losses": ["bench_dpo_loss"], "e2e": ["bench_e2e_dpo"],
+BENCH = {"kernels": HEADS, "losses": ["bench_dpo_loss", "bench_nn_count"], "e2e": ["bench_e2e_dpo"],
          "peers": ["peers_linear_logprobs", "peers_dpo_loss"]}
 SCRIPTS = {**{h: "bench_linear_logprobs.py" for h in HEADS}, "bench_dpo_loss": "bench_dpo_loss.py",
+           "bench_nn_count": "bench_nn_count.py",
            "bench_e2e_dpo": "bench_e2e_dpo.py", "peers_linear_logprobs": "bench_linear_logprobs.py",
            "peers_dpo_loss": "bench_dpo_loss.py"}
 
