@@ -86,7 +86,10 @@ def _cpp_kernels():
     if "cpp" not in cpu_backends():
         return []
     from fastalign.backends import nn_count_cpp
-    return nn_count_cpp.kernels()
+    try:
+        return nn_count_cpp.kernels()
+    except RuntimeError:  # a stale build: the tests below run once and report it, collection does not fail
+        return ["auto"]
 
 
 @pytest.mark.parametrize("kernel", _cpp_kernels())
@@ -178,3 +181,12 @@ def test_cpp_source_keeps_blas_out_of_parallel_regions():
     src = (pathlib.Path(__file__).parents[1] / "csrc" / "nn_count.cpp").read_text()
     for call in ("at::mm", "at::matmul", "addmm", "at::bmm", ".mm(", "cblas"):
         assert call not in src, call
+
+
+def test_a_stale_extension_is_named_not_an_attribute_error(monkeypatch):
+    """A checkout updated without rebuilding keeps a prebuilt _C that lacks the kernel choice: say so."""
+    from fastalign import _ext
+    from fastalign.backends import nn_count_cpp
+    monkeypatch.setattr(_ext, "C", object(), raising=False)
+    with pytest.raises(RuntimeError, match=r"built from older sources than this checkout's csrc/nn_count.cpp"):
+        nn_count_cpp.kernels()

@@ -31,10 +31,20 @@ def count(points, sq_norms, group_start, keys, width, num_samples):
 
 def kernels():
     """The micro-kernels this CPU can run, widest first ("avx512", "avx2", "baseline"); the op uses the first."""
-    return list(_ext.C.nn_count_kernels())
+    return list(_current_extension().nn_count_kernels())
 
 
 def count_with_kernel(points, sq_norms, group_start, keys, width, num_samples, kernel):
     """``count`` with a named micro-kernel (one of ``kernels()``): the tests compare every kernel this CPU has."""
-    return _ext.C.nn_count(points, sq_norms, group_start, keys, width, num_samples, BLOCK_SAMPLES,
-                           _block_alternatives(points.shape[1]), kernel)
+    return _current_extension().nn_count(points, sq_norms, group_start, keys, width, num_samples, BLOCK_SAMPLES,
+                                         _block_alternatives(points.shape[1]), kernel)
+
+
+def _current_extension():
+    """The extension, or a clear error when it was built from older sources than these (a checkout updated
+    without rebuilding keeps its prebuilt fastalign._C, which lacks the kernel choice)."""
+    ext = _ext.C
+    if not hasattr(ext, "nn_count_kernels"):
+        raise RuntimeError(f"the C++ extension ({_ext.PATH}) was built from older sources than this checkout's "
+                           "csrc/nn_count.cpp: rebuild it (`make install` or `pip install -e .`)")
+    return ext
