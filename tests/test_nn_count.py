@@ -130,6 +130,20 @@ def test_cpp_kernels_give_exact_duplicates_to_the_first_as_argmin_does(kernel):
     assert int(torch_counts[dups].sum()) == 0
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_every_backend_gives_exact_duplicates_to_the_first(backend):
+    """Clones (exact duplicates) on every backend: the first index takes all their samples, as argmin does."""
+    points, sq, start, keys, width = _problem([40], 8, seed=6)
+    before = get_backend("torch", op="nn_count").count(points, sq, start, keys, width, 300)
+    o = int(before[:20].argmax())
+    dups = [o + 16, o + 5, 39]
+    for dup in dups:
+        points[dup] = points[o]
+    sq = (points.double() ** 2).sum(1).float()
+    got = get_backend(backend, op="nn_count").count(points, sq, start, keys, width, 300)
+    assert int(got[o]) >= int(before[o]) > 5 and int(got[dups].sum()) == 0
+
+
 @pytest.mark.parametrize("group_start", [[0, 0, 5], [0, 5, 5], [0, 2, 2, 5]])
 def test_cpp_nn_count_skips_empty_groups_like_torch(group_start):
     """An empty group, first, last or between two others: no alternative to count, the others as in torch."""
