@@ -1,8 +1,8 @@
 // Nearest-neighbour counting on CPU (the clone-robust weights' heavy part): for every group, num_samples
 // uniform points of the group's box, each assigned to its nearest alternative; counts per alternative.
 //
-// Threading (DESIGN.md's CPU rule): the alternatives are packed once, then one at::parallel_for runs over blocks
-// of samples. Each task generates its samples, computes scores |x|^2 - 2 s.x with a hand-written,
+// Threading (DESIGN.md's CPU rule): the alternatives of large groups are packed once, then one at::parallel_for
+// runs over blocks of samples. Each task generates its samples, packs a small group's alternatives itself, computes scores |x|^2 - 2 s.x with a hand-written,
 // register-blocked inner product (no BLAS call inside the parallel region; AVX-512, AVX2 or baseline code,
 // chosen at run time by the CPU's features), keeps a running (min, argmin) per sample and lane, and counts into
 // its thread's own counts row; the rows are summed once at the end. No [samples x alternatives] matrix is stored.
@@ -28,6 +28,7 @@ namespace {
 // Each lane keeps its own running (min, argmin) in memory across the alternatives of a block (vector compare and
 // select, no scalar loop per score); a row's lanes are reduced once per block (see reduce_lanes).
 constexpr int kMaxTileCols = 32;  // the widest micro-tile (AVX-512); block_alternatives is a multiple of it
+constexpr int kMaxTileRows = 12;  // the tallest (AVX-512); every tile's rows divide it, block_samples is a multiple
 
 struct Avx512Tile {
   typedef float vf __attribute__((vector_size(64), aligned(4)));
@@ -44,6 +45,8 @@ struct SseTile {
   typedef int32_t vi __attribute__((vector_size(16), aligned(4)));
   static constexpr int W = 4, R = 6;
 };
+static_assert(Avx512Tile::R == kMaxTileRows && kMaxTileRows % Avx2Tile::R == 0 && kMaxTileRows % SseTile::R == 0,
+              "block_samples, a multiple of kMaxTileRows, must hold whole micro-tiles of every kind");
 
 inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
@@ -126,6 +129,12 @@ struct Kernel {
   Tile wide, mid, narrow;  // at most 32, 16 and 8 columns; rows divide wide.rows
 };
 
+// The narrowest of a kernel's tiles that covers `left` alternatives (all of a wide tile when more are left): a
+// panel's tiles, and so the lanes a group's minima use.
+inline const Tile& tile_for(const Kernel& kernel, int64_t left) {
+  return left > 16 ? kernel.wide : (left > 8 ? kernel.mid : kernel.narrow);
+}
+
 // Chosen by CPU features, not CPU model (GCC's target_clones("arch=haswell") would skip AMD CPUs with AVX2);
 // __builtin_cpu_supports also checks that the OS saves the wide registers. Widest first.
 std::vector<Kernel> supported_kernels() {
@@ -169,8 +178,8 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
   TORCH_CHECK(points_in.dim() == 2 && points_in.scalar_type() == at::kFloat, "nn_count: points must be fp32 [M, d]");
   TORCH_CHECK(num_samples >= 1 && num_samples <= INT32_MAX, "nn_count: num_samples out of range");
   const Kernel kernel = pick_kernel(kernel_name);
-  TORCH_CHECK(block_samples >= kernel.wide.rows && block_samples % 12 == 0,
-              "nn_count: block_samples must be a multiple of 12 (every micro-tile's rows)");
+  TORCH_CHECK(block_samples >= kMaxTileRows && block_samples % kMaxTileRows == 0,
+              "nn_count: block_samples must be a multiple of ", kMaxTileRows, " (every micro-tile's rows)");
   TORCH_CHECK(block_alternatives >= kMaxTileCols && block_alternatives % kMaxTileCols == 0,
               "nn_count: block_alternatives must be a multiple of ", kMaxTileCols);
   TORCH_CHECK(points_in.size(0) + kMaxTileCols <= INT32_MAX, "nn_count: at most 2^31 - 33 alternatives");
@@ -246,8 +255,7 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
           samples[r * d + k] = (uniform(index, key[g * d + k]) - 0.5f) * wid[g * d + k];
       }
       // the lanes this group's tiles use (a 2-answer group: the narrow tile's 8), filled and reduced, no more
-      const int64_t size = start[g + 1] - start[g];
-      const int used = size > 16 ? kernel.wide.cols : (size > 8 ? kernel.mid.cols : kernel.narrow.cols);
+      const int used = tile_for(kernel, start[g + 1] - start[g]).cols;
       for (int64_t r = 0; r < block_samples; ++r) {
         std::fill_n(best.data() + r * lanes, used, std::numeric_limits<float>::infinity());
         std::fill_n(best_idx.data() + r * lanes, used, static_cast<int32_t>(start[g]));
@@ -268,7 +276,7 @@ at::Tensor nn_count(const at::Tensor& points_in, const at::Tensor& sq_norms_in, 
             const int64_t m0 = start[g] + p * kMaxTileCols;
             const int64_t real = std::min<int64_t>(kMaxTileCols, start[g + 1] - m0);  // alternatives in the panel
             for (int c = 0; c < real;) {  // the narrowest tile that covers what is left, no all-padding tile
-              const Tile& t = real - c > 16 ? kernel.wide : (real - c > 8 ? kernel.mid : kernel.narrow);
+              const Tile& t = tile_for(kernel, real - c);
               for (int rr = 0; rr < kernel.wide.rows; rr += t.rows)
                 t.fn(samples.data() + (r + rr) * d, d, group_panels + p * panel_floats + c, kMaxTileCols,
                      group_sq + p * kMaxTileCols + c, best.data() + (r + rr) * lanes,
