@@ -29,6 +29,7 @@ import fastalign as fa  # noqa: E402
 from bench import peers  # noqa: E402
 from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
                           markdown_table, publish, write_results)
+from fastalign import chunk_pass_fused  # noqa: E402
 from fastalign.profiling import PeakMemory  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
 
@@ -94,10 +95,32 @@ def _fastalign_loss(ctx):
         out.append((f"fastalign NLL[{b}] grad-in-fwd", (lambda b: lambda h, w, t: fa.fused_linear_nll_loss(
             h, w, t, softcap=ctx.softcap, backend=b, reduction="sum"))(b), -1))
         if b == "cpp":  # --chunk-rows: the time / memory trade of the chunk size, one row each
-            out += [(f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r}", (lambda r: lambda h, w, t:
-                     fa.fused_linear_nll_loss(h, w, t, softcap=ctx.softcap, backend="cpp", reduction="sum",
-                                              chunk_rows=r))(r), -1) for r in ctx.chunk_rows]
+            for r in ctx.chunk_rows:
+                fn = (lambda r: lambda h, w, t: fa.fused_linear_nll_loss(h, w, t, softcap=ctx.softcap, backend="cpp",
+                                                                         reduction="sum", chunk_rows=r))(r)
+                out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r}", fn, -1))
+                if r <= chunk_pass_fused.FUSED_CHUNK_MAX_ROWS and _fused_pass_runs(ctx):  # and BLAS's, for scale
+                    out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r} BLAS chunks", _blas_chunks(fn), -1))
     return out
+
+
+def _fused_pass_runs(ctx):
+    """Whether thin fp32 chunks take the fused pass here (fastalign/chunk_pass_fused.py; H is checked per shape
+    by the pass itself, and every goal shape has H a multiple of 16)."""
+    from fastalign.backends.loss_rows_cpp import chunk_gemms_supported
+    return ctx.device.type == "cpu" and ctx.dtype == torch.float32 and ctx.softcap is None and chunk_gemms_supported()
+
+
+def _blas_chunks(fn):
+    """fn with the fused thin-chunk pass (fastalign/chunk_pass_fused.py) turned off: three BLAS calls per chunk."""
+    def run(h, w, t):
+        saved = chunk_pass_fused.FUSED_CHUNK_MAX_ROWS
+        chunk_pass_fused.FUSED_CHUNK_MAX_ROWS = 0
+        try:
+            return fn(h, w, t)
+        finally:
+            chunk_pass_fused.FUSED_CHUNK_MAX_ROWS = saved
+    return run
 
 
 def _liger(ctx):

@@ -68,6 +68,9 @@ def _chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     fp32 or fp64) of the plan's loss. bf16/fp16 inputs run their GEMMs in that type, as naive PyTorch's would; d_w
     then accumulates in that type too, chunk by chunk (as Liger-Kernel's chunked losses do): an fp32 [V, H]
     accumulator would cost twice the memory of the gradient itself."""
+    from fastalign.chunk_pass_fused import fused_chunk_pass, fused_chunks_usable
+    if fused_chunks_usable(hidden, weight, plan):
+        return fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b)
     rows_impl = get_backend(plan.backend, op="loss_rows")
     ct = _compute_dtype(hidden)
     n, v = hidden.shape[0], weight.shape[0]
@@ -202,12 +205,7 @@ def _exp_tile_gradients(tile, hc, weight, tgt, coeff, logp, lse, shift, inv_t, d
     GEMMs and computed from logp: 1 - p_y from E_y would cancel when p_y is near 1 (in a bf16 tile E_y is only
     good to 2^-9, so a confident prediction's gradient would be mostly rounding error)."""
     ct = lse.dtype
-    live = tgt >= 0
-    gs = torch.where(live, coeff.to(ct) * inv_t, torch.zeros((), dtype=ct, device=tile.device))
-    f = -gs * torch.exp(shift.to(ct) - lse)
-    t = -gs * torch.expm1(logp.to(ct))
-    live_rows = zero_target_entries(tile, tgt) if zero_targets else live.nonzero().squeeze(1)
-    y_live = tgt.index_select(0, live_rows)
+    f, t, live_rows, y_live = exp_tile_factors(tile, tgt, coeff, logp, lse, shift, inv_t, zero_targets)
     y = tgt.clamp_min(0)
     if d_h_c is not None:
         prod = torch.mm(tile.t(), weight).to(ct)
@@ -219,6 +217,18 @@ def _exp_tile_gradients(tile, hc, weight, tgt, coeff, logp, lse, shift, inv_t, d
     if d_b is not None:
         _write_or_add(d_b, torch.mv(tile, f.to(tile.dtype)).to(ct), first)
         d_b.index_add_(0, y_live, t_live)
+
+
+def exp_tile_factors(tile, tgt, coeff, logp, lse, shift, inv_t, zero_targets=True):
+    """The row factors of _exp_tile_gradients' formula: (f [C], t [C], the labelled rows live_rows and their
+    targets y_live); with zero_targets, E's entry at each labelled row's target is set to 0 (E becomes E')."""
+    ct = lse.dtype
+    live = tgt >= 0
+    gs = torch.where(live, coeff.to(ct) * inv_t, torch.zeros((), dtype=ct, device=tile.device))
+    f = -gs * torch.exp(shift.to(ct) - lse)
+    t = -gs * torch.expm1(logp.to(ct))
+    live_rows = zero_target_entries(tile, tgt) if zero_targets else live.nonzero().squeeze(1)
+    return f, t, live_rows, tgt.index_select(0, live_rows)
 
 
 class GradInForwardFunction(torch.autograd.Function):

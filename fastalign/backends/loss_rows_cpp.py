@@ -12,7 +12,7 @@ Between the two calls the tile holds exp(l - shift) without a softcap (the calle
 directly: see chunk_pass._exp_tile_gradients; the torch backend works on a bf16/fp16 tile in fp32 one vocabulary block at a
 time), and l with one.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -52,3 +52,32 @@ def rows_logsumexp_(tile, targets, opts):
 def rows_dlogits_(tile, lse, shift, targets, coeff, opts):
     _rows_dlogits(tile, lse, shift, targets, coeff, -1.0 if opts.softcap is None else opts.softcap,
                   1.0 / opts.temperature)
+
+
+# The GEMM work of a thin chunk in one pass over the vocabulary (fp32, AVX-512; see chunk_pass_fused.py and
+# csrc/linear_logprobs_chunk.cpp). Returns E^T W [rows, H] when need_p, else an empty [0, H].
+@torch.library.custom_op("fastalign::cpp_chunk_gemms_", mutates_args=("tile", "d_weight"))
+def _chunk_gemms(tile: torch.Tensor, rows: int, scaled_hidden: Optional[torch.Tensor], weight: torch.Tensor,
+                 d_weight: Optional[torch.Tensor], first: bool, need_p: bool, next_hidden: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+    return _ext.C.chunk_gemms_(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, alpha)
+
+
+@_chunk_gemms.register_fake
+def _(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, alpha):
+    return weight.new_empty(rows if need_p and rows > 0 else 0, weight.shape[1])
+
+
+def chunk_gemms_supported():
+    """Whether chunk_gemms_ runs here: the extension is built with it (an older prebuilt one is not) and the CPU
+    has AVX-512F."""
+    c = _ext.C
+    return c is not None and hasattr(c, "chunk_gemms_supported") and bool(c.chunk_gemms_supported())
+
+
+def chunk_gemms_(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, alpha):
+    """tile [V, ld] fp32 (E = exp(l - shift) in its first ``rows`` columns; ld a multiple of 16), scaled_hidden
+    [rows, H] and d_weight [V, H] (both or neither), next_hidden [Cn, H] or None, bias [V] (already divided by the
+    temperature) or None, alpha = 1 / temperature. d_weight (+)= E scaled_hidden (written when ``first``); returns
+    E^T W [rows, H] when need_p; then tile <- alpha W next_hidden^T + bias in its first Cn columns, 0 in the rest."""
+    return _chunk_gemms(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, float(alpha))

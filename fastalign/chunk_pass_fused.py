@@ -1,0 +1,74 @@
+"""The chunk pass for thin fp32 chunks on CPU: each chunk's GEMM work in one pass over the vocabulary.
+
+chunk_pass._chunk_pass makes three BLAS calls per chunk (the logits tile, then d_h and d_W from it). With thin
+chunks (the memory a chunk may take is what sets its rows: a [V, C] tile) each call streams all of W or d_W from
+memory for only C rows of work, and BLAS loses up to a third of its speed (2-core Xeon, N=2048 H=1024 V=32000,
+64 rows per chunk: the three calls took 1.53x the unchunked GEMMs' time; bench/prototypes/README.md). Here one
+kernel per chunk (csrc/linear_logprobs_chunk.cpp, op ``chunk_gemms_``) walks the vocabulary once: for each block
+of W it adds the chunk's share to d_W, accumulates E^T W for d_h, and writes the next chunk's logits over the
+block of E it has just used. The row pass, the loss's coefficients and the per-row terms are chunk_pass's own
+(exp_tile_factors), so both paths compute the same formula.
+
+Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32, there is no softcap, H is a
+multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as fast) and the CPU has
+AVX-512F (loss_rows_cpp.chunk_gemms_supported()).
+"""
+import torch
+
+from fastalign.backends import get_backend
+from fastalign.chunk_pass import _write_or_add, exp_tile_factors, padded_buffer
+
+# Widest chunk the fused pass takes: at 128 rows it and BLAS took the same time (within 1%), below it the fused
+# pass is faster (bench/prototypes/README.md).
+FUSED_CHUNK_MAX_ROWS = 128
+
+
+def fused_chunks_usable(hidden, weight, plan):
+    """Whether fused_chunk_pass runs this plan (see the module docstring)."""
+    if not (plan.backend == "cpp" and plan.softcap is None and hidden.device.type == "cpu"
+            and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape[1] % 16 == 0
+            and plan.bounds and max(e - s for s, e in plan.bounds) <= FUSED_CHUNK_MAX_ROWS):
+        return False
+    from fastalign.backends.loss_rows_cpp import chunk_gemms_supported
+    return chunk_gemms_supported()
+
+
+def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
+    """Same contract as chunk_pass._chunk_pass (fp32): logp [N] and the gradients d_h [N, H], d_w [V, H],
+    d_b [V] (None where not needed) of the plan's loss."""
+    from fastalign.backends.loss_rows_cpp import chunk_gemms_
+    rows_impl = get_backend("cpp", op="loss_rows")
+    n, v = hidden.shape[0], weight.shape[0]
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    inv_t = 1.0 / plan.temperature
+    bounds = plan.bounds
+    logp = torch.zeros(n, dtype=torch.float32)
+    d_h = torch.empty_like(hidden) if need_h else None
+    d_w = torch.empty_like(weight) if need_w else None  # the first chunk writes it, the others add
+    d_b = torch.empty(v, dtype=torch.float32) if need_b else None
+    grads = need_h or need_w or need_b
+    tile_buf = padded_buffer(v, max(e - s for s, e in bounds), torch.float32, hidden.device)
+    bias_v = None if bias is None else (bias.to(torch.float32) * inv_t).contiguous()  # the GEMM's alpha scales it
+    chunk_gemms_(tile_buf, 0, None, weight, None, False, False, hidden[bounds[0][0]:bounds[0][1]], bias_v, inv_t)
+    for i, (s, e) in enumerate(bounds):
+        hc, tgt = hidden[s:e], targets[s:e]
+        tile = tile_buf[:, :e - s]
+        lp, lse, shift = rows_impl.rows_logsumexp_(tile, tgt, plan)
+        logp[s:e] = lp
+        nxt = hidden[bounds[i + 1][0]:bounds[i + 1][1]] if i + 1 < len(bounds) else None
+        if not grads:
+            if nxt is not None:
+                chunk_gemms_(tile_buf, 0, None, weight, None, False, False, nxt, bias_v, inv_t)
+            continue
+        f, t, live_rows, y_live = exp_tile_factors(tile, tgt, plan.coeff_fn(s, e, lp), lp, lse, shift, inv_t)
+        t_live = t.index_select(0, live_rows)
+        if need_b:  # from E, before the kernel writes the next chunk's logits over it
+            _write_or_add(d_b, torch.mv(tile, f), i == 0)
+            d_b.index_add_(0, y_live, t_live)
+        scaled = (hc * f.unsqueeze(1)).contiguous() if need_w else None
+        e_t_w = chunk_gemms_(tile_buf, e - s, scaled, weight, d_w, i == 0, need_h, nxt, bias_v, inv_t)
+        if need_h:  # d_h_c = f * (E'^T W) + t * W[y], as in chunk_pass._exp_tile_gradients
+            d_h[s:e] = e_t_w.mul_(f.unsqueeze(1)).addcmul_(t.unsqueeze(1), weight.index_select(0, tgt.clamp_min(0)))
+        if need_w:
+            d_w.index_add_(0, y_live, hc.index_select(0, live_rows) * t_live.unsqueeze(1))
+    return logp, d_h, d_w, d_b

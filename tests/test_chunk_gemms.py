@@ -1,0 +1,200 @@
+"""The fused thin-chunk pass (csrc/linear_logprobs_chunk.cpp, fastalign/chunk_pass_fused.py): the kernel against
+float64 products on ragged shapes (the last block's lines, the last strip's columns, padded chunk rows, several
+blocks per thread), its errors, the losses through it against float64 references, and when it is (not) used."""
+import pytest
+import torch
+
+import fastalign as fa
+from fastalign import chunk_pass_fused
+from fastalign.backends import loss_rows_cpp
+from fastalign.fused_grad import fused_linear_nll_loss
+from tests.reference import reference_linear_logprobs
+from tests.test_losses import assert_grads_close, batch, grads, naive_dpo
+
+needs_kernel = pytest.mark.skipif("cpp" not in fa.available_backends() or not loss_rows_cpp.chunk_gemms_supported(),
+                                  reason="chunk_gemms_ needs the C++ extension and an AVX-512F CPU")
+D = torch.float64
+
+
+def _case(v, h, c, cn, ld, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, h, generator=g)
+    tile = torch.randn(v, ld, generator=g)  # E in columns < c; the rest must not matter
+    scaled = torch.randn(c, h, generator=g)
+    nxt = torch.randn(cn, h, generator=g)
+    d_w = torch.randn(v, h, generator=g)
+    bias = torch.randn(v, generator=g)
+    return weight, tile, scaled, nxt, d_w, bias
+
+
+@needs_kernel
+@pytest.mark.parametrize("v, h, c, cn, ld", [
+    (1001, 80, 37, 33, 48),   # 6 blocks of 192 lines (3 per thread), the last 41 lines; strips of 48 and 32
+    (97, 16, 8, 16, 16),      # one block, one 16-column strip, a full next chunk
+    (50, 4096, 5, 3, 16),     # the smallest block (24 lines) of a wide H
+    (300, 144, 64, 64, 64),   # whole strips, whole tiles
+])
+@pytest.mark.parametrize("first", [True, False])
+def test_kernel_matches_float64(v, h, c, cn, ld, first):
+    weight, tile, scaled, nxt, d_w, bias = _case(v, h, c, cn, ld)
+    e = tile[:, :c].to(D)
+    got_tile, got_dw = tile.clone(), d_w.clone()
+    p = loss_rows_cpp.chunk_gemms_(got_tile, c, scaled, weight, got_dw, first, True, nxt, bias, 0.7)
+    want_p = e.t() @ weight.to(D)
+    want_dw = e @ scaled.to(D) + (0 if first else d_w.to(D))
+    want_l = 0.7 * weight.to(D) @ nxt.to(D).t() + bias.to(D).unsqueeze(1)
+    scale = (c + h) ** 0.5
+    assert p.shape == (c, h) and (p.to(D) - want_p).abs().max() < 1e-5 * scale * v ** 0.5
+    assert (got_dw.to(D) - want_dw).abs().max() < 1e-5 * scale
+    assert (got_tile[:, :cn].to(D) - want_l).abs().max() < 1e-5 * h ** 0.5
+    assert torch.equal(got_tile[:, cn:], torch.zeros(v, ld - cn))  # the padding stays zero
+
+
+@needs_kernel
+def test_kernel_parts_are_independent():
+    """Without d_weight nothing is added to it, without need_p an empty [0, H] comes back, without next_hidden the
+    tile is left as it was; rows=0 (the first chunk) only writes the logits, without a bias."""
+    weight, tile, scaled, nxt, d_w, bias = _case(200, 32, 9, 7, 16)
+    t0 = tile.clone()
+    p = loss_rows_cpp.chunk_gemms_(t0, 9, None, weight, None, False, True, None, None, 1.0)
+    assert torch.equal(t0, tile) and (p.to(D) - tile[:, :9].to(D).t() @ weight.to(D)).abs().max() < 1e-4
+    dw = d_w.clone()
+    p = loss_rows_cpp.chunk_gemms_(tile.clone(), 9, scaled, weight, dw, False, False, None, None, 1.0)
+    assert p.shape == (0, 32) and (dw.to(D) - d_w.to(D) - tile[:, :9].to(D) @ scaled.to(D)).abs().max() < 1e-4
+    t1 = tile.clone()
+    loss_rows_cpp.chunk_gemms_(t1, 0, None, weight, None, False, False, nxt, None, 1.0)
+    assert (t1[:, :7].to(D) - weight.to(D) @ nxt.to(D).t()).abs().max() < 1e-4 and not t1[:, 7:].any()
+
+
+@needs_kernel
+def test_kernel_rejects_what_it_cannot_run():
+    weight, tile, scaled, nxt, d_w, bias = _case(40, 32, 4, 4, 16)
+    with pytest.raises(RuntimeError, match="H a multiple of 16"):
+        loss_rows_cpp.chunk_gemms_(tile[:, :8].clone(), 4, None, weight[:, :24].contiguous(), None, False, True, None,
+                                   None, 1.0)
+    with pytest.raises(RuntimeError, match="lines of a multiple of 16"):
+        loss_rows_cpp.chunk_gemms_(torch.zeros(40, 12), 4, None, weight, None, False, True, None, None, 1.0)
+    with pytest.raises(RuntimeError, match="come together"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, scaled, weight, None, False, True, None, None, 1.0)
+    with pytest.raises(RuntimeError, match="scaled_hidden must be a contiguous fp32 \\[4, 32\\]"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, scaled[:3], weight, d_w, False, True, None, None, 1.0)
+    with pytest.raises(RuntimeError, match="more rows than"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, torch.zeros(17, 32), None, 1.0)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times the losses below reach chunk_gemms_."""
+    calls = []
+    real = loss_rows_cpp.chunk_gemms_
+
+    def spy(*args):
+        calls.append(args[1])
+        return real(*args)
+    monkeypatch.setattr(loss_rows_cpp, "chunk_gemms_", spy)
+    return calls
+
+
+def _reference_nll(h, w, y, b, temperature):
+    logp = reference_linear_logprobs(h, w, y, b, temperature=temperature)
+    live = (y != -100).to(D)
+    return -(logp * live).sum() / live.sum()
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_bias, temperature, chunk_rows", [(False, 1.0, 16), (True, 0.7, 23), (True, 1.0, 128)])
+def test_nll_loss_through_the_fused_pass_matches_float64(kernel_calls, with_bias, temperature, chunk_rows):
+    g = torch.Generator().manual_seed(1)
+    n, h, v = 101, 48, 389
+    h64, w64 = torch.randn(n, h, generator=g, dtype=D), torch.randn(v, h, generator=g, dtype=D) * 0.3
+    b64 = torch.randn(v, generator=g, dtype=D) if with_bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::6] = -100
+    leaves = [t.float().requires_grad_() for t in (h64, w64) + ((b64,) if with_bias else ())]
+    loss = fused_linear_nll_loss(leaves[0], leaves[1], y, leaves[2] if with_bias else None, temperature=temperature,
+                                 backend="cpp", chunk_rows=chunk_rows)
+    (3.0 * loss).backward()
+    assert kernel_calls, "the fused pass was not used"
+    ref = [t.float().double().requires_grad_() for t in (h64, w64) + ((b64,) if with_bias else ())]
+    want = _reference_nll(ref[0], ref[1], y, ref[2] if with_bias else None, temperature)
+    (3.0 * want).backward()
+    assert abs(loss.item() - want.item()) <= 2e-5 * max(1.0, abs(want.item()))
+    for got, r in zip(leaves, ref):
+        assert (got.grad.double() - r.grad).abs().max() <= 2e-5 * max(1.0, r.grad.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("need", ["weight", "hidden"])
+def test_only_the_needed_gradient(kernel_calls, need):
+    """A frozen lm_head (LoRA) or frozen hidden states: the other gradient alone, still exact."""
+    g = torch.Generator().manual_seed(2)
+    h64, w64 = torch.randn(40, 32, generator=g, dtype=D), torch.randn(150, 32, generator=g, dtype=D) * 0.3
+    y = torch.randint(0, 150, (40,), generator=g)
+    hidden, weight = h64.float().requires_grad_(need == "hidden"), w64.float().requires_grad_(need == "weight")
+    fused_linear_nll_loss(hidden, weight, y, backend="cpp", chunk_rows=16).backward()
+    assert kernel_calls
+    ref = [h64.float().double().requires_grad_(need == "hidden"), w64.float().double().requires_grad_(need == "weight")]
+    _reference_nll(ref[0], ref[1], y, None, 1.0).backward()
+    got, want = (hidden, ref[0]) if need == "hidden" else (weight, ref[1])
+    assert (got.grad.double() - want.grad).abs().max() < 2e-5
+    assert (hidden if need == "weight" else weight).grad is None
+
+
+@needs_kernel
+def test_dpo_through_the_fused_pass_matches_float64(kernel_calls):
+    hidden, weight, labels, ref_hidden, ref_weight = batch(h=32)
+    pw = torch.tensor([0.5, 0.0, 2.0])
+    fn = fa.FusedDPOLoss(beta=0.4, backend="cpp", grad_in_forward=True, chunk_rows=5)
+    got = grads(lambda h, w: fn(h, w, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, pair_weights=pw).loss,
+                hidden, weight)
+    assert kernel_calls
+    want = grads(lambda h, w: naive_dpo(h.double(), w.double(), labels, ref_hidden.double(), ref_weight.double(),
+                                        0.4, "sigmoid", 0.0, None, w=pw.double()), hidden, weight)
+    assert_grads_close(got, want, tol=2e-5)
+
+
+@needs_kernel
+def test_fused_and_blas_passes_agree(kernel_calls, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(70, 64, generator=g), torch.randn(300, 64, generator=g) * 0.2
+    y = torch.randint(0, 300, (70,), generator=g)
+    fused = grads(lambda h, w: fused_linear_nll_loss(h, w, y, backend="cpp", chunk_rows=32), hidden, weight)
+    assert kernel_calls
+    monkeypatch.setattr(chunk_pass_fused, "FUSED_CHUNK_MAX_ROWS", 0)
+    n_calls = len(kernel_calls)
+    blas = grads(lambda h, w: fused_linear_nll_loss(h, w, y, backend="cpp", chunk_rows=32), hidden, weight)
+    assert len(kernel_calls) == n_calls
+    for a, b in zip(fused, blas):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("cpp" not in fa.available_backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("case", ["h not a multiple of 16", "softcap", "bf16", "wide chunks", "torch backend",
+                                  "old extension"])
+def test_when_the_fused_pass_is_not_used(kernel_calls, monkeypatch, case):
+    """Each condition the fused pass needs, broken alone: the BLAS chunk pass runs instead, with the same result."""
+    g = torch.Generator().manual_seed(5)
+    h, v, rows, kw, dtype = 32, 120, 16, {}, torch.float32
+    if case == "h not a multiple of 16":
+        h = 40
+    elif case == "softcap":
+        kw = {"softcap": 5.0}
+    elif case == "bf16":
+        dtype = torch.bfloat16
+    elif case == "wide chunks":
+        rows = chunk_pass_fused.FUSED_CHUNK_MAX_ROWS + 1
+    elif case == "torch backend":
+        kw = {"backend": "torch"}
+    else:  # a prebuilt extension from before chunk_gemms_: no attribute, so no fused pass (not an AttributeError)
+        from fastalign import _ext
+        monkeypatch.setattr(_ext, "C", type("OldExtension", (), {"rows_logsumexp_": _ext.C.rows_logsumexp_}))
+        assert not loss_rows_cpp.chunk_gemms_supported()
+        return
+    hidden, weight = torch.randn(200, h, generator=g).to(dtype), (torch.randn(v, h, generator=g) * 0.3).to(dtype)
+    y = torch.randint(0, v, (200,), generator=g)
+    got = grads(lambda a, b: fused_linear_nll_loss(a, b, y, chunk_rows=rows, **{"backend": "cpp", **kw}), hidden,
+                weight)
+    assert not kernel_calls
+    want = grads(lambda a, b: fused_linear_nll_loss(a.double(), b.double(), y, chunk_rows=rows,
+                                                    **{"backend": "torch", **kw}), hidden, weight)
+    assert_grads_close(got, want, tol=3e-2 if dtype == torch.bfloat16 else 2e-5)
