@@ -1,9 +1,10 @@
 // The GEMM work of one chunk of the gradient-in-forward loss path (fastalign/chunk_pass_fused.py), fp32, in one
-// pass over the vocabulary, for thin chunks (C <= 128 rows), where three BLAS calls per chunk lose up to half
-// their speed: each streams all of W or d_W from memory again for only C rows of work (2-core Xeon, N=2048
-// H=1024 V=32000, 64 rows: 1.53x the three unchunked GEMMs' time, bench/prototypes/README.md).
+// pass over the vocabulary, for thin chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each
+// streams all of W or d_W from memory again for only C rows of work (2-core Xeon, N=2048 H=1024 V=32000, 64 rows,
+// forward+backward of the NLL: 1.60x the three unchunked GEMMs' time with BLAS chunks, 1.21x with this kernel;
+// bench/results/linear_logprobs-goal-thin-cpu-2026-12-03.json).
 //
-//   chunk_gemms_(tile [V, ld], rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None, first, need_p,
+//   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None, first, need_p,
 //                next_hidden [Cn, H] | None, bias [V] | None, alpha) -> P [C, H] (need_p) | [0, H]
 //
 // For each block of block_v vocabulary lines b, in this order (the tile holds E = exp(l - shift) in its first C
@@ -163,10 +164,12 @@ int64_t block_lines(int64_t H) { return std::max<int64_t>(24, std::min<int64_t>(
 
 void check_operand(const c10::optional<at::Tensor>& t, int64_t rows, int64_t H, const char* name) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(1) == H &&
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                  t->size(1) == H &&
                   (rows < 0 || t->size(0) == rows),
-              "fastalign._C.chunk_gemms_: ", name, " must be a contiguous fp32 [", rows < 0 ? "rows" : std::to_string(rows),
-              ", ", H, "] tensor, got ", t->sizes(), " ", t->scalar_type());
+              "fastalign._C.chunk_gemms_: ", name, " must be a contiguous fp32 CPU [",
+              rows < 0 ? "rows" : std::to_string(rows), ", ", H, "] tensor, got ", t->sizes(), " ", t->scalar_type(),
+              " on ", t->device());
 }
 
 }  // namespace
@@ -179,15 +182,17 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
                         double alpha) {
   TORCH_CHECK(chunk_gemms_supported(), "fastalign._C.chunk_gemms_ needs a CPU with AVX-512F (chunk_gemms_supported())");
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
-                  weight.dim() == 2 && weight.size(1) % 16 == 0,
-              "fastalign._C.chunk_gemms_: weight must be a contiguous fp32 [V, H] CPU tensor with H a multiple of 16, "
+                  weight.dim() == 2 && weight.size(1) > 0 && weight.size(1) % 16 == 0,
+              "fastalign._C.chunk_gemms_: weight must be a contiguous fp32 [V, H] CPU tensor with H a positive multiple "
+              "of 16, "
               "got ", weight.sizes(), " ", weight.scalar_type());
   const int64_t V = weight.size(0), H = weight.size(1);
-  TORCH_CHECK(tile.scalar_type() == at::kFloat && tile.dim() == 2 && tile.size(0) == V && tile.stride(1) == 1 &&
-                  tile.stride(0) % 16 == 0 && tile.stride(0) >= tile.size(1),
-              "fastalign._C.chunk_gemms_: tile must be an fp32 [V, C] view with lines of a multiple of 16 floats, got ",
-              tile.sizes(), " (stride ", tile.strides(), ") ", tile.scalar_type());
-  const int64_t ld = tile.stride(0);
+  // the whole padded buffer, not a narrower view of it: (c) writes every one of its ld columns
+  TORCH_CHECK(tile.device().is_cpu() && tile.scalar_type() == at::kFloat && tile.is_contiguous() && tile.dim() == 2 &&
+                  tile.size(0) == V && tile.size(1) % 16 == 0,
+              "fastalign._C.chunk_gemms_: tile must be a contiguous fp32 CPU [V, ld] buffer with ld a multiple of 16, "
+              "got ", tile.sizes(), " (stride ", tile.strides(), ") ", tile.scalar_type(), " on ", tile.device());
+  const int64_t ld = tile.size(1);
   TORCH_CHECK(rows >= 0 && rows <= ld, "fastalign._C.chunk_gemms_: rows must be in [0, ", ld, "], got ", rows);
   check_operand(scaled_hidden, rows, H, "scaled_hidden");
   check_operand(next_hidden, -1, H, "next_hidden");
@@ -196,14 +201,17 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
   TORCH_CHECK(scaled_hidden.has_value() == d_weight.has_value(),
               "fastalign._C.chunk_gemms_: scaled_hidden and d_weight come together");
   if (d_weight.has_value())
-    TORCH_CHECK(d_weight->scalar_type() == at::kFloat && d_weight->is_contiguous() && d_weight->sizes() == weight.sizes(),
-                "fastalign._C.chunk_gemms_: d_weight must be contiguous fp32 like weight");
+    TORCH_CHECK(d_weight->device().is_cpu() && d_weight->scalar_type() == at::kFloat && d_weight->is_contiguous() &&
+                    d_weight->sizes() == weight.sizes(),
+                "fastalign._C.chunk_gemms_: d_weight must be a contiguous fp32 CPU tensor shaped like weight");
   if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == V,
-                "fastalign._C.chunk_gemms_: bias must be contiguous fp32 [V]");
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->dim() == 1 && bias->size(0) == V,
+                "fastalign._C.chunk_gemms_: bias must be a contiguous fp32 CPU [V] tensor");
 
   const int64_t C = rows, Cp = (C + 7) / 8 * 8, strips = (H + kStrip - 1) / kStrip;
-  const bool do_weight = d_weight.has_value() && C > 0, do_p = need_p && C > 0, do_logits = next_hidden.has_value();
+  const bool do_weight = d_weight.has_value(),  // rows = 0 and first: zeros
+             do_p = need_p && C > 0, do_logits = next_hidden.has_value();
   const int64_t Cn = do_logits ? next_hidden->size(0) : 0;
   const int64_t vb = block_lines(H), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
   at::Tensor hs_packed = do_weight ? pack_strips(*scaled_hidden, C) : at::Tensor();

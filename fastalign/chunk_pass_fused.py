@@ -2,32 +2,35 @@
 
 chunk_pass._chunk_pass makes three BLAS calls per chunk (the logits tile, then d_h and d_W from it). With thin
 chunks (the memory a chunk may take is what sets its rows: a [V, C] tile) each call streams all of W or d_W from
-memory for only C rows of work, and BLAS loses up to a third of its speed (2-core Xeon, N=2048 H=1024 V=32000,
-64 rows per chunk: the three calls took 1.53x the unchunked GEMMs' time; bench/prototypes/README.md). Here one
+memory for only C rows of work, and BLAS loses up to a third of its speed. Here one
 kernel per chunk (csrc/linear_logprobs_chunk.cpp, op ``chunk_gemms_``) walks the vocabulary once: for each block
 of W it adds the chunk's share to d_W, accumulates E^T W for d_h, and writes the next chunk's logits over the
 block of E it has just used. The row pass, the loss's coefficients and the per-row terms are chunk_pass's own
 (exp_tile_factors), so both paths compute the same formula.
 
-Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32, there is no softcap, H is a
-multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as fast) and the CPU has
-AVX-512F (loss_rows_cpp.chunk_gemms_supported()).
+Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32 (weight contiguous), there is no
+softcap, H is a positive multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as
+fast) and the CPU has AVX-512F (loss_rows_cpp.chunk_gemms_supported()).
+
+Measured (bench/results/linear_logprobs-goal-thin-cpu-2026-12-03.json, 2-core Xeon, fp32, forward+backward of the
+NLL, against the three unchunked GEMMs): 64 rows per chunk took 1.19x / 1.21x that floor at N=1024 H=512 / N=2048
+H=1024 (V=32000), where BLAS chunks took 1.35x / 1.60x.
 """
 import torch
 
 from fastalign.backends import get_backend
 from fastalign.chunk_pass import _write_or_add, exp_tile_factors, padded_buffer
 
-# Widest chunk the fused pass takes: at 128 rows it and BLAS took the same time (within 1%), below it the fused
-# pass is faster (bench/prototypes/README.md).
+# Widest chunk the fused pass takes: at 128 rows it and BLAS chunks took about the same time (GEMM work alone, ad
+# hoc), at 112 rows the fused pass took 0.97x / 0.95x BLAS chunks' time, at 64 rows 0.88x / 0.76x (the file above).
 FUSED_CHUNK_MAX_ROWS = 128
 
 
 def fused_chunks_usable(hidden, weight, plan):
     """Whether fused_chunk_pass runs this plan (see the module docstring)."""
     if not (plan.backend == "cpp" and plan.softcap is None and hidden.device.type == "cpu"
-            and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape[1] % 16 == 0
-            and plan.bounds and max(e - s for s, e in plan.bounds) <= FUSED_CHUNK_MAX_ROWS):
+            and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous()
+            and weight.shape[1] > 0 and weight.shape[1] % 16 == 0 and plan.bounds and max(e - s for s, e in plan.bounds) <= FUSED_CHUNK_MAX_ROWS):
         return False
     from fastalign.backends.loss_rows_cpp import chunk_gemms_supported
     return chunk_gemms_supported()
@@ -39,7 +42,7 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
     from fastalign.backends.loss_rows_cpp import chunk_gemms_
     rows_impl = get_backend("cpp", op="loss_rows")
     n, v = hidden.shape[0], weight.shape[0]
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden = hidden.contiguous()  # [N, H]: small; weight is contiguous (fused_chunks_usable), never copied
     inv_t = 1.0 / plan.temperature
     bounds = plan.bounds
     logp = torch.zeros(n, dtype=torch.float32)

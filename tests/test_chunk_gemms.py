@@ -27,7 +27,17 @@ def _case(v, h, c, cn, ld, seed=0):
     return weight, tile, scaled, nxt, d_w, bias
 
 
+@pytest.fixture
+def two_threads():
+    """Two threads whatever the machine: the per-thread partial sums of E^T W are then combined."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
 @needs_kernel
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("v, h, c, cn, ld", [
     (1001, 80, 37, 33, 48),   # 6 blocks of 192 lines (3 per thread), the last 41 lines; strips of 48 and 32
     (97, 16, 8, 16, 16),      # one block, one 16-column strip, a full next chunk
@@ -64,19 +74,28 @@ def test_kernel_parts_are_independent():
     t1 = tile.clone()
     loss_rows_cpp.chunk_gemms_(t1, 0, None, weight, None, False, False, nxt, None, 1.0)
     assert (t1[:, :7].to(D) - weight.to(D) @ nxt.to(D).t()).abs().max() < 1e-4 and not t1[:, 7:].any()
+    dw = torch.full_like(d_w, float("nan"))  # first with no rows: d_weight is written (zeros), not left as it was
+    loss_rows_cpp.chunk_gemms_(tile.clone(), 0, scaled[:0], weight, dw, True, True, None, None, 1.0)
+    assert torch.equal(dw, torch.zeros_like(dw))
 
 
 @needs_kernel
 def test_kernel_rejects_what_it_cannot_run():
     weight, tile, scaled, nxt, d_w, bias = _case(40, 32, 4, 4, 16)
-    with pytest.raises(RuntimeError, match="H a multiple of 16"):
-        loss_rows_cpp.chunk_gemms_(tile[:, :8].clone(), 4, None, weight[:, :24].contiguous(), None, False, True, None,
-                                   None, 1.0)
-    with pytest.raises(RuntimeError, match="lines of a multiple of 16"):
+    for bad_h in (24, 0):
+        with pytest.raises(RuntimeError, match="H a positive multiple of 16"):
+            loss_rows_cpp.chunk_gemms_(tile.clone(), 4, None, weight[:, :bad_h].contiguous(), None, False, True, None,
+                                       None, 1.0)
+    with pytest.raises(RuntimeError, match="ld a multiple of 16"):
         loss_rows_cpp.chunk_gemms_(torch.zeros(40, 12), 4, None, weight, None, False, True, None, None, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous fp32 CPU \\[V, ld\\] buffer"):  # a view narrower than its lines
+        loss_rows_cpp.chunk_gemms_(torch.zeros(40, 32)[:, :16], 4, None, weight, None, False, True, None, None, 1.0)
+    from fastalign import _ext  # the extension itself: the custom op sends a meta tensor to its fake kernel
+    with pytest.raises(RuntimeError, match="on meta"):
+        _ext.C.chunk_gemms_(tile, 4, scaled.to("meta"), weight, d_w, False, True, None, None, 1.0)
     with pytest.raises(RuntimeError, match="come together"):
         loss_rows_cpp.chunk_gemms_(tile, 4, scaled, weight, None, False, True, None, None, 1.0)
-    with pytest.raises(RuntimeError, match="scaled_hidden must be a contiguous fp32 \\[4, 32\\]"):
+    with pytest.raises(RuntimeError, match="scaled_hidden must be .*CPU \\[4, 32\\] tensor, got \\[3, 32\\]"):
         loss_rows_cpp.chunk_gemms_(tile, 4, scaled[:3], weight, d_w, False, True, None, None, 1.0)
     with pytest.raises(RuntimeError, match="more rows than"):
         loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, torch.zeros(17, 32), None, 1.0)
@@ -168,9 +187,36 @@ def test_fused_and_blas_passes_agree(kernel_calls, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@needs_kernel
+def test_edge_chunks_bias_only_and_compile(kernel_calls):
+    """A chunk whose rows are all ignored, a gradient for the bias alone, and torch.compile (aot_eager) of the loss
+    through the fused pass: all as float64 says."""
+    g = torch.Generator().manual_seed(6)
+    h64, w64, b64 = (torch.randn(48, 32, generator=g, dtype=D), torch.randn(90, 32, generator=g, dtype=D) * 0.3,
+                     torch.randn(90, generator=g, dtype=D))
+    y = torch.randint(0, 90, (48,), generator=g)
+    y[16:32] = -100  # the second chunk of 16 rows
+    bias = b64.float().requires_grad_()
+    loss = fused_linear_nll_loss(h64.float(), w64.float(), y, bias, backend="cpp", chunk_rows=16)
+    loss.backward()
+    ref = b64.float().double().requires_grad_()
+    want = _reference_nll(h64.float().double(), w64.float().double(), y, ref, 1.0)
+    want.backward()
+    assert kernel_calls and abs(loss.item() - want.item()) < 2e-5
+    assert (bias.grad.double() - ref.grad).abs().max() < 2e-6
+    leaves = [t.float().requires_grad_() for t in (h64, w64)]
+    compiled = torch.compile(lambda a, b: fused_linear_nll_loss(a, b, y, backend="cpp", chunk_rows=16),
+                             backend="aot_eager")
+    compiled(*leaves).backward()
+    eager = [t.float().requires_grad_() for t in (h64, w64)]
+    fused_linear_nll_loss(*eager, y, backend="cpp", chunk_rows=16).backward()
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 @pytest.mark.skipif("cpp" not in fa.available_backends(), reason="needs the C++ extension")
-@pytest.mark.parametrize("case", ["h not a multiple of 16", "softcap", "bf16", "wide chunks", "torch backend",
-                                  "old extension"])
+@pytest.mark.parametrize("case", ["h not a multiple of 16", "h = 0", "softcap", "bf16", "wide chunks",
+                                  "torch backend", "transposed weight", "old extension"])
 def test_when_the_fused_pass_is_not_used(kernel_calls, monkeypatch, case):
     """Each condition the fused pass needs, broken alone: the BLAS chunk pass runs instead, with the same result."""
     g = torch.Generator().manual_seed(5)
@@ -183,6 +229,8 @@ def test_when_the_fused_pass_is_not_used(kernel_calls, monkeypatch, case):
         dtype = torch.bfloat16
     elif case == "wide chunks":
         rows = chunk_pass_fused.FUSED_CHUNK_MAX_ROWS + 1
+    elif case == "h = 0":
+        h = 0
     elif case == "torch backend":
         kw = {"backend": "torch"}
     else:  # a prebuilt extension from before chunk_gemms_: no attribute, so no fused pass (not an AttributeError)
@@ -192,9 +240,20 @@ def test_when_the_fused_pass_is_not_used(kernel_calls, monkeypatch, case):
         return
     hidden, weight = torch.randn(200, h, generator=g).to(dtype), (torch.randn(v, h, generator=g) * 0.3).to(dtype)
     y = torch.randint(0, v, (200,), generator=g)
-    got = grads(lambda a, b: fused_linear_nll_loss(a, b, y, chunk_rows=rows, **{"backend": "cpp", **kw}), hidden,
-                weight)
+    view = (lambda w: w.t().contiguous().t()) if case == "transposed weight" else (lambda w: w)  # same values
+    got = grads(lambda a, b: _nll_rows(a, view(b), y, rows, {"backend": "cpp", **kw}), hidden, weight)
     assert not kernel_calls
-    want = grads(lambda a, b: fused_linear_nll_loss(a.double(), b.double(), y, chunk_rows=rows,
-                                                    **{"backend": "torch", **kw}), hidden, weight)
+    want = grads(lambda a, b: _nll_rows(a.double(), b.double(), y, rows, {**kw, "backend": "torch"}), hidden, weight)
+    if h == 0:  # no features: a uniform distribution, zero-sized gradients (the kernel would divide by H)
+        assert abs(got[0].item() - want[0].item()) < 1e-6 and got[2].shape == (v, 0)
+        return
     assert_grads_close(got, want, tol=3e-2 if dtype == torch.bfloat16 else 2e-5)
+
+
+def _nll_rows(hidden, weight, y, rows, kw):
+    """The NLL through the gradient-in-forward path (FusedSFT's row order: no pair grouping)."""
+    from fastalign.chunk_pass import row_bounds, run_grad_in_forward
+    n = hidden.shape[0]
+    logp, carrier = run_grad_in_forward(hidden, weight, None, y, row_bounds(n, rows), lambda s, e, lp: -torch.ones(
+        e - s, dtype=lp.dtype) / n, temperature=1.0, softcap=kw.get("softcap"), backend=kw["backend"])
+    return -logp.sum() / n + carrier

@@ -68,6 +68,7 @@ def _(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, b
     return weight.new_empty(rows if need_p and rows > 0 else 0, weight.shape[1])
 
 
+@torch.compiler.disable  # a plain Python answer: torch.compile need not (and cannot) trace the extension's call
 def chunk_gemms_supported():
     """Whether chunk_gemms_ runs here: the extension is built with it (an older prebuilt one is not) and the CPU
     has AVX-512F."""
