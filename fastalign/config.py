@@ -121,7 +121,8 @@ class TrainConfig:
                               "instead of 4; fastalign.fused_grad): on, off, or auto (on for CPU training)",
                               ("auto", "on", "off"))
     loss_chunk_rows: Optional[int] = _f(None, "rows per chunk of the gradient-in-forward loss (None: 16M logits per "
-                                        "chunk, 512 rows at V=32000); fewer rows use less memory and more time")
+                                        "chunk, 512 rows at V=32000); fewer rows use less memory and more time "
+                                        "(fp32 on an AVX-512 CPU: <= 128 rows take the fused thin-chunk pass)")
 
     def __post_init__(self):
         self.validate()
