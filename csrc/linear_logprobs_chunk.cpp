@@ -4,8 +4,8 @@
 // forward+backward of the NLL: 1.60x the three unchunked GEMMs' time with BLAS chunks, 1.21x with this kernel;
 // bench/results/linear_logprobs-goal-thin-cpu-2026-12-03.json).
 //
-//   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None, first, need_p,
-//                next_hidden [Cn, H] | None, bias [V] | None, alpha) -> P [C, H] (need_p) | [0, H]
+//   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None,
+//                first, need_p, next_hidden [Cn, H] | None, bias [V] | None, alpha) -> P [C, H] (need_p) | [0, H]
 //
 // For each block of block_v vocabulary lines b, in this order (the tile holds E = exp(l - shift) in its first C
 // columns on entry):
@@ -183,8 +183,8 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
   TORCH_CHECK(chunk_gemms_supported(), "fastalign._C.chunk_gemms_ needs a CPU with AVX-512F (chunk_gemms_supported())");
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                   weight.dim() == 2 && weight.size(1) > 0 && weight.size(1) % 16 == 0,
-              "fastalign._C.chunk_gemms_: weight must be a contiguous fp32 [V, H] CPU tensor with H a positive multiple "
-              "of 16, "
+              "fastalign._C.chunk_gemms_: weight must be a contiguous fp32 [V, H] CPU tensor with H a positive "
+              "multiple of 16, "
               "got ", weight.sizes(), " ", weight.scalar_type());
   const int64_t V = weight.size(0), H = weight.size(1);
   // the whole padded buffer, not a narrower view of it: (c) writes every one of its ld columns
@@ -245,7 +245,8 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
             float* d = dW + (v0 + i) * H + s * kStrip;
             if (v0 + i + 16 <= V)  // the next 8 lines' share of this strip: in L1 when their turn comes
               for (int q = 0; q < 8; ++q)
-                for (int c = 0; c < nv; ++c) _mm_prefetch(reinterpret_cast<const char*>(d + (8 + q) * H + c * 16), _MM_HINT_T0);
+                for (int c = 0; c < nv; ++c)
+                  _mm_prefetch(reinterpret_cast<const char*>(d + (8 + q) * H + c * 16), _MM_HINT_T0);
             weight_strip(mi, nv, e, ld, hs + s * C * kStrip, C, d, H, first);
           }
         }

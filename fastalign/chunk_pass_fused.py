@@ -30,7 +30,8 @@ def fused_chunks_usable(hidden, weight, plan):
     """Whether fused_chunk_pass runs this plan (see the module docstring)."""
     if not (plan.backend == "cpp" and plan.softcap is None and hidden.device.type == "cpu"
             and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous()
-            and weight.shape[1] > 0 and weight.shape[1] % 16 == 0 and plan.bounds and max(e - s for s, e in plan.bounds) <= FUSED_CHUNK_MAX_ROWS):
+            and weight.shape[1] > 0 and weight.shape[1] % 16 == 0
+            and plan.bounds and max(e - s for s, e in plan.bounds) <= FUSED_CHUNK_MAX_ROWS):
         return False
     from fastalign.backends.loss_rows_cpp import chunk_gemms_supported
     return chunk_gemms_supported()
@@ -52,7 +53,11 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
     grads = need_h or need_w or need_b
     tile_buf = padded_buffer(v, max(e - s for s, e in bounds), torch.float32, hidden.device)
     bias_v = None if bias is None else (bias.to(torch.float32) * inv_t).contiguous()  # the GEMM's alpha scales it
-    chunk_gemms_(tile_buf, 0, None, weight, None, False, False, hidden[bounds[0][0]:bounds[0][1]], bias_v, inv_t)
+
+    def logits_only(rows):  # tile <- the logits of these rows, nothing else
+        chunk_gemms_(tile_buf, 0, None, weight, None, False, False, rows, bias_v, inv_t)
+
+    logits_only(hidden[bounds[0][0]:bounds[0][1]])
     for i, (s, e) in enumerate(bounds):
         hc, tgt = hidden[s:e], targets[s:e]
         tile = tile_buf[:, :e - s]
@@ -61,7 +66,7 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
         nxt = hidden[bounds[i + 1][0]:bounds[i + 1][1]] if i + 1 < len(bounds) else None
         if not grads:
             if nxt is not None:
-                chunk_gemms_(tile_buf, 0, None, weight, None, False, False, nxt, bias_v, inv_t)
+                logits_only(nxt)
             continue
         f, t, live_rows, y_live = exp_tile_factors(tile, tgt, plan.coeff_fn(s, e, lp), lp, lse, shift, inv_t)
         t_live = t.index_select(0, live_rows)
