@@ -23,13 +23,18 @@ std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targ
 void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse, const at::Tensor& shift, const at::Tensor& targets,
                    const at::Tensor& coeff, double softcap, double inv_temp);
 
-// linear_logprobs_chunk.cpp: a thin chunk's three GEMMs in one pass over the vocabulary (fp32, AVX-512): d_weight
-// (+)= E scaled_hidden, returns E^T W [rows, H] (need_p), then tile <- alpha W next_hidden^T + bias.
+// linear_logprobs_chunk.cpp: a thin chunk's three GEMMs in one pass over the vocabulary (fp32, AVX-512): tile
+// logits -> E' (exp_shift), d_weight (+)= E' scaled_hidden, P = E'^T W [rows, H] (need_p), then tile <- alpha W
+// next_hidden^T + bias with the new logits' column max and sum of exp. Returns {P or [0, H], max [Cn], sumexp [Cn]}.
 bool chunk_gemms_supported();
-at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
-                        const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first, bool need_p,
-                        const c10::optional<at::Tensor>& next_hidden, const c10::optional<at::Tensor>& bias,
-                        double alpha);
+std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
+                                     const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first,
+                                     bool need_p, const c10::optional<at::Tensor>& next_hidden,
+                                     const c10::optional<at::Tensor>& bias, double alpha,
+                                     const c10::optional<at::Tensor>& exp_shift,
+                                     const c10::optional<at::Tensor>& targets,
+                                     const c10::optional<at::Tensor>& d_bias,
+                                     const c10::optional<at::Tensor>& bias_scale);
 
 // nn_count.cpp: nearest-neighbour counts of counter-generated uniform box samples (clone-robust weights).
 at::Tensor nn_count(const at::Tensor& points, const at::Tensor& sq_norms, const at::Tensor& group_start,

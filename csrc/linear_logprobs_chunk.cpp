@@ -1,35 +1,49 @@
 // The GEMM work of one chunk of the gradient-in-forward loss path (fastalign/chunk_pass_fused.py), fp32, in one
 // pass over the vocabulary, for thin chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each
-// streams all of W or d_W from memory again for only C rows of work (2-core Xeon, N=2048 H=1024 V=32000, 64 rows,
-// forward+backward of the NLL: 1.60x the three unchunked GEMMs' time with BLAS chunks, 1.21x with this kernel;
-// bench/results/linear_logprobs-goal-thin-cpu-2026-12-03.json).
+// streams all of W or d_W from memory again for only C rows of work (2-core Xeon, fp32, N=2048 H=1024 V=32000, 64
+// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.60x, this kernel 1.21x
+// (bench/results/linear_logprobs-goal-thin-cpu-2026-12-03.json), and with the row statistics folded in, see below,
+// the figures in README.md "The CPU goal").
 //
 //   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None,
-//                first, need_p, next_hidden [Cn, H] | None, bias [V] | None, alpha) -> P [C, H] (need_p) | [0, H]
+//                first, need_p, next_hidden [Cn, H] | None, bias [V] | None, alpha,
+//                exp_shift [C] | None, targets [C] | None, d_bias [V] | None, bias_scale [C] | None)
+//       -> {P [C, H] (need_p) | [0, H], next_max [Cn], next_sumexp [Cn]}
 //
-// For each block of block_v vocabulary lines b, in this order (the tile holds E = exp(l - shift) in its first C
-// columns on entry):
-//   (a) d_weight_b (+)= E_b scaled_hidden      [block_v, H], K = C        (written when first, else added to)
-//   (b) P_thread  +=    E_b^T W_b              [C, H],       K = block_v  (per-thread, summed at the end)
+// For each block of block_v vocabulary lines b, in this order:
+//   (x) with exp_shift: the block's logits l (first C columns) become E' = exp(l - exp_shift), each labelled row's
+//       target entry 0; without it the tile holds E' already. With d_bias: d_bias_b (+)= E'_b bias_scale.
+//   (a) d_weight_b (+)= E'_b scaled_hidden      [block_v, H], K = C        (written when first, else added to)
+//   (b) P^T_thread +=   W_b^T E'_b              [H, C],       K = block_v  (per-thread, summed at the end)
 //   (c) tile_b     =    alpha W_b next_hidden^T + bias_b   [block_v, ld], K = H: the next chunk's logits, written
-//       over E_b, which (a) and (b) have consumed; columns >= Cn are 0 (the padding stays zero, see
-//       chunk_pass.padded_buffer), the bias goes to columns < Cn only.
-// So W and d_W stream from memory once per chunk (three BLAS calls read W twice and d_W once each way), the thin
-// operands are packed once per chunk into 48-column strips, the block's W into the same strips for (b), and the
-// next block's W and d_W lines are prefetched while this block computes. Threads take contiguous ranges of blocks.
+//       over E'_b, which (a) and (b) have consumed; columns >= Cn are 0 (the padding stays zero, see
+//       chunk_pass.padded_buffer), the bias goes to columns < Cn only. Then the block's logits update the thread's
+//       running column max and sum of exp (online, rescaled as the max grows): the caller gets lse = max + log(sum)
+//       for the next chunk with no pass of its own over the tile, and (x) of the next call reads each line once,
+//       just before (a) and (b) use it.
+// So W and d_W stream from memory once per chunk (three BLAS calls read W twice and d_W once each way), the tile
+// is read and written once per chunk (a row pass of its own would read it twice more and write it once), (a)'s
+// thin operand is packed once per chunk into 48-column strips, and the next block's W and d_W lines are prefetched
+// while this block computes. Threads take contiguous ranges of blocks.
 //
-// AVX-512 register tiles (24 of the 32 zmm registers accumulate): (a) 8 lines x 48 columns, (b) 8 rows x 48
-// columns, (c) 6 lines x 64 columns. H must be a multiple of 16 and ld of 16; chunk_gemms_supported() says whether
-// this CPU has AVX-512F. The caller (Python) falls back to BLAS calls otherwise.
+// AVX-512 register tiles (24 of the 32 zmm registers accumulate): (a) 8 lines x 48 columns, (b) and (c) 6 lines x
+// 64 columns (one micro-kernel; (b) broadcasts W[v, h..h+5] along a line of W instead of down a column; it took
+// 0.9x the time of (b) with W packed into strips, ad hoc). H must be a multiple of 16 and ld of 16;
+// chunk_gemms_supported() says whether this CPU has AVX-512F and AVX-512BW. The caller (Python) falls back to BLAS
+// calls otherwise.
 #include "fastalign.h"
+
+#include "col_math.h"
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
+#include <vector>
 
-#define FASTALIGN_AVX512 __attribute__((target("avx512f")))
+#define FASTALIGN_AVX512 __attribute__((target("avx512f,avx512bw")))
 
 namespace {
 
@@ -42,7 +56,7 @@ FASTALIGN_AVX512 void weight_tile(const float* e, int64_t ld, const float* hs, i
                                   bool first) {
   __m512 acc[M][NV];
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(d + i * H + j * 16);
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t r = 0; r < C; ++r) {
     __m512 b[NV];
     for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(hs + r * kStrip + j * 16);
@@ -51,32 +65,16 @@ FASTALIGN_AVX512 void weight_tile(const float* e, int64_t ld, const float* hs, i
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
     }
   }
+  // d is read only now, after the products: its lines (from memory, prefetched a tile ahead) had time to arrive
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(d + i * H + j * 16, acc[i][j]);
+    for (int j = 0; j < NV; ++j)
+      _mm512_storeu_ps(d + i * H + j * 16, first ? acc[i][j] : _mm512_add_ps(_mm512_loadu_ps(d + i * H + j * 16), acc[i][j]));
 }
 
-// (b) p[0:8, 0:16NV] += sum_{v < m} e[v, 0:8] w[v, 0:16NV]; e: lines of ld floats; w, p: packed strips
-template <int NV>
-FASTALIGN_AVX512 void p_tile(const float* e, int64_t ld, const float* w, int64_t m, float* p) {
-  constexpr int M = 8;
-  __m512 acc[M][NV];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_loadu_ps(p + i * kStrip + j * 16);
-  for (int64_t v = 0; v < m; ++v) {
-    __m512 b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(w + v * kStrip + j * 16);
-    for (int i = 0; i < M; ++i) {
-      const __m512 a = _mm512_set1_ps(e[v * ld + i]);
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(p + i * kStrip + j * 16, acc[i][j]);
-}
-
-// (c) l[0:M, 0:16NV] (+)= alpha sum_{k < kc} w[0:M, k] ht[k, 0:16NV]; w: lines of H floats; ht, l: lines of ld
+// (c) l[0:M, 0:16NV] (+)= alpha sum_{k < kc} w[i wi + k wk] ht[k, 0:16NV]; ht, l: lines of ld floats. Also (b),
+// transposed: P^T[h, c] += sum_v W[v, h] E[v, c] is the same product with wi = 1, wk = H
 template <int M, int NV>
-FASTALIGN_AVX512 void logits_tile(const float* w, int64_t H, const float* ht, int64_t ld, int64_t kc, float alpha,
+FASTALIGN_AVX512 void logits_tile(const float* w, int64_t wi, int64_t wk, const float* ht, int64_t ld, int64_t kc, float alpha,
                                   float* l, bool first) {
   __m512 acc[M][NV];
   for (int i = 0; i < M; ++i)
@@ -85,7 +83,7 @@ FASTALIGN_AVX512 void logits_tile(const float* w, int64_t H, const float* ht, in
     __m512 b[NV];
     for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(ht + k * ld + j * 16);
     for (int i = 0; i < M; ++i) {
-      const __m512 a = _mm512_set1_ps(w[i * H + k]);
+      const __m512 a = _mm512_set1_ps(w[i * wi + k * wk]);
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
     }
   }
@@ -120,31 +118,74 @@ void weight_strip(int m, int nv, const float* e, int64_t ld, const float* hs, in
   return weight_rows<1>(m, e, ld, hs, C, d, H, first);
 }
 
-void p_strip(int nv, const float* e, int64_t ld, const float* w, int64_t m, float* p) {
-  if (nv == 3) return p_tile<3>(e, ld, w, m, p);
-  if (nv == 2) return p_tile<2>(e, ld, w, m, p);
-  return p_tile<1>(e, ld, w, m, p);
-}
-
 template <int NV>
-void logits_rows(int m, const float* w, int64_t H, const float* ht, int64_t ld, int64_t kc, float alpha, float* l,
+void logits_rows(int m, const float* w, int64_t wi, int64_t wk, const float* ht, int64_t ld, int64_t kc, float alpha, float* l,
                  bool first) {
   switch (m) {
-    case 6: return logits_tile<6, NV>(w, H, ht, ld, kc, alpha, l, first);
-    case 5: return logits_tile<5, NV>(w, H, ht, ld, kc, alpha, l, first);
-    case 4: return logits_tile<4, NV>(w, H, ht, ld, kc, alpha, l, first);
-    case 3: return logits_tile<3, NV>(w, H, ht, ld, kc, alpha, l, first);
-    case 2: return logits_tile<2, NV>(w, H, ht, ld, kc, alpha, l, first);
-    default: return logits_tile<1, NV>(w, H, ht, ld, kc, alpha, l, first);
+    case 6: return logits_tile<6, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
+    case 5: return logits_tile<5, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
+    case 4: return logits_tile<4, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
+    case 3: return logits_tile<3, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
+    case 2: return logits_tile<2, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
+    default: return logits_tile<1, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
   }
 }
 
-void logits_strip(int m, int nv, const float* w, int64_t H, const float* ht, int64_t ld, int64_t kc, float alpha,
+void logits_strip(int m, int nv, const float* w, int64_t wi, int64_t wk, const float* ht, int64_t ld, int64_t kc, float alpha,
                   float* l, bool first) {
-  if (nv == 4) return logits_rows<4>(m, w, H, ht, ld, kc, alpha, l, first);
-  if (nv == 3) return logits_rows<3>(m, w, H, ht, ld, kc, alpha, l, first);
-  if (nv == 2) return logits_rows<2>(m, w, H, ht, ld, kc, alpha, l, first);
-  return logits_rows<1>(m, w, H, ht, ld, kc, alpha, l, first);
+  if (nv == 4) return logits_rows<4>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
+  if (nv == 3) return logits_rows<3>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
+  if (nv == 2) return logits_rows<2>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
+  return logits_rows<1>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
+}
+
+// Mask of the first n (< 16 allowed) of 16 lanes.
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+
+// Before (a) and (b): the block's lines of logits l become E' = exp(l - shift), each labelled row's target entry 0
+// (the target's term of the gradient is taken from logp, see chunk_pass._exp_tile_gradients); columns >= C stay
+// 0. y: targets [C] (-1: ignored row, nothing zeroed). While the lines are in L1, d_bias[v] (+)= sum_c E'[v, c] f[c].
+FASTALIGN_AVX512 void exp_lines(float* E, int64_t ld, int64_t v0, int64_t m, int64_t C, const float* shift,
+                                const int64_t* y, const float* f, float* d_bias, bool first) {
+  for (int64_t v = 0; v < m; ++v) {
+    float* x = E + (v0 + v) * ld;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 k = lanes(C - c);
+      const __m512 e = fastalign_rows::exp16(
+          _mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), _mm512_maskz_loadu_ps(k, shift + c)));
+      _mm512_mask_storeu_ps(x + c, k, e);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c)
+    if (y[c] >= v0 && y[c] < v0 + m) E[y[c] * ld + c] = 0.0f;
+  if (d_bias == nullptr) return;
+  for (int64_t v = 0; v < m; ++v) {
+    const float* x = E + (v0 + v) * ld;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 k = lanes(C - c);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + c), _mm512_maskz_loadu_ps(k, f + c), acc);
+    }
+    const float dot = _mm512_reduce_add_ps(acc);
+    d_bias[v0 + v] = first ? dot : d_bias[v0 + v] + dot;
+  }
+}
+
+// After (c): the block's new logits (columns < Cn) into the thread's running column statistics, online: mx = max so
+// far, se = sum of exp(l - mx) so far (rescaled when mx grows). Lines are in L1; one exp per logit.
+FASTALIGN_AVX512 void block_stats(const float* E, int64_t ld, int64_t v0, int64_t m, int64_t Cn, float* mx,
+                                  float* se) {
+  for (int64_t c = 0; c < Cn; c += 16) {
+    const __mmask16 k = lanes(Cn - c);
+    __m512 bm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t v = 0; v < m; ++v) bm = _mm512_max_ps(bm, _mm512_maskz_loadu_ps(k, E + (v0 + v) * ld + c));
+    const __m512 old = _mm512_maskz_loadu_ps(k, mx + c), nm = _mm512_max_ps(old, bm);
+    __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, se + c), fastalign_rows::exp16(_mm512_sub_ps(old, nm)));
+    for (int64_t v = 0; v < m; ++v)
+      s = _mm512_add_ps(s, fastalign_rows::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, E + (v0 + v) * ld + c), nm)));
+    _mm512_mask_storeu_ps(mx + c, k, nm);
+    _mm512_mask_storeu_ps(se + c, k, s);
+  }
 }
 
 // [rows, H] -> [strips][rows_padded][48] (zeros past H and past rows)
@@ -172,15 +213,28 @@ void check_operand(const c10::optional<at::Tensor>& t, int64_t rows, int64_t H, 
               " on ", t->device());
 }
 
+void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->is_contiguous() && t->dim() == 1 &&
+                  t->size(0) == n,
+              "fastalign._C.chunk_gemms_: ", name, " must be a contiguous ", dtype, " CPU [", n, "] tensor, got ",
+              t->sizes(), " ", t->scalar_type(), " on ", t->device());
+}
+
 }  // namespace
 
-bool chunk_gemms_supported() { return __builtin_cpu_supports("avx512f"); }
+bool chunk_gemms_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 
-at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
-                        const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first, bool need_p,
-                        const c10::optional<at::Tensor>& next_hidden, const c10::optional<at::Tensor>& bias,
-                        double alpha) {
-  TORCH_CHECK(chunk_gemms_supported(), "fastalign._C.chunk_gemms_ needs a CPU with AVX-512F (chunk_gemms_supported())");
+std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
+                                     const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first,
+                                     bool need_p, const c10::optional<at::Tensor>& next_hidden,
+                                     const c10::optional<at::Tensor>& bias, double alpha,
+                                     const c10::optional<at::Tensor>& exp_shift,
+                                     const c10::optional<at::Tensor>& targets,
+                                     const c10::optional<at::Tensor>& d_bias,
+                                     const c10::optional<at::Tensor>& bias_scale) {
+  TORCH_CHECK(chunk_gemms_supported(),
+              "fastalign._C.chunk_gemms_ needs a CPU with AVX-512F and AVX-512BW (chunk_gemms_supported())");
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                   weight.dim() == 2 && weight.size(1) > 0 && weight.size(1) % 16 == 0,
               "fastalign._C.chunk_gemms_: weight must be a contiguous fp32 [V, H] CPU tensor with H a positive "
@@ -204,14 +258,20 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
     TORCH_CHECK(d_weight->device().is_cpu() && d_weight->scalar_type() == at::kFloat && d_weight->is_contiguous() &&
                     d_weight->sizes() == weight.sizes(),
                 "fastalign._C.chunk_gemms_: d_weight must be a contiguous fp32 CPU tensor shaped like weight");
-  if (bias.has_value())
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->dim() == 1 && bias->size(0) == V,
-                "fastalign._C.chunk_gemms_: bias must be a contiguous fp32 CPU [V] tensor");
+  check_vector(bias, V, at::kFloat, "bias");
+  check_vector(exp_shift, rows, at::kFloat, "exp_shift");
+  check_vector(targets, rows, at::kLong, "targets");
+  check_vector(d_bias, V, at::kFloat, "d_bias");
+  check_vector(bias_scale, rows, at::kFloat, "bias_scale");
+  TORCH_CHECK(exp_shift.has_value() == targets.has_value(),
+              "fastalign._C.chunk_gemms_: exp_shift and targets come together");
+  TORCH_CHECK(d_bias.has_value() == bias_scale.has_value(),
+              "fastalign._C.chunk_gemms_: d_bias and bias_scale come together");
 
-  const int64_t C = rows, Cp = (C + 7) / 8 * 8, strips = (H + kStrip - 1) / kStrip;
+  const int64_t C = rows, C16 = (C + 15) / 16 * 16, strips = (H + kStrip - 1) / kStrip;
   const bool do_weight = d_weight.has_value(),  // rows = 0 and first: zeros
-             do_p = need_p && C > 0, do_logits = next_hidden.has_value();
+             do_p = need_p && C > 0, do_logits = next_hidden.has_value(), do_exp = exp_shift.has_value() && C > 0,
+             do_bias = d_bias.has_value();
   const int64_t Cn = do_logits ? next_hidden->size(0) : 0;
   const int64_t vb = block_lines(H), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
   at::Tensor hs_packed = do_weight ? pack_strips(*scaled_hidden, C) : at::Tensor();
@@ -220,22 +280,38 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
     hn_t = at::zeros({H, ld}, weight.options());
     hn_t.narrow(1, 0, Cn).copy_(next_hidden->t());
   }
-  at::Tensor p_parts = do_p ? at::zeros({threads, strips, Cp, kStrip}, weight.options()) : at::Tensor();
-  at::Tensor w_packed = do_p ? at::empty({threads, strips, vb, kStrip}, weight.options()) : at::Tensor();
+  // per thread: P^T [H, ld] partial sums; running max / sum of exp of the next chunk's logits [ld]
+  at::Tensor p_parts = do_p ? at::zeros({threads, H, ld}, weight.options()) : at::Tensor();
+  at::Tensor mx_parts = at::full({threads, ld}, -std::numeric_limits<float>::infinity(), weight.options());
+  at::Tensor se_parts = at::zeros({threads, ld}, weight.options());
   const float* W = weight.data_ptr<float>();
   float* E = tile.data_ptr<float>();
   float* dW = do_weight ? d_weight->data_ptr<float>() : nullptr;
   const float* hs = do_weight ? hs_packed.data_ptr<float>() : nullptr;
   const float* ht = do_logits ? hn_t.data_ptr<float>() : nullptr;
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* shift = do_exp ? exp_shift->data_ptr<float>() : nullptr;
+  const int64_t* y = do_exp ? targets->data_ptr<int64_t>() : nullptr;
+  float* db = do_bias ? d_bias->data_ptr<float>() : nullptr;
+  const float* f = do_bias ? bias_scale->data_ptr<float>() : nullptr;
   const float a = static_cast<float>(alpha);
 
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
     const int64_t t = at::get_thread_num();
-    float* P = do_p ? p_parts.data_ptr<float>() + t * strips * Cp * kStrip : nullptr;
-    float* Wp = do_p ? w_packed.data_ptr<float>() + t * strips * vb * kStrip : nullptr;
+    float* P = do_p ? p_parts.data_ptr<float>() + t * H * ld : nullptr;
+    float* mx = mx_parts.data_ptr<float>() + t * ld;
+    float* se = se_parts.data_ptr<float>() + t * ld;
     for (int64_t blk = first_block; blk < last_block; ++blk) {
       const int64_t v0 = blk * vb, m = std::min(vb, V - v0);
+      if (do_exp) {  // logits -> E' (and d_bias) while the lines are on their way into the cache
+        exp_lines(E, ld, v0, m, C, shift, y, f, db, first);
+      } else if (do_bias) {
+        for (int64_t v = v0; v < v0 + m; ++v) {
+          float dot = 0.0f;
+          for (int64_t c = 0; c < C; ++c) dot += E[v * ld + c] * f[c];
+          db[v] = first ? dot : db[v] + dot;
+        }
+      }
       if (do_weight) {  // (a): lines of 8, all strips, then the next 8 (d_W streams line by line)
         for (int64_t i = 0; i < m; i += 8) {
           const int mi = static_cast<int>(std::min<int64_t>(8, m - i));
@@ -251,23 +327,19 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
           }
         }
       }
-      if (do_p) {  // (b): pack the block's W into strips, then P += E_b^T W_b, prefetching the next block's W
-        for (int64_t v = 0; v < m; ++v)
-          for (int64_t s = 0; s < strips; ++s) {
-            const float* src = W + (v0 + v) * H + s * kStrip;
-            std::copy(src, src + std::min(kStrip, H - s * kStrip), Wp + (s * vb + v) * kStrip);
-          }
+      if (do_p) {  // (b), transposed: P^T[h, 0:C] += sum_v W_b[v, h] E_b[v, 0:C], the next block's W prefetched
         const float* w_next = W + (v0 + m) * H;
-        const int64_t lines = std::max<int64_t>(0, std::min(vb, V - v0 - m)) * H / 16, calls = strips * (Cp / 8);
+        const int64_t lines = std::max<int64_t>(0, std::min(vb, V - v0 - m)) * H / 16;
+        const int64_t calls = (H + 5) / 6 * ((C16 + 63) / 64);
         int64_t call = 0;
-        for (int64_t s = 0; s < strips; ++s) {
-          const int nv = static_cast<int>(std::min<int64_t>(kStrip, H - s * kStrip) / 16);
-          for (int64_t r = 0; r < Cp; r += 8, ++call) {
+        for (int64_t h0 = 0; h0 < H; h0 += 6)
+          for (int64_t r = 0; r < C16; r += 64, ++call) {
             for (int64_t l = call * lines / calls; l < (call + 1) * lines / calls; ++l)
               _mm_prefetch(reinterpret_cast<const char*>(w_next + l * 16), _MM_HINT_T1);
-            p_strip(nv, E + v0 * ld + r, ld, Wp + s * vb * kStrip, m, P + (s * Cp + r) * kStrip);
+            logits_strip(static_cast<int>(std::min<int64_t>(6, H - h0)),
+                         static_cast<int>(std::min<int64_t>(64, C16 - r) / 16), W + v0 * H + h0, 1, H,
+                         E + v0 * ld + r, ld, m, 1.0f, P + h0 * ld + r, false);
           }
-        }
       }
       if (do_logits) {  // (c): over E_b, now consumed; all ld columns (zeros past Cn), then the bias
         for (int64_t k0 = 0; k0 < H; k0 += kBlockK) {
@@ -275,18 +347,34 @@ at::Tensor chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::
           for (int64_t r = 0; r < ld; r += 64) {
             const int nv = static_cast<int>(std::min<int64_t>(64, ld - r) / 16);
             for (int64_t i = 0; i < m; i += 6)
-              logits_strip(static_cast<int>(std::min<int64_t>(6, m - i)), nv, W + (v0 + i) * H + k0, H,
+              logits_strip(static_cast<int>(std::min<int64_t>(6, m - i)), nv, W + (v0 + i) * H + k0, H, 1,
                            ht + k0 * ld + r, ld, kc, a, E + (v0 + i) * ld + r, k0 == 0);
           }
         }
         if (b != nullptr)
           for (int64_t v = v0; v < v0 + m; ++v)
             for (int64_t r = 0; r < Cn; ++r) E[v * ld + r] += b[v];
+        block_stats(E, ld, v0, m, Cn, mx, se);
       }
     }
   });
-  if (!do_p) return at::empty({0, H}, weight.options());
-  // [threads, strips, Cp, 48] -> [C, H]: the threads' partial sums in a fixed order (thread 0 first)
-  at::Tensor p = p_parts.sum(0);
-  return p.permute({1, 0, 2}).reshape({Cp, strips * kStrip}).narrow(0, 0, C).narrow(1, 0, H).contiguous();
+  // the threads' partial results, combined in a fixed order (thread 0 first): results do not depend on scheduling
+  at::Tensor next_max = at::empty({Cn}, weight.options()), next_sumexp = at::empty({Cn}, weight.options());
+  {
+    const float* mxp = mx_parts.data_ptr<float>();
+    const float* sep = se_parts.data_ptr<float>();
+    float* nm = next_max.data_ptr<float>();
+    float* ns = next_sumexp.data_ptr<float>();
+    for (int64_t c = 0; c < Cn; ++c) {
+      float m = mxp[c];
+      for (int64_t t = 1; t < threads; ++t) m = std::max(m, mxp[t * ld + c]);
+      double s = 0.0;
+      for (int64_t t = 0; t < threads; ++t)
+        if (sep[t * ld + c] > 0.0f) s += static_cast<double>(sep[t * ld + c]) * std::exp(double(mxp[t * ld + c]) - m);
+      nm[c] = m;
+      ns[c] = static_cast<float>(s);
+    }
+  }
+  at::Tensor p = do_p ? p_parts.sum(0).narrow(1, 0, C).t().contiguous() : at::empty({0, H}, weight.options());
+  return {p, next_max, next_sumexp};
 }

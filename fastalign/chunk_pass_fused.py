@@ -18,8 +18,7 @@ H=1024 (V=32000), where BLAS chunks took 1.35x / 1.60x.
 """
 import torch
 
-from fastalign.backends import get_backend
-from fastalign.chunk_pass import _write_or_add, exp_tile_factors, padded_buffer
+from fastalign.chunk_pass import padded_buffer
 
 # Widest chunk the fused pass takes: at 128 rows it and BLAS chunks took about the same time (GEMM work alone, ad
 # hoc), at 112 rows the fused pass took 0.97x / 0.95x BLAS chunks' time, at 64 rows 0.88x / 0.76x (the file above).
@@ -39,11 +38,15 @@ def fused_chunks_usable(hidden, weight, plan):
 
 def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):
     """Same contract as chunk_pass._chunk_pass (fp32): logp [N] and the gradients d_h [N, H], d_w [V, H],
-    d_b [V] (None where not needed) of the plan's loss."""
+    d_b [V] (None where not needed) of the plan's loss.
+
+    Each kernel call also takes the column max and sum of exp of the logits it writes, so no pass of its own reads
+    the tile for the row statistics: lse = max + log(sum), and the next call turns the logits into E' block by
+    block, in cache, just before it uses them."""
     from fastalign.backends.loss_rows_cpp import chunk_gemms_
-    rows_impl = get_backend("cpp", op="loss_rows")
     n, v = hidden.shape[0], weight.shape[0]
     hidden = hidden.contiguous()  # [N, H]: small; weight is contiguous (fused_chunks_usable), never copied
+    targets = targets.contiguous()
     inv_t = 1.0 / plan.temperature
     bounds = plan.bounds
     logp = torch.zeros(n, dtype=torch.float32)
@@ -54,29 +57,41 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
     tile_buf = padded_buffer(v, max(e - s for s, e in bounds), torch.float32, hidden.device)
     bias_v = None if bias is None else (bias.to(torch.float32) * inv_t).contiguous()  # the GEMM's alpha scales it
 
-    def logits_only(rows):  # tile <- the logits of these rows, nothing else
-        chunk_gemms_(tile_buf, 0, None, weight, None, False, False, rows, bias_v, inv_t)
+    def logits_only(rows):  # tile <- the logits of these rows, nothing else; their column max and sum of exp
+        return chunk_gemms_(tile_buf, 0, None, weight, None, False, False, rows, bias_v, inv_t)[1:]
 
-    logits_only(hidden[bounds[0][0]:bounds[0][1]])
+    shift, sumexp = logits_only(hidden[bounds[0][0]:bounds[0][1]])
     for i, (s, e) in enumerate(bounds):
         hc, tgt = hidden[s:e], targets[s:e]
-        tile = tile_buf[:, :e - s]
-        lp, lse, shift = rows_impl.rows_logsumexp_(tile, tgt, plan)
+        live = tgt >= 0
+        lse = shift + torch.log(sumexp)
+        logit_y = tile_buf[:, :e - s].gather(0, tgt.clamp_min(0).unsqueeze(0)).squeeze(0)  # l_y, before E' overwrites it
+        lp = torch.where(live, logit_y - lse, torch.zeros((), dtype=torch.float32))
         logp[s:e] = lp
         nxt = hidden[bounds[i + 1][0]:bounds[i + 1][1]] if i + 1 < len(bounds) else None
         if not grads:
             if nxt is not None:
-                logits_only(nxt)
+                shift, sumexp = logits_only(nxt)
             continue
-        f, t, live_rows, y_live = exp_tile_factors(tile, tgt, plan.coeff_fn(s, e, lp), lp, lse, shift, inv_t)
-        t_live = t.index_select(0, live_rows)
-        if need_b:  # from E, before the kernel writes the next chunk's logits over it
-            _write_or_add(d_b, torch.mv(tile, f), i == 0)
-            d_b.index_add_(0, y_live, t_live)
+        f, t, y_live, t_live, live_rows = _row_factors(plan.coeff_fn(s, e, lp), lp, lse, shift, tgt, live, inv_t)
         scaled = (hc * f.unsqueeze(1)).contiguous() if need_w else None
-        e_t_w = chunk_gemms_(tile_buf, e - s, scaled, weight, d_w, i == 0, need_h, nxt, bias_v, inv_t)
+        e_t_w, shift, sumexp = chunk_gemms_(tile_buf, e - s, scaled, weight, d_w, i == 0, need_h, nxt, bias_v, inv_t,
+                                            shift, tgt, d_b, f if need_b else None)
         if need_h:  # d_h_c = f * (E'^T W) + t * W[y], as in chunk_pass._exp_tile_gradients
             d_h[s:e] = e_t_w.mul_(f.unsqueeze(1)).addcmul_(t.unsqueeze(1), weight.index_select(0, tgt.clamp_min(0)))
         if need_w:
             d_w.index_add_(0, y_live, hc.index_select(0, live_rows) * t_live.unsqueeze(1))
+        if need_b:
+            d_b.index_add_(0, y_live, t_live)
     return logp, d_h, d_w, d_b
+
+
+def _row_factors(coeff, logp, lse, shift, tgt, live, inv_t):
+    """chunk_pass.exp_tile_factors' f [C] and t [C] for a tile the kernel turns into E' itself, with the labelled
+    rows' targets y_live and their t_live, live_rows."""
+    gs = torch.where(live, coeff.to(torch.float32) * inv_t, torch.zeros((), dtype=torch.float32))
+    f = (-gs * torch.exp(shift - lse)).contiguous()
+    t = -gs * torch.expm1(logp)
+    live_rows = live.nonzero().squeeze(1)
+    return f, t, tgt.index_select(0, live_rows), t.index_select(0, live_rows), live_rows
+

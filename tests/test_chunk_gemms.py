@@ -36,6 +36,14 @@ def two_threads():
     torch.set_num_threads(saved)
 
 
+def _e_prime(logits, shift, y):
+    """float64 E' = exp(l - shift) with each labelled row's (column's) target entry 0: logits [V, C], y [C]."""
+    e = torch.exp(logits.to(D) - shift.to(D))
+    live = (y >= 0).nonzero().squeeze(1)
+    e[y[live], live] = 0
+    return e
+
+
 @needs_kernel
 @pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("v, h, c, cn, ld", [
@@ -43,33 +51,73 @@ def two_threads():
     (97, 16, 8, 16, 16),      # one block, one 16-column strip, a full next chunk
     (50, 4096, 5, 3, 16),     # the smallest block (24 lines) of a wide H
     (300, 144, 64, 64, 64),   # whole strips, whole tiles
+    (400, 32, 70, 80, 80),    # tiles of 64 columns and a last one of 16
 ])
 @pytest.mark.parametrize("first", [True, False])
-def test_kernel_matches_float64(v, h, c, cn, ld, first):
+@pytest.mark.parametrize("entry", ["E'", "logits"])
+def test_kernel_matches_float64(v, h, c, cn, ld, first, entry):
+    """Every output against float64: d_weight, d_bias, E'^T W, the next logits (their padding 0) and their column
+    max and sum of exp, with the tile holding E' on entry or logits that the kernel turns into E' itself."""
     weight, tile, scaled, nxt, d_w, bias = _case(v, h, c, cn, ld)
-    e = tile[:, :c].to(D)
-    got_tile, got_dw = tile.clone(), d_w.clone()
-    p = loss_rows_cpp.chunk_gemms_(got_tile, c, scaled, weight, got_dw, first, True, nxt, bias, 0.7)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, v, (c,), generator=g)
+    y[::3] = -1  # ignored rows: nothing zeroed in their columns
+    y[1] = v - 1  # a target on the last line of the last block
+    shift = torch.randn(c, generator=g) + 2.0
+    f = torch.randn(c, generator=g)
+    d_b = torch.randn(v, generator=g)
+    got_tile, got_dw, got_db = tile.clone(), d_w.clone(), d_b.clone()
+    if entry == "logits":
+        e = _e_prime(tile[:, :c], shift, y)
+        extra = (shift, y, got_db, f)
+    else:
+        e = tile[:, :c].to(D)
+        extra = (None, None, got_db, f)
+    p, mx, se = loss_rows_cpp.chunk_gemms_(got_tile, c, scaled, weight, got_dw, first, True, nxt, bias, 0.7, *extra)
     want_p = e.t() @ weight.to(D)
     want_dw = e @ scaled.to(D) + (0 if first else d_w.to(D))
+    want_db = e @ f.to(D) + (0 if first else d_b.to(D))
     want_l = 0.7 * weight.to(D) @ nxt.to(D).t() + bias.to(D).unsqueeze(1)
     scale = (c + h) ** 0.5
     assert p.shape == (c, h) and (p.to(D) - want_p).abs().max() < 1e-5 * scale * v ** 0.5
     assert (got_dw.to(D) - want_dw).abs().max() < 1e-5 * scale
+    assert (got_db.to(D) - want_db).abs().max() < 1e-5 * c ** 0.5
     assert (got_tile[:, :cn].to(D) - want_l).abs().max() < 1e-5 * h ** 0.5
     assert torch.equal(got_tile[:, cn:], torch.zeros(v, ld - cn))  # the padding stays zero
+    # the statistics are of the logits the kernel wrote (fp32), the max exactly, lse to fp32 rounding
+    assert torch.equal(mx, got_tile[:, :cn].max(0).values)
+    want_lse = torch.logsumexp(got_tile[:, :cn].to(D), 0)
+    assert mx.shape == se.shape == (cn,) and ((mx.to(D) + se.to(D).log()) - want_lse).abs().max() < 1e-5
+
+
+@needs_kernel
+@pytest.mark.usefixtures("two_threads")
+def test_kernel_statistics_rescale_as_the_max_grows():
+    """Logits that grow along the vocabulary (each block's max above the last), spread over 80 units: the running
+    sum of exp is rescaled block by block and per thread, and lse still matches float64."""
+    v, h = 2000, 16
+    weight = torch.zeros(v, h)
+    weight[:, 0] = torch.linspace(-40.0, 40.0, v)
+    weight[:, 1] = torch.randn(v, generator=torch.Generator().manual_seed(7))
+    nxt = torch.zeros(3, h)
+    nxt[:, 0], nxt[:, 1] = torch.tensor([1.0, -1.0, 0.01]), 1.0
+    tile = torch.zeros(v, 16)
+    _, mx, se = loss_rows_cpp.chunk_gemms_(tile, 0, None, weight, None, False, False, nxt, None, 1.0)
+    want = torch.logsumexp(weight.to(D) @ nxt.to(D).t(), 0)
+    assert ((mx.to(D) + se.to(D).log()) - want).abs().max() < 1e-5
 
 
 @needs_kernel
 def test_kernel_parts_are_independent():
     """Without d_weight nothing is added to it, without need_p an empty [0, H] comes back, without next_hidden the
-    tile is left as it was; rows=0 (the first chunk) only writes the logits, without a bias."""
+    tile is left as it was and the statistics are empty; rows=0 (the first chunk) only writes the logits."""
     weight, tile, scaled, nxt, d_w, bias = _case(200, 32, 9, 7, 16)
     t0 = tile.clone()
-    p = loss_rows_cpp.chunk_gemms_(t0, 9, None, weight, None, False, True, None, None, 1.0)
+    p, mx, se = loss_rows_cpp.chunk_gemms_(t0, 9, None, weight, None, False, True, None, None, 1.0)
     assert torch.equal(t0, tile) and (p.to(D) - tile[:, :9].to(D).t() @ weight.to(D)).abs().max() < 1e-4
+    assert mx.shape == se.shape == (0,)
     dw = d_w.clone()
-    p = loss_rows_cpp.chunk_gemms_(tile.clone(), 9, scaled, weight, dw, False, False, None, None, 1.0)
+    p = loss_rows_cpp.chunk_gemms_(tile.clone(), 9, scaled, weight, dw, False, False, None, None, 1.0)[0]
     assert p.shape == (0, 32) and (dw.to(D) - d_w.to(D) - tile[:, :9].to(D) @ scaled.to(D)).abs().max() < 1e-4
     t1 = tile.clone()
     loss_rows_cpp.chunk_gemms_(t1, 0, None, weight, None, False, False, nxt, None, 1.0)
@@ -77,6 +125,12 @@ def test_kernel_parts_are_independent():
     dw = torch.full_like(d_w, float("nan"))  # first with no rows: d_weight is written (zeros), not left as it was
     loss_rows_cpp.chunk_gemms_(tile.clone(), 0, scaled[:0], weight, dw, True, True, None, None, 1.0)
     assert torch.equal(dw, torch.zeros_like(dw))
+    t2 = tile.clone()  # the conversion alone: E' in the first 9 columns, the other columns as they were
+    y = torch.tensor([3, -1, 199, 0, 5, 6, 7, 8, 9])
+    shift = torch.full((9,), 1.5)
+    loss_rows_cpp.chunk_gemms_(t2, 9, None, weight, None, False, False, None, None, 1.0, shift, y)
+    assert (t2[:, :9].to(D) - _e_prime(tile[:, :9], shift, y)).abs().max() < 1e-6 and torch.equal(t2[:, 9:],
+                                                                                                  tile[:, 9:])
 
 
 @needs_kernel
@@ -92,13 +146,24 @@ def test_kernel_rejects_what_it_cannot_run():
         loss_rows_cpp.chunk_gemms_(torch.zeros(40, 32)[:, :16], 4, None, weight, None, False, True, None, None, 1.0)
     from fastalign import _ext  # the extension itself: the custom op sends a meta tensor to its fake kernel
     with pytest.raises(RuntimeError, match="on meta"):
-        _ext.C.chunk_gemms_(tile, 4, scaled.to("meta"), weight, d_w, False, True, None, None, 1.0)
-    with pytest.raises(RuntimeError, match="come together"):
+        _ext.C.chunk_gemms_(tile, 4, scaled.to("meta"), weight, d_w, False, True, None, None, 1.0, None, None, None,
+                            None)
+    with pytest.raises(RuntimeError, match="scaled_hidden and d_weight come together"):
         loss_rows_cpp.chunk_gemms_(tile, 4, scaled, weight, None, False, True, None, None, 1.0)
     with pytest.raises(RuntimeError, match="scaled_hidden must be .*CPU \\[4, 32\\] tensor, got \\[3, 32\\]"):
         loss_rows_cpp.chunk_gemms_(tile, 4, scaled[:3], weight, d_w, False, True, None, None, 1.0)
     with pytest.raises(RuntimeError, match="more rows than"):
         loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, torch.zeros(17, 32), None, 1.0)
+    shift, y = torch.zeros(4), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="exp_shift and targets come together"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, shift, None)
+    with pytest.raises(RuntimeError, match="targets must be a contiguous Long CPU \\[4\\] tensor, got \\[4\\] Int"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, shift, y.int())
+    with pytest.raises(RuntimeError, match="exp_shift must be a contiguous Float CPU \\[4\\] tensor, got \\[5\\]"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, torch.zeros(5), y)
+    with pytest.raises(RuntimeError, match="d_bias and bias_scale come together"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, None, None,
+                                   torch.zeros(40), None)
 
 
 @pytest.fixture
@@ -233,9 +298,14 @@ def test_when_the_fused_pass_is_not_used(kernel_calls, monkeypatch, case):
         h = 0
     elif case == "torch backend":
         kw = {"backend": "torch"}
-    else:  # a prebuilt extension from before chunk_gemms_: no attribute, so no fused pass (not an AttributeError)
+    else:  # a prebuilt extension from before chunk_gemms_ (no attribute), or with its first contract (no version
+        # attribute, other arguments): no fused pass, not an AttributeError or a TypeError
         from fastalign import _ext
-        monkeypatch.setattr(_ext, "C", type("OldExtension", (), {"rows_logsumexp_": _ext.C.rows_logsumexp_}))
+        real = _ext.C
+        monkeypatch.setattr(_ext, "C", type("OldExtension", (), {"rows_logsumexp_": real.rows_logsumexp_}))
+        assert not loss_rows_cpp.chunk_gemms_supported()
+        monkeypatch.setattr(_ext, "C", type("FirstContract", (), {"chunk_gemms_": real.chunk_gemms_,
+                                                                  "chunk_gemms_supported": real.chunk_gemms_supported}))
         assert not loss_rows_cpp.chunk_gemms_supported()
         return
     hidden, weight = torch.randn(200, h, generator=g).to(dtype), (torch.randn(v, h, generator=g) * 0.3).to(dtype)
