@@ -22,11 +22,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a thin chunk's GEMMs in one vocabulary pass; returns [E'^T W or [0, H], next max, next sum of exp]",
         no_gil(), py::arg("tile"), py::arg("rows"), py::arg("scaled_hidden"), py::arg("weight"), py::arg("d_weight"),
         py::arg("first"), py::arg("need_p"), py::arg("next_hidden"), py::arg("bias"), py::arg("alpha"),
-        py::arg("exp_shift"), py::arg("targets"), py::arg("d_bias"), py::arg("bias_scale"));
+        py::arg("exp_shift"), py::arg("targets"), py::arg("d_bias"), py::arg("bias_scale"),
+        py::arg("target_values"));
   m.def("chunk_gemms_supported", &chunk_gemms_supported, "whether this CPU runs chunk_gemms_ (AVX-512F and BW)",
         no_gil());
   // the Python side uses chunk_gemms_ only from an extension with this contract (an older prebuilt one had another)
-  m.attr("chunk_gemms_version") = 2;
+  m.attr("chunk_gemms_version") = 3;
   m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])", no_gil(),
         py::arg("points"), py::arg("sq_norms"), py::arg("group_start"), py::arg("keys"), py::arg("width"),
         py::arg("num_samples"), py::arg("block_samples"), py::arg("block_alternatives"), py::arg("kernel") = "auto");

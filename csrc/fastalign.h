@@ -34,7 +34,8 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
                                      const c10::optional<at::Tensor>& exp_shift,
                                      const c10::optional<at::Tensor>& targets,
                                      const c10::optional<at::Tensor>& d_bias,
-                                     const c10::optional<at::Tensor>& bias_scale);
+                                     const c10::optional<at::Tensor>& bias_scale,
+                                     const c10::optional<at::Tensor>& target_values);
 
 // nn_count.cpp: nearest-neighbour counts of counter-generated uniform box samples (clone-robust weights).
 at::Tensor nn_count(const at::Tensor& points, const at::Tensor& sq_norms, const at::Tensor& group_start,

@@ -142,11 +142,11 @@ void logits_strip(int m, int nv, const float* w, int64_t wi, int64_t wk, const f
 // Mask of the first n (< 16 allowed) of 16 lanes.
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
-// Before (a) and (b): the block's lines of logits l become E' = exp(l - shift), each labelled row's target entry 0
-// (the target's term of the gradient is taken from logp, see chunk_pass._exp_tile_gradients); columns >= C stay
-// 0. y: targets [C] (-1: ignored row, nothing zeroed). While the lines are in L1, d_bias[v] (+)= sum_c E'[v, c] f[c].
+// Before (a) and (b): the block's lines of logits l become E' = exp(l - shift), each labelled row's target entry
+// set to tv[c] (0 without tv); columns >= C stay 0. y: targets [C] (-1: ignored row, nothing set). While the lines
+// are in L1, d_bias[v] (+)= sum_c E'[v, c] f[c].
 FASTALIGN_AVX512 void exp_lines(float* E, int64_t ld, int64_t v0, int64_t m, int64_t C, const float* shift,
-                                const int64_t* y, const float* f, float* d_bias, bool first) {
+                                const int64_t* y, const float* tv, const float* f, float* d_bias, bool first) {
   for (int64_t v = 0; v < m; ++v) {
     float* x = E + (v0 + v) * ld;
     for (int64_t c = 0; c < C; c += 16) {
@@ -157,7 +157,7 @@ FASTALIGN_AVX512 void exp_lines(float* E, int64_t ld, int64_t v0, int64_t m, int
     }
   }
   for (int64_t c = 0; c < C; ++c)
-    if (y[c] >= v0 && y[c] < v0 + m) E[y[c] * ld + c] = 0.0f;
+    if (y[c] >= v0 && y[c] < v0 + m) E[y[c] * ld + c] = tv != nullptr ? tv[c] : 0.0f;
   if (d_bias == nullptr) return;
   for (int64_t v = 0; v < m; ++v) {
     const float* x = E + (v0 + v) * ld;
@@ -188,20 +188,39 @@ FASTALIGN_AVX512 void block_stats(const float* E, int64_t ld, int64_t v0, int64_
   }
 }
 
-// [rows, H] -> [strips][rows_padded][48] (zeros past H and past rows)
-at::Tensor pack_strips(const at::Tensor& x, int64_t rows_padded) {
+// [rows, H] -> [strips][rows][48], zeros past H (one pass: a narrow/copy per strip cost more than the copy)
+at::Tensor pack_strips(const at::Tensor& x) {
   const int64_t rows = x.size(0), H = x.size(1), strips = (H + kStrip - 1) / kStrip;
-  at::Tensor out = at::zeros({strips, rows_padded, kStrip}, x.options());
-  for (int64_t s = 0; s < strips; ++s) {
-    const int64_t w = std::min(kStrip, H - s * kStrip);
-    out[s].narrow(0, 0, rows).narrow(1, 0, w).copy_(x.narrow(1, s * kStrip, w));
+  at::Tensor out = at::empty({strips, rows, kStrip}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t st = 0; st < strips; ++st) {
+    const int64_t w = std::min(kStrip, H - st * kStrip);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* d = dst + (st * rows + r) * kStrip;
+      std::copy(src + r * H + st * kStrip, src + r * H + st * kStrip + w, d);
+      std::fill(d + w, d + kStrip, 0.0f);
+    }
+  }
+  return out;
+}
+
+// next_hidden [Cn, H] -> its transpose [H, ld], zeros past Cn
+at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
+  const int64_t Cn = x.size(0), H = x.size(1);
+  at::Tensor out = at::empty({H, ld}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t k = 0; k < H; ++k) {
+    for (int64_t r = 0; r < Cn; ++r) dst[k * ld + r] = src[r * H + k];
+    std::fill(dst + k * ld + Cn, dst + (k + 1) * ld, 0.0f);
   }
   return out;
 }
 
 // Vocabulary lines per block: its W lines (192 KB) stay in L2 from (b)'s packing to (c); a multiple of 24 (8 and 6,
 // the tiles' lines).
-int64_t block_lines(int64_t H) { return std::max<int64_t>(24, std::min<int64_t>(192, (49152 / H) / 24 * 24)); }
+int64_t block_lines(int64_t H) { return std::max<int64_t>(24, std::min<int64_t>(192, (24576 / H) / 24 * 24)); }
 
 void check_operand(const c10::optional<at::Tensor>& t, int64_t rows, int64_t H, const char* name) {
   if (!t.has_value()) return;
@@ -232,7 +251,8 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
                                      const c10::optional<at::Tensor>& exp_shift,
                                      const c10::optional<at::Tensor>& targets,
                                      const c10::optional<at::Tensor>& d_bias,
-                                     const c10::optional<at::Tensor>& bias_scale) {
+                                     const c10::optional<at::Tensor>& bias_scale,
+                                     const c10::optional<at::Tensor>& target_values) {
   TORCH_CHECK(chunk_gemms_supported(),
               "fastalign._C.chunk_gemms_ needs a CPU with AVX-512F and AVX-512BW (chunk_gemms_supported())");
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
@@ -263,6 +283,9 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   check_vector(targets, rows, at::kLong, "targets");
   check_vector(d_bias, V, at::kFloat, "d_bias");
   check_vector(bias_scale, rows, at::kFloat, "bias_scale");
+  check_vector(target_values, rows, at::kFloat, "target_values");
+  TORCH_CHECK(!target_values.has_value() || exp_shift.has_value(),
+              "fastalign._C.chunk_gemms_: target_values needs exp_shift and targets");
   TORCH_CHECK(exp_shift.has_value() == targets.has_value(),
               "fastalign._C.chunk_gemms_: exp_shift and targets come together");
   TORCH_CHECK(d_bias.has_value() == bias_scale.has_value(),
@@ -274,14 +297,12 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
              do_bias = d_bias.has_value();
   const int64_t Cn = do_logits ? next_hidden->size(0) : 0;
   const int64_t vb = block_lines(H), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
-  at::Tensor hs_packed = do_weight ? pack_strips(*scaled_hidden, C) : at::Tensor();
-  at::Tensor hn_t;  // next_hidden^T [H, ld], zeros past Cn
-  if (do_logits) {
-    hn_t = at::zeros({H, ld}, weight.options());
-    hn_t.narrow(1, 0, Cn).copy_(next_hidden->t());
-  }
+  at::Tensor hs_packed = do_weight ? pack_strips(*scaled_hidden) : at::Tensor();
+  at::Tensor hn_t = do_logits ? transposed_padded(*next_hidden, ld) : at::Tensor();
   // per thread: P^T [H, ld] partial sums; running max / sum of exp of the next chunk's logits [ld]
-  at::Tensor p_parts = do_p ? at::zeros({threads, H, ld}, weight.options()) : at::Tensor();
+  // (each thread's first block writes its P^T, no zero fill; a thread with no block is left out of the sum)
+  at::Tensor p_parts = do_p ? at::empty({threads, H, ld}, weight.options()) : at::Tensor();
+  std::vector<char> p_written(threads, 0);
   at::Tensor mx_parts = at::full({threads, ld}, -std::numeric_limits<float>::infinity(), weight.options());
   at::Tensor se_parts = at::zeros({threads, ld}, weight.options());
   const float* W = weight.data_ptr<float>();
@@ -294,6 +315,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   const int64_t* y = do_exp ? targets->data_ptr<int64_t>() : nullptr;
   float* db = do_bias ? d_bias->data_ptr<float>() : nullptr;
   const float* f = do_bias ? bias_scale->data_ptr<float>() : nullptr;
+  const float* tv = do_exp && target_values.has_value() ? target_values->data_ptr<float>() : nullptr;
   const float a = static_cast<float>(alpha);
 
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
@@ -304,7 +326,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     for (int64_t blk = first_block; blk < last_block; ++blk) {
       const int64_t v0 = blk * vb, m = std::min(vb, V - v0);
       if (do_exp) {  // logits -> E' (and d_bias) while the lines are on their way into the cache
-        exp_lines(E, ld, v0, m, C, shift, y, f, db, first);
+        exp_lines(E, ld, v0, m, C, shift, y, tv, f, db, first);
       } else if (do_bias) {
         for (int64_t v = v0; v < v0 + m; ++v) {
           float dot = 0.0f;
@@ -338,8 +360,9 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
               _mm_prefetch(reinterpret_cast<const char*>(w_next + l * 16), _MM_HINT_T1);
             logits_strip(static_cast<int>(std::min<int64_t>(6, H - h0)),
                          static_cast<int>(std::min<int64_t>(64, C16 - r) / 16), W + v0 * H + h0, 1, H,
-                         E + v0 * ld + r, ld, m, 1.0f, P + h0 * ld + r, false);
+                         E + v0 * ld + r, ld, m, 1.0f, P + h0 * ld + r, blk == first_block);
           }
+        p_written[t] = 1;
       }
       if (do_logits) {  // (c): over E_b, now consumed; all ld columns (zeros past Cn), then the bias
         for (int64_t k0 = 0; k0 < H; k0 += kBlockK) {
@@ -375,6 +398,19 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
       ns[c] = static_cast<float>(s);
     }
   }
-  at::Tensor p = do_p ? p_parts.sum(0).narrow(1, 0, C).t().contiguous() : at::empty({0, H}, weight.options());
+  at::Tensor p = at::empty({do_p ? C : 0, H}, weight.options());
+  if (do_p) {  // P [c, h] = sum over threads (in order) of P^T_t [h, c]
+    const float* pp = p_parts.data_ptr<float>();
+    float* out = p.data_ptr<float>();
+    bool any = false;
+    for (int64_t t = 0; t < threads; ++t) {
+      if (!p_written[t]) continue;
+      const float* pt = pp + t * H * ld;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t h = 0; h < H; ++h) out[c * H + h] = any ? out[c * H + h] + pt[h * ld + c] : pt[h * ld + c];
+      any = true;
+    }
+    if (!any) p.zero_();
+  }
   return {p, next_max, next_sumexp};
 }

@@ -61,37 +61,28 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
         return chunk_gemms_(tile_buf, 0, None, weight, None, False, False, rows, bias_v, inv_t)[1:]
 
     shift, sumexp = logits_only(hidden[bounds[0][0]:bounds[0][1]])
+    zero = torch.zeros((), dtype=torch.float32)
     for i, (s, e) in enumerate(bounds):
         hc, tgt = hidden[s:e], targets[s:e]
         live = tgt >= 0
         lse = shift + torch.log(sumexp)
-        logit_y = tile_buf[:, :e - s].gather(0, tgt.clamp_min(0).unsqueeze(0)).squeeze(0)  # l_y, before E' overwrites it
-        lp = torch.where(live, logit_y - lse, torch.zeros((), dtype=torch.float32))
+        logit_y = tile_buf[:, :e - s].gather(0, tgt.clamp_min(0).unsqueeze(0)).squeeze(0)  # before E' overwrites it
+        lp = torch.where(live, logit_y - lse, zero)
         logp[s:e] = lp
         nxt = hidden[bounds[i + 1][0]:bounds[i + 1][1]] if i + 1 < len(bounds) else None
         if not grads:
             if nxt is not None:
                 shift, sumexp = logits_only(nxt)
             continue
-        f, t, y_live, t_live, live_rows = _row_factors(plan.coeff_fn(s, e, lp), lp, lse, shift, tgt, live, inv_t)
+        # chunk_pass._exp_tile_gradients' formula, d logits^T = E' diag(f) + onehot(y) diag(t), with the target's
+        # term inside the GEMMs: E' holds t / f = expm1(logp) * sumexp at each labelled row's target (precise from
+        # logp, as there), so d_W, d_h = f * (E'^T W) and d_b all get it with no gathers or scatters of their own
+        gs = torch.where(live, plan.coeff_fn(s, e, lp).to(torch.float32) * inv_t, zero)
+        f = (-gs * torch.exp(shift - lse)).contiguous()
+        target_values = (torch.expm1(lp) * sumexp).contiguous()
         scaled = (hc * f.unsqueeze(1)).contiguous() if need_w else None
         e_t_w, shift, sumexp = chunk_gemms_(tile_buf, e - s, scaled, weight, d_w, i == 0, need_h, nxt, bias_v, inv_t,
-                                            shift, tgt, d_b, f if need_b else None)
-        if need_h:  # d_h_c = f * (E'^T W) + t * W[y], as in chunk_pass._exp_tile_gradients
-            d_h[s:e] = e_t_w.mul_(f.unsqueeze(1)).addcmul_(t.unsqueeze(1), weight.index_select(0, tgt.clamp_min(0)))
-        if need_w:
-            d_w.index_add_(0, y_live, hc.index_select(0, live_rows) * t_live.unsqueeze(1))
-        if need_b:
-            d_b.index_add_(0, y_live, t_live)
+                                            shift, tgt, d_b, f if need_b else None, target_values)
+        if need_h:
+            torch.mul(e_t_w, f.unsqueeze(1), out=d_h[s:e])
     return logp, d_h, d_w, d_b
-
-
-def _row_factors(coeff, logp, lse, shift, tgt, live, inv_t):
-    """chunk_pass.exp_tile_factors' f [C] and t [C] for a tile the kernel turns into E' itself, with the labelled
-    rows' targets y_live and their t_live, live_rows."""
-    gs = torch.where(live, coeff.to(torch.float32) * inv_t, torch.zeros((), dtype=torch.float32))
-    f = (-gs * torch.exp(shift - lse)).contiguous()
-    t = -gs * torch.expm1(logp)
-    live_rows = live.nonzero().squeeze(1)
-    return f, t, tgt.index_select(0, live_rows), t.index_select(0, live_rows), live_rows
-

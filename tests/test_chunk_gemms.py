@@ -36,11 +36,12 @@ def two_threads():
     torch.set_num_threads(saved)
 
 
-def _e_prime(logits, shift, y):
-    """float64 E' = exp(l - shift) with each labelled row's (column's) target entry 0: logits [V, C], y [C]."""
+def _e_prime(logits, shift, y, target_values=None):
+    """float64 E' = exp(l - shift) with each labelled row's (column's) target entry set to target_values (0 if
+    None): logits [V, C], y [C]."""
     e = torch.exp(logits.to(D) - shift.to(D))
     live = (y >= 0).nonzero().squeeze(1)
-    e[y[live], live] = 0
+    e[y[live], live] = 0 if target_values is None else target_values[live].to(D)
     return e
 
 
@@ -54,7 +55,7 @@ def _e_prime(logits, shift, y):
     (400, 32, 70, 80, 80),    # tiles of 64 columns and a last one of 16
 ])
 @pytest.mark.parametrize("first", [True, False])
-@pytest.mark.parametrize("entry", ["E'", "logits"])
+@pytest.mark.parametrize("entry", ["E'", "logits", "logits, target values"])
 def test_kernel_matches_float64(v, h, c, cn, ld, first, entry):
     """Every output against float64: d_weight, d_bias, E'^T W, the next logits (their padding 0) and their column
     max and sum of exp, with the tile holding E' on entry or logits that the kernel turns into E' itself."""
@@ -67,9 +68,10 @@ def test_kernel_matches_float64(v, h, c, cn, ld, first, entry):
     f = torch.randn(c, generator=g)
     d_b = torch.randn(v, generator=g)
     got_tile, got_dw, got_db = tile.clone(), d_w.clone(), d_b.clone()
-    if entry == "logits":
-        e = _e_prime(tile[:, :c], shift, y)
-        extra = (shift, y, got_db, f)
+    if entry != "E'":
+        tv = torch.randn(c, generator=g) * 50 if entry == "logits, target values" else None
+        e = _e_prime(tile[:, :c], shift, y, tv)
+        extra = (shift, y, got_db, f, tv)
     else:
         e = tile[:, :c].to(D)
         extra = (None, None, got_db, f)
@@ -147,7 +149,7 @@ def test_kernel_rejects_what_it_cannot_run():
     from fastalign import _ext  # the extension itself: the custom op sends a meta tensor to its fake kernel
     with pytest.raises(RuntimeError, match="on meta"):
         _ext.C.chunk_gemms_(tile, 4, scaled.to("meta"), weight, d_w, False, True, None, None, 1.0, None, None, None,
-                            None)
+                            None, None)
     with pytest.raises(RuntimeError, match="scaled_hidden and d_weight come together"):
         loss_rows_cpp.chunk_gemms_(tile, 4, scaled, weight, None, False, True, None, None, 1.0)
     with pytest.raises(RuntimeError, match="scaled_hidden must be .*CPU \\[4, 32\\] tensor, got \\[3, 32\\]"):
@@ -161,6 +163,9 @@ def test_kernel_rejects_what_it_cannot_run():
         loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, shift, y.int())
     with pytest.raises(RuntimeError, match="exp_shift must be a contiguous Float CPU \\[4\\] tensor, got \\[5\\]"):
         loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, torch.zeros(5), y)
+    with pytest.raises(RuntimeError, match="target_values needs exp_shift and targets"):
+        loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, None, None, None, None,
+                                   torch.zeros(4))
     with pytest.raises(RuntimeError, match="d_bias and bias_scale come together"):
         loss_rows_cpp.chunk_gemms_(tile, 4, None, weight, None, False, True, None, None, 1.0, None, None,
                                    torch.zeros(40), None)

@@ -62,15 +62,16 @@ def _chunk_gemms(tile: torch.Tensor, rows: int, scaled_hidden: Optional[torch.Te
                  d_weight: Optional[torch.Tensor], first: bool, need_p: bool, next_hidden: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], alpha: float, exp_shift: Optional[torch.Tensor],
                  targets: Optional[torch.Tensor], d_bias: Optional[torch.Tensor],
-                 bias_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 bias_scale: Optional[torch.Tensor],
+                 target_values: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p, mx, se = _ext.C.chunk_gemms_(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias,
-                                    alpha, exp_shift, targets, d_bias, bias_scale)
+                                    alpha, exp_shift, targets, d_bias, bias_scale, target_values)
     return p, mx, se
 
 
 @_chunk_gemms.register_fake
 def _(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, alpha, exp_shift, targets,
-      d_bias, bias_scale):
+      d_bias, bias_scale, target_values):
     cn = 0 if next_hidden is None else next_hidden.shape[0]
     return (weight.new_empty(rows if need_p and rows > 0 else 0, weight.shape[1]), weight.new_empty(cn),
             weight.new_empty(cn))
@@ -81,19 +82,19 @@ def chunk_gemms_supported():
     """Whether chunk_gemms_ runs here: the extension is built with its current contract (an older prebuilt one is
     not) and the CPU has AVX-512F and AVX-512BW."""
     c = _ext.C
-    return (c is not None and getattr(c, "chunk_gemms_version", 0) == 2 and hasattr(c, "chunk_gemms_supported")
+    return (c is not None and getattr(c, "chunk_gemms_version", 0) == 3 and hasattr(c, "chunk_gemms_supported")
             and bool(c.chunk_gemms_supported()))
 
 
 def chunk_gemms_(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, alpha,
-                 exp_shift=None, targets=None, d_bias=None, bias_scale=None):
+                 exp_shift=None, targets=None, d_bias=None, bias_scale=None, target_values=None):
     """One chunk's pass over the vocabulary, in place on tile [V, ld] fp32 (ld a multiple of 16) and d_weight /
     d_bias. The first ``rows`` columns of the tile hold this chunk's logits l when exp_shift [rows] and targets
-    [rows] (-1: ignored) are given, and become E' = exp(l - exp_shift) with each labelled row's target entry 0;
-    without them they hold E' already. Then d_weight [V, H] (+)= E' scaled_hidden [rows, H] (both or neither;
+    [rows] (-1: ignored) are given, and become E' = exp(l - exp_shift) with each labelled row's target entry set
+    to target_values [rows] (0 if None); without them they hold E' already. Then d_weight [V, H] (+)= E' scaled_hidden [rows, H] (both or neither;
     written when ``first``), d_bias [V] (+)= E' bias_scale [rows] (both or neither), and E'^T W [rows, H] is
     returned when need_p. Last, tile <- alpha W next_hidden^T + bias (next_hidden [Cn, H] or None; bias [V]
     already divided by the temperature, alpha = 1 / temperature) in its first Cn columns, 0 in the rest, and the
     new logits' column max [Cn] and sum of exp(logit - max) [Cn] are returned (empty without next_hidden)."""
     return _chunk_gemms(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, float(alpha),
-                        exp_shift, targets, d_bias, bias_scale)
+                        exp_shift, targets, d_bias, bias_scale, target_values)
