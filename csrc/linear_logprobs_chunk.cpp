@@ -1,18 +1,20 @@
 // The GEMM work of one chunk of the gradient-in-forward loss path (fastalign/chunk_pass_fused.py), fp32, in one
 // pass over the vocabulary, for thin chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each
 // streams all of W or d_W from memory again for only C rows of work (2-core Xeon, fp32, N=2048 H=1024 V=32000, 64
-// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.60x, this kernel 1.21x
-// (bench/results/linear_logprobs-goal-thin-cpu-2026-12-03.json), and with the row statistics folded in, see below,
-// the figures in README.md "The CPU goal").
+// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.67x, this kernel 1.18x;
+// bench/results/linear_logprobs-goal-thin-stats-cpu-2026-12-03.json).
 //
 //   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None,
 //                first, need_p, next_hidden [Cn, H] | None, bias [V] | None, alpha,
-//                exp_shift [C] | None, targets [C] | None, d_bias [V] | None, bias_scale [C] | None)
+//                exp_shift [C] | None, targets [C] | None, d_bias [V] | None, bias_scale [C] | None,
+//                target_values [C] | None)
 //       -> {P [C, H] (need_p) | [0, H], next_max [Cn], next_sumexp [Cn]}
 //
 // For each block of block_v vocabulary lines b, in this order:
 //   (x) with exp_shift: the block's logits l (first C columns) become E' = exp(l - exp_shift), each labelled row's
-//       target entry 0; without it the tile holds E' already. With d_bias: d_bias_b (+)= E'_b bias_scale.
+//       target entry target_values[c] (0 without them: the caller's d logits = E' diag(f) + onehot diag(t) then
+//       puts t / f there, so every product below carries the target's term); without exp_shift the tile holds E'
+//       already. With d_bias: d_bias_b (+)= E'_b bias_scale.
 //   (a) d_weight_b (+)= E'_b scaled_hidden      [block_v, H], K = C        (written when first, else added to)
 //   (b) P^T_thread +=   W_b^T E'_b              [H, C],       K = block_v  (per-thread, summed at the end)
 //   (c) tile_b     =    alpha W_b next_hidden^T + bias_b   [block_v, ld], K = H: the next chunk's logits, written

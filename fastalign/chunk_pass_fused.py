@@ -2,26 +2,28 @@
 
 chunk_pass._chunk_pass makes three BLAS calls per chunk (the logits tile, then d_h and d_W from it). With thin
 chunks (the memory a chunk may take is what sets its rows: a [V, C] tile) each call streams all of W or d_W from
-memory for only C rows of work, and BLAS loses up to a third of its speed. Here one
-kernel per chunk (csrc/linear_logprobs_chunk.cpp, op ``chunk_gemms_``) walks the vocabulary once: for each block
-of W it adds the chunk's share to d_W, accumulates E^T W for d_h, and writes the next chunk's logits over the
-block of E it has just used. The row pass, the loss's coefficients and the per-row terms are chunk_pass's own
-(exp_tile_factors), so both paths compute the same formula.
+memory for only C rows of work, and BLAS loses up to a third of its speed. Here one kernel per chunk
+(csrc/linear_logprobs_chunk.cpp, op ``chunk_gemms_``) walks the vocabulary once: for each block of W it turns the
+block's logits into E', adds the chunk's share to d_W, accumulates E'^T W for d_h, writes the next chunk's logits
+over the block it has just used and folds them into the next chunk's running column max and sum of exp. So no
+row pass reads the tile: lse comes from those statistics. The formula is chunk_pass._exp_tile_gradients', with
+the target's term inside the GEMMs (see fused_chunk_pass).
 
 Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32 (weight contiguous), there is no
 softcap, H is a positive multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as
-fast) and the CPU has AVX-512F (loss_rows_cpp.chunk_gemms_supported()).
+fast) and the CPU has AVX-512F and AVX-512BW (loss_rows_cpp.chunk_gemms_supported()).
 
-Measured (bench/results/linear_logprobs-goal-thin-cpu-2026-12-03.json, 2-core Xeon, fp32, forward+backward of the
-NLL, against the three unchunked GEMMs): 64 rows per chunk took 1.19x / 1.21x that floor at N=1024 H=512 / N=2048
-H=1024 (V=32000), where BLAS chunks took 1.35x / 1.60x.
+Measured (bench/results/linear_logprobs-goal-thin-stats-cpu-2026-12-03.json, 2-core Xeon, fp32, forward+backward
+of the NLL, against the three unchunked GEMMs): 64 rows per chunk took 1.13x / 1.18x that floor at N=1024 H=512 /
+N=2048 H=1024 (V=32000), where BLAS chunks took 1.42x / 1.67x.
 """
 import torch
 
 from fastalign.chunk_pass import padded_buffer
 
 # Widest chunk the fused pass takes: at 128 rows it and BLAS chunks took about the same time (GEMM work alone, ad
-# hoc), at 112 rows the fused pass took 0.97x / 0.95x BLAS chunks' time, at 64 rows 0.88x / 0.76x (the file above).
+# hoc, before the row statistics moved into the kernel); at 112 rows the fused pass took 0.93x / 0.86x BLAS
+# chunks' time, at 64 rows 0.79x / 0.71x (the file above).
 FUSED_CHUNK_MAX_ROWS = 128
 
 
