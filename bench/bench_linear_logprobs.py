@@ -101,7 +101,27 @@ def _fastalign_loss(ctx):
                 out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r}", fn, -1))
                 if r <= chunk_pass_fused.FUSED_CHUNK_MAX_ROWS and _fused_pass_runs(ctx):  # and BLAS's, for scale
                     out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r} BLAS chunks", _blas_chunks(fn), -1))
+                    if _amx_runs():  # and with AVX-512 alone, for what AMX's d_weight update brings
+                        out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r} no AMX", _without_amx(fn), -1))
     return out
+
+
+def _amx_runs():
+    from fastalign.backends.loss_rows_cpp import chunk_amx_supported
+    return chunk_amx_supported()
+
+
+def _without_amx(fn):
+    """fn with the fused pass's AMX path turned off (loss_rows_cpp.set_chunk_amx): AVX-512 for all three products."""
+    from fastalign.backends.loss_rows_cpp import set_chunk_amx
+
+    def run(h, w, t):
+        saved = set_chunk_amx(False)
+        try:
+            return fn(h, w, t)
+        finally:
+            set_chunk_amx(saved)
+    return run
 
 
 def _fused_pass_runs(ctx):

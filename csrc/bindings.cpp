@@ -26,6 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("target_values"));
   m.def("chunk_gemms_supported", &chunk_gemms_supported, "whether this CPU runs chunk_gemms_ (AVX-512F and BW)",
         no_gil());
+  m.def("chunk_amx_supported", &chunk_amx_supported,
+        "whether this CPU and OS run chunk_gemms_'s d_weight update on AMX (AMX-TILE, AMX-BF16, AVX512-BF16)", no_gil());
+  m.def("set_chunk_amx", &set_chunk_amx, "turn chunk_gemms_'s AMX path on or off (on by default); returns the old "
+        "setting", no_gil(), py::arg("enabled"));
   // the Python side uses chunk_gemms_ only from an extension with this contract (an older prebuilt one had another)
   m.attr("chunk_gemms_version") = 3;
   m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])", no_gil(),

@@ -27,6 +27,8 @@ void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse, const at::Tensor& sh
 // logits -> E' (exp_shift), d_weight (+)= E' scaled_hidden, P = E'^T W [rows, H] (need_p), then tile <- alpha W
 // next_hidden^T + bias with the new logits' column max and sum of exp. Returns {P or [0, H], max [Cn], sumexp [Cn]}.
 bool chunk_gemms_supported();
+bool chunk_amx_supported();
+bool set_chunk_amx(bool enabled);
 std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first,
                                      bool need_p, const c10::optional<at::Tensor>& next_hidden,

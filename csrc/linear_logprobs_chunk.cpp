@@ -28,6 +28,11 @@
 // thin operand is packed once per chunk into 48-column strips, and the next block's W and d_W lines are prefetched
 // while this block computes. Threads take contiguous ranges of blocks.
 //
+// Where the CPU has AMX (chunk_amx.h; set_chunk_amx turns it off), (a) runs on AMX tiles at fp32 accuracy (each
+// fp32 value split into three bf16 parts, six part products): the block's E' lines are split into a small panel,
+// scaled_hidden once per chunk, and d_W's 16 x 16 tiles are loaded, added to and stored by the tile unit (blocks are
+// then a multiple of 48 lines). (a) alone took 0.8x its AVX-512 time (ad hoc, one 64-row chunk, H=1024).
+//
 // AVX-512 register tiles (24 of the 32 zmm registers accumulate): (a) 8 lines x 48 columns, (b) and (c) 6 lines x
 // 64 columns (one micro-kernel; (b) broadcasts W[v, h..h+5] along a line of W instead of down a column; it took
 // 0.9x the time of (b) with W packed into strips, ad hoc). H must be a multiple of 16 and ld of 16;
@@ -35,6 +40,7 @@
 // calls otherwise.
 #include "fastalign.h"
 
+#include "chunk_amx.h"
 #include "col_math.h"
 
 #include <ATen/Parallel.h>
@@ -220,9 +226,12 @@ at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
   return out;
 }
 
-// Vocabulary lines per block: its W lines (192 KB) stay in L2 from (b)'s packing to (c); a multiple of 24 (8 and 6,
-// the tiles' lines).
-int64_t block_lines(int64_t H) { return std::max<int64_t>(24, std::min<int64_t>(192, (24576 / H) / 24 * 24)); }
+// Vocabulary lines per block: its W lines (96 KB) stay in L2 from (b) to (c); a multiple of 24 (8 and 6, the AVX-512
+// tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would leave 8 of each to AVX-512)
+int64_t block_lines(int64_t H, bool amx) {
+  const int64_t unit = amx ? 48 : 24;
+  return std::max<int64_t>(unit, std::min<int64_t>(192, (24576 / H) / unit * unit));
+}
 
 void check_operand(const c10::optional<at::Tensor>& t, int64_t rows, int64_t H, const char* name) {
   if (!t.has_value()) return;
@@ -245,6 +254,10 @@ void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType 
 }  // namespace
 
 bool chunk_gemms_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+
+bool chunk_amx_supported() { return chunk_gemms_supported() && fastalign_amx::supported(); }
+
+bool set_chunk_amx(bool enabled) { return fastalign_amx::enabled().exchange(enabled); }
 
 std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first,
@@ -298,8 +311,18 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
              do_p = need_p && C > 0, do_logits = next_hidden.has_value(), do_exp = exp_shift.has_value() && C > 0,
              do_bias = d_bias.has_value();
   const int64_t Cn = do_logits ? next_hidden->size(0) : 0;
-  const int64_t vb = block_lines(H), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
-  at::Tensor hs_packed = do_weight ? pack_strips(*scaled_hidden) : at::Tensor();
+  // (a) on AMX where this CPU has it: [C, H] scaled_hidden split once into a B panel; each block's E' lines into a
+  // per-thread A panel
+  const bool amx = do_weight && C > 0 && H % 32 == 0 && fastalign_amx::active();
+  const int64_t vb = block_lines(H, amx), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
+  const int64_t kts = (C + 31) / 32;  // AMX's K steps over the chunk's rows
+  at::Tensor hs_packed = do_weight && !amx ? pack_strips(*scaled_hidden) : at::Tensor();
+  at::Tensor hs_panel = amx ? at::empty({3, kts * 32 * H}, weight.options().dtype(at::kShort)) : at::Tensor();
+  uint16_t* hs_parts[3] = {nullptr, nullptr, nullptr};
+  if (amx) {
+    for (int s = 0; s < 3; ++s) hs_parts[s] = reinterpret_cast<uint16_t*>(hs_panel.data_ptr<int16_t>()) + s * kts * 32 * H;
+    fastalign_amx::pack_b_rows(scaled_hidden->data_ptr<float>(), H, C, H, hs_parts);
+  }
   at::Tensor hn_t = do_logits ? transposed_padded(*next_hidden, ld) : at::Tensor();
   // per thread: P^T [H, ld] partial sums; running max / sum of exp of the next chunk's logits [ld]
   // (each thread's first block writes its P^T, no zero fill; a thread with no block is left out of the sum)
@@ -310,7 +333,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   const float* W = weight.data_ptr<float>();
   float* E = tile.data_ptr<float>();
   float* dW = do_weight ? d_weight->data_ptr<float>() : nullptr;
-  const float* hs = do_weight ? hs_packed.data_ptr<float>() : nullptr;
+  const float* hs = hs_packed.defined() ? hs_packed.data_ptr<float>() : nullptr;
   const float* ht = do_logits ? hn_t.data_ptr<float>() : nullptr;
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* shift = do_exp ? exp_shift->data_ptr<float>() : nullptr;
@@ -325,6 +348,11 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     float* P = do_p ? p_parts.data_ptr<float>() + t * H * ld : nullptr;
     float* mx = mx_parts.data_ptr<float>() + t * ld;
     float* se = se_parts.data_ptr<float>() + t * ld;
+    std::vector<uint16_t> e_split(amx ? 3 * vb * kts * 32 : 0);  // the block's E' lines, split (AMX)
+    uint16_t* e_parts[3] = {e_split.data(), e_split.data() + vb * kts * 32, e_split.data() + 2 * vb * kts * 32};
+#if FASTALIGN_HAVE_AMX
+    if (amx) fastalign_amx::configure_tiles();
+#endif
     for (int64_t blk = first_block; blk < last_block; ++blk) {
       const int64_t v0 = blk * vb, m = std::min(vb, V - v0);
       if (do_exp) {  // logits -> E' (and d_bias) while the lines are on their way into the cache
@@ -336,8 +364,18 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
           db[v] = first ? dot : db[v] + dot;
         }
       }
-      if (do_weight) {  // (a): lines of 8, all strips, then the next 8 (d_W streams line by line)
-        for (int64_t i = 0; i < m; i += 8) {
+      const int64_t m_amx = amx ? m / 16 * 16 : 0;  // (a)'s lines on AMX, the rest on AVX-512
+#if FASTALIGN_HAVE_AMX
+      if (m_amx > 0) {  // (a) on AMX: d_W's tiles loaded, E'_b scaled_hidden added, stored
+        fastalign_amx::split_rows(E + v0 * ld, ld, m_amx, (C + 15) / 16 * 16, e_parts);
+        fastalign_amx::matmul(e_parts, m_amx, hs_parts, H, C, dW + v0 * H, H, !first);
+      }
+#endif
+      if (do_weight && m_amx < m) {  // (a): lines of 8, all strips, then the next 8 (d_W streams line by line)
+        at::Tensor hs_rest;  // AMX's last lines (the vocabulary's end): strips of their own
+        if (hs == nullptr) hs_rest = pack_strips(*scaled_hidden);
+        const float* hs_strips = hs != nullptr ? hs : hs_rest.data_ptr<float>();
+        for (int64_t i = m_amx; i < m; i += 8) {
           const int mi = static_cast<int>(std::min<int64_t>(8, m - i));
           const float* e = E + (v0 + i) * ld;
           for (int64_t s = 0; s < strips; ++s) {
@@ -347,7 +385,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
               for (int q = 0; q < 8; ++q)
                 for (int c = 0; c < nv; ++c)
                   _mm_prefetch(reinterpret_cast<const char*>(d + (8 + q) * H + c * 16), _MM_HINT_T0);
-            weight_strip(mi, nv, e, ld, hs + s * C * kStrip, C, d, H, first);
+            weight_strip(mi, nv, e, ld, hs_strips + s * C * kStrip, C, d, H, first);
           }
         }
       }
@@ -382,6 +420,9 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
         block_stats(E, ld, v0, m, Cn, mx, se);
       }
     }
+#if FASTALIGN_HAVE_AMX
+    if (amx) fastalign_amx::release_tiles();
+#endif
   });
   // the threads' partial results, combined in a fixed order (thread 0 first): results do not depend on scheduling
   at::Tensor next_max = at::empty({Cn}, weight.options()), next_sumexp = at::empty({Cn}, weight.options());

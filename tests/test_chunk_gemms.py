@@ -36,6 +36,17 @@ def two_threads():
     torch.set_num_threads(saved)
 
 
+@pytest.fixture(params=["amx", "avx512"])
+def products(request):
+    """Both paths of d_weight's update where this CPU has AMX (set_chunk_amx); elsewhere only AVX-512 runs."""
+    amx = request.param == "amx"
+    if amx and not loss_rows_cpp.chunk_amx_supported():
+        pytest.skip("this CPU or OS has no AMX (AMX-TILE, AMX-BF16, AVX512-BF16)")
+    saved = loss_rows_cpp.set_chunk_amx(amx)
+    yield request.param
+    loss_rows_cpp.set_chunk_amx(saved)
+
+
 def _e_prime(logits, shift, y, target_values=None):
     """float64 E' = exp(l - shift) with each labelled row's (column's) target entry set to target_values (0 if
     None): logits [V, C], y [C]."""
@@ -46,13 +57,14 @@ def _e_prime(logits, shift, y, target_values=None):
 
 
 @needs_kernel
-@pytest.mark.usefixtures("two_threads")
+@pytest.mark.usefixtures("two_threads", "products")
 @pytest.mark.parametrize("v, h, c, cn, ld", [
     (1001, 80, 37, 33, 48),   # 6 blocks of 192 lines (3 per thread), the last 41 lines; strips of 48 and 32
     (97, 16, 8, 16, 16),      # one block, one 16-column strip, a full next chunk
-    (50, 4096, 5, 3, 16),     # the smallest block (24 lines) of a wide H
+    (50, 4096, 5, 3, 16),     # the smallest block (24 lines, 48 with AMX) of a wide H; AMX: K 5 padded to 32
     (300, 144, 64, 64, 64),   # whole strips, whole tiles
-    (400, 32, 70, 80, 80),    # tiles of 64 columns and a last one of 16
+    (400, 32, 70, 80, 80),    # tiles of 64 columns and a last one of 16; AMX: 3 K steps, one 16-column tile
+    (700, 96, 45, 40, 48),    # AMX: blocks of 240 lines, the last 220 (208 on AMX, 12 on AVX-512), 3 column tiles
 ])
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("entry", ["E'", "logits", "logits, target values"])
@@ -90,6 +102,30 @@ def test_kernel_matches_float64(v, h, c, cn, ld, first, entry):
     assert torch.equal(mx, got_tile[:, :cn].max(0).values)
     want_lse = torch.logsumexp(got_tile[:, :cn].to(D), 0)
     assert mx.shape == se.shape == (cn,) and ((mx.to(D) + se.to(D).log()) - want_lse).abs().max() < 1e-5
+
+
+@needs_kernel
+@pytest.mark.skipif(not loss_rows_cpp.chunk_amx_supported(), reason="this CPU or OS has no AMX")
+def test_amx_products_are_as_accurate_as_fp32():
+    """AMX's six bf16 part products against float64: d_weight's error within 2x AVX-512's fp32 FMAs' (both well
+    under 1e-6 of the sum of |products|). Leaving out one of the six (a1 b3, say) makes it about 100x larger."""
+    g = torch.Generator().manual_seed(11)
+    v, h, c = 960, 256, 64
+    weight = torch.randn(v, h, generator=g)
+    e = torch.rand(v, 64, generator=g) * torch.randn(v, 1, generator=g).exp()  # E'-like: positive, lines of all sizes
+    scaled = torch.randn(c, h, generator=g) * torch.logspace(-3, 1, c).unsqueeze(1)  # rows of all sizes (f h)
+    want = e.to(D) @ scaled.to(D)
+    size = e.to(D).abs() @ scaled.to(D).abs()
+    errors = {}
+    for amx in (True, False):
+        saved = loss_rows_cpp.set_chunk_amx(amx)
+        try:
+            d_w = torch.empty(v, h)
+            loss_rows_cpp.chunk_gemms_(e.clone(), c, scaled, weight, d_w, True, False, None, None, 1.0)
+        finally:
+            loss_rows_cpp.set_chunk_amx(saved)
+        errors[amx] = ((d_w.to(D) - want).abs() / size).max().item()
+    assert errors[True] < 2 * errors[False] + 1e-8 and errors[True] < 1e-6, errors
 
 
 @needs_kernel

@@ -86,6 +86,23 @@ def chunk_gemms_supported():
             and bool(c.chunk_gemms_supported()))
 
 
+@torch.compiler.disable
+def chunk_amx_supported():
+    """Whether chunk_gemms_ adds to d_weight on AMX here (Intel Sapphire Rapids or later, and an OS that grants the
+    tile state): fp32 products as six bf16 part products, at fp32's accuracy (csrc/chunk_amx.h)."""
+    c = _ext.C
+    return chunk_gemms_supported() and hasattr(c, "chunk_amx_supported") and bool(c.chunk_amx_supported())
+
+
+def set_chunk_amx(enabled):
+    """Turn chunk_gemms_'s AMX path on or off (on by default where supported; off, AVX-512 does all three products
+    and results differ from AMX's in rounding only). Returns the previous setting (False where unsupported)."""
+    c = _ext.C
+    if c is None or not hasattr(c, "set_chunk_amx"):
+        return False
+    return bool(c.set_chunk_amx(bool(enabled)))
+
+
 def chunk_gemms_(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, alpha,
                  exp_shift=None, targets=None, d_bias=None, bias_scale=None, target_values=None):
     """One chunk's pass over the vocabulary, in place on tile [V, ld] fp32 (ld a multiple of 16) and d_weight /

@@ -1,0 +1,198 @@
+// fp32 products on AMX (Intel Advanced Matrix Extensions, Sapphire Rapids and later) for the fused thin-chunk
+// kernel's d_weight update (linear_logprobs_chunk.cpp, part (a)), at fp32 accuracy: each fp32 operand x is split
+// exactly into three bf16 parts, x = x1 + x2 + x3 (8 significant bits each, each rounded to nearest), and a b is
+// summed as the six part products whose orders add up to at most 2 (a1 b1 + a1 b2 + a2 b1 + a1 b3 + a2 b2 + a3 b1)
+// in AMX's fp32 accumulators. bf16 x bf16 products are exact in fp32; what is left out (a2 b3, a3 b2, a3 b3) is below
+// 2^-24 of |a b|. Measured against float64 on [256, 1024] x [1024, 256] N(0, 1) matrices (the six products summed
+// in fp32): relative Frobenius error 1.5e-7, torch.mm in fp32 3.4e-7 (ad hoc, this 2-core Xeon).
+//
+// One tile product does 16 x 16 x 32 multiply-adds: 3.1 TFLOP/s of bf16 per core here with the tiles in registers,
+// so six of them still outrun AVX-512's fp32 FMAs (236 GFLOP/s per core) where the operands come from L1 / L2. They
+// did for (a) (its A operand, a block's E' lines, is small; its B operand, the chunk's scaled hidden rows, is split
+// once per chunk). For (b) and (c), which read W, splitting W's block every chunk (even by truncation, shared by
+// both) and the tiles' traffic through L2 made them slower than AVX-512 (ad hoc, N=2048 H=1024 64 rows: 1.26x the
+// floor against 1.15x with AMX for (a) alone), so they stay on AVX-512.
+//
+// Layouts (bf16 as uint16_t), per part s:
+//   A panel (split_rows): per 16-row tile rt and 32-deep K step kt one contiguous 1 KB tile [16][32] at
+//     (rt kts + kt) 512 (kts = K / 32): a tile load reads 1 KB in a row.
+//   B panel (pack_b_rows): the VNNI layout, per 16-column tile ct and K step kt one 1 KB tile [16][32] at
+//     (ct kts + kt) 512: element (k, n) at row (k % 32) / 2, column 2 (n % 16) + k % 2.
+#pragma once
+
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define FASTALIGN_HAVE_AMX 1
+#else
+#define FASTALIGN_HAVE_AMX 0
+#endif
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#if FASTALIGN_HAVE_AMX
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define FASTALIGN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+#endif
+
+namespace fastalign_amx {
+
+// set_chunk_amx(False) turns the AMX path off (the AVX-512 one then runs everywhere; results differ in rounding)
+inline std::atomic<bool>& enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+#if FASTALIGN_HAVE_AMX
+
+// Linux hands out AMX's 8 KB of tile state only to a process that asks for it (arch_prctl, once per process).
+inline bool request_tile_state() {
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// Whether this CPU and OS can run the AMX path: AMX-TILE, AMX-BF16 and AVX512-BF16, and the kernel's permission.
+inline bool supported() {
+  static const bool ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                         __builtin_cpu_supports("avx512bf16") && request_tile_state();
+  return ok;
+}
+
+// All 8 tiles as 16 rows of 64 bytes (C: 16 x 16 fp32; A: 16 x 32 bf16; B: 16 pairs of K x 16 columns). Each thread
+// that runs tile instructions configures its own tiles and releases them when done.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+FASTALIGN_AMX inline void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the config: without this barrier the stores
+  // above are dropped as dead and the tiles stay unconfigured (SIGILL at the first tile instruction)
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+FASTALIGN_AMX inline void release_tiles() { _tile_release(); }
+
+// bf16 -> fp32 is exact: the bf16 bits are the fp32's upper half
+FASTALIGN_AMX inline __m512 widen(__m256i b) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+// x = x1 + x2 + x3 exactly (round to nearest each time; each remainder is exact in fp32)
+FASTALIGN_AMX inline void split16(__m512 x, __m256i& x1, __m256i& x2, __m256i& x3) {
+  x1 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  const __m512 r1 = _mm512_sub_ps(x, widen(x1));
+  x2 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r1));
+  x3 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_sub_ps(r1, widen(x2))));
+}
+
+// src [rows, n] fp32 (lines of ld_src floats), rows a multiple of 16, n of 16 -> parts: an A panel of K = n rounded
+// up to 32 (zeros past n)
+FASTALIGN_AMX inline void split_rows(const float* src, int64_t ld_src, int64_t rows, int64_t n, uint16_t* const parts[3]) {
+  const int64_t kts = (n + 31) / 32;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < n; k += 16) {
+      __m256i x[3];
+      split16(_mm512_loadu_ps(src + r * ld_src + k), x[0], x[1], x[2]);
+      const int64_t off = ((r / 16) * kts + k / 32) * 512 + (r % 16) * 32 + k % 32;
+      for (int s = 0; s < 3; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts[s] + off), x[s]);
+    }
+    if (n % 32 != 0) {
+      const int64_t off = ((r / 16) * kts + n / 32) * 512 + (r % 16) * 32 + 16;
+      for (int s = 0; s < 3; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts[s] + off), _mm256_setzero_si256());
+    }
+  }
+}
+
+// src [rows_k, N] fp32 (lines of ld_src floats), N a multiple of 16 -> parts: a B panel of K = rows_k rounded up to
+// 32 (zeros past rows_k)
+FASTALIGN_AMX inline void pack_b_rows(const float* src, int64_t ld_src, int64_t rows_k, int64_t N, uint16_t* const parts[3]) {
+  const int64_t kts = (rows_k + 31) / 32;
+  for (int s = 0; s < 3; ++s) std::memset(parts[s], 0, sizeof(uint16_t) * kts * 32 * N);
+  alignas(32) uint16_t p[3][16];
+  for (int64_t k = 0; k < rows_k; ++k)
+    for (int64_t n = 0; n < N; n += 16) {
+      __m256i x[3];
+      split16(_mm512_loadu_ps(src + k * ld_src + n), x[0], x[1], x[2]);
+      for (int s = 0; s < 3; ++s) _mm256_store_si256(reinterpret_cast<__m256i*>(p[s]), x[s]);
+      const int64_t base = ((n / 16) * kts + k / 32) * 512 + ((k % 32) / 2) * 32 + k % 2;
+      for (int64_t q = 0; q < 16; ++q)
+        for (int s = 0; s < 3; ++s) parts[s][base + 2 * q] = p[s][q];
+    }
+}
+
+// C[R 16 rows, Q 16 columns] (+)= A B over kts K steps, with the six part products; A from row tile rt0, B from
+// column tile ct0; C: fp32 lines of ldc floats. Tiles: C in 0..3, A in 4..5, B in 6..7.
+template <int R, int Q>
+FASTALIGN_AMX inline void tile_product(uint16_t* const a_parts[3], int64_t rt0, uint16_t* const b_parts[3], int64_t ct0,
+                                       int64_t kts, float* c, int64_t ldc, bool accumulate) {
+  const int64_t c_stride = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, c_stride);
+    if (Q == 2) _tile_loadd(1, c + 16, c_stride);
+    if (R == 2) _tile_loadd(2, c + 16 * ldc, c_stride);
+    if (R == 2 && Q == 2) _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    if (Q == 2) _tile_zero(1);
+    if (R == 2) _tile_zero(2);
+    if (R == 2 && Q == 2) _tile_zero(3);
+  }
+  for (int64_t kt = 0; kt < kts; ++kt)
+    for (int i = 0; i < 3; ++i) {
+      const uint16_t* a = a_parts[i] + (rt0 * kts + kt) * 512;
+      _tile_loadd(4, a, 64);
+      if (R == 2) _tile_loadd(5, a + kts * 512, 64);
+      for (int j = 0; j < 3 - i; ++j) {
+        const uint16_t* b = b_parts[j] + (ct0 * kts + kt) * 512;
+        _tile_loadd(6, b, 64);
+        if (Q == 2) _tile_loadd(7, b + kts * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (Q == 2) _tile_dpbf16ps(1, 4, 7);
+        if (R == 2) _tile_dpbf16ps(2, 5, 6);
+        if (R == 2 && Q == 2) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  _tile_stored(0, c, c_stride);
+  if (Q == 2) _tile_stored(1, c + 16, c_stride);
+  if (R == 2) _tile_stored(2, c + 16 * ldc, c_stride);
+  if (R == 2 && Q == 2) _tile_stored(3, c + 16 * ldc + 16, c_stride);
+}
+
+// C [rows, N] (+)= A [rows, K] B [K, N] (panels), rows a multiple of 16, N of 16, K zero-padded to 32: 2 x 2 tiles
+// at a time, column pairs outside (B's tiles come from L2 once; A's small panel stays in L1)
+FASTALIGN_AMX inline void matmul(uint16_t* const a_parts[3], int64_t rows, uint16_t* const b_parts[3], int64_t N,
+                                 int64_t K, float* c, int64_t ldc, bool accumulate) {
+  const int64_t rt = rows / 16, nt = N / 16, kts = (K + 31) / 32;
+  for (int64_t q = 0; q < nt; q += 2)
+    for (int64_t r = 0; r < rt; r += 2) {
+      float* cc = c + r * 16 * ldc + q * 16;
+      const bool r2 = r + 1 < rt, q2 = q + 1 < nt;
+      if (r2 && q2) tile_product<2, 2>(a_parts, r, b_parts, q, kts, cc, ldc, accumulate);
+      else if (r2) tile_product<2, 1>(a_parts, r, b_parts, q, kts, cc, ldc, accumulate);
+      else if (q2) tile_product<1, 2>(a_parts, r, b_parts, q, kts, cc, ldc, accumulate);
+      else tile_product<1, 1>(a_parts, r, b_parts, q, kts, cc, ldc, accumulate);
+    }
+}
+
+#else  // no AMX intrinsics in this compiler: the AVX-512 path runs
+
+inline bool supported() { return false; }
+
+#endif
+
+// Whether chunk_gemms_ uses AMX for (a) now: supported here and not turned off
+inline bool active() { return enabled().load() && supported(); }
+
+}  // namespace fastalign_amx
