@@ -172,7 +172,7 @@ FASTALIGN_AMX inline void tile_product(uint16_t* const a_parts[3], int64_t rt0, 
 
 // C [rows, N] (+)= A [rows, K] B [K, N] (panels), rows a multiple of 16, N of 16, K zero-padded to 32: 2 x 2 tiles
 // at a time, column pairs outside (B's tiles come from L2 once; A's small panel stays in L1)
-FASTALIGN_AMX inline void matmul(uint16_t* const a_parts[3], int64_t rows, uint16_t* const b_parts[3], int64_t N,
+FASTALIGN_AMX inline void tile_gemm(uint16_t* const a_parts[3], int64_t rows, uint16_t* const b_parts[3], int64_t N,
                                  int64_t K, float* c, int64_t ldc, bool accumulate) {
   const int64_t rt = rows / 16, nt = N / 16, kts = (K + 31) / 32;
   for (int64_t q = 0; q < nt; q += 2)

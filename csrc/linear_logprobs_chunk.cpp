@@ -368,7 +368,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
 #if FASTALIGN_HAVE_AMX
       if (m_amx > 0) {  // (a) on AMX: d_W's tiles loaded, E'_b scaled_hidden added, stored
         fastalign_amx::split_rows(E + v0 * ld, ld, m_amx, (C + 15) / 16 * 16, e_parts);
-        fastalign_amx::matmul(e_parts, m_amx, hs_parts, H, C, dW + v0 * H, H, !first);
+        fastalign_amx::tile_gemm(e_parts, m_amx, hs_parts, H, C, dW + v0 * H, H, !first);
       }
 #endif
       if (do_weight && m_amx < m) {  // (a): lines of 8, all strips, then the next 8 (d_W streams line by line)
