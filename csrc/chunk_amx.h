@@ -3,7 +3,9 @@
 // exactly into three bf16 parts, x = x1 + x2 + x3 (8 significant bits each, each rounded to nearest), and a b is
 // summed as the six part products whose orders add up to at most 2 (a1 b1 + a1 b2 + a2 b1 + a1 b3 + a2 b2 + a3 b1)
 // in AMX's fp32 accumulators. bf16 x bf16 products are exact in fp32; what is left out (a2 b3, a3 b2, a3 b3) is below
-// 2^-24 of |a b|. Measured against float64 on [256, 1024] x [1024, 256] N(0, 1) matrices (the six products summed
+// 2^-24 of |a b|. Not IEEE fp32 at the edges: an infinite (or > 3.39e38, which rounds to infinity in bf16) operand
+// gives NaN (inf - inf in the split) where fp32 gives inf, and AMX takes bf16 denormals as 0, so the parts of values
+// below about 2^-110 are dropped (an absolute error under 1e-33). Measured against float64 on [256, 1024] x [1024, 256] N(0, 1) matrices (the six products summed
 // in fp32): relative Frobenius error 1.5e-7, torch.mm in fp32 3.4e-7 (ad hoc, this 2-core Xeon).
 //
 // One tile product does 16 x 16 x 32 multiply-adds: 3.1 TFLOP/s of bf16 per core here with the tiles in registers,
@@ -20,8 +22,10 @@
 //     (ct kts + kt) 512: element (k, n) at row (k % 32) / 2, column 2 (n % 16) + k % 2.
 #pragma once
 
-#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
-                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+// AMX intrinsics: gcc >= 11, clang >= 12; the tile state's permission: Linux (arch_prctl). Elsewhere the AVX-512 path
+// runs and the functions below are stubs that are never called (supported() is false).
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define FASTALIGN_HAVE_AMX 1
 #else
 #define FASTALIGN_HAVE_AMX 0
@@ -32,6 +36,7 @@
 #include <cstring>
 
 #if FASTALIGN_HAVE_AMX
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -54,10 +59,20 @@ inline bool request_tile_state() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-// Whether this CPU and OS can run the AMX path: AMX-TILE, AMX-BF16 and AVX512-BF16, and the kernel's permission.
+// CPUID leaf 7: AMX-BF16 (sub-leaf 0, EDX bit 22), AMX-TILE (EDX bit 24), AVX512-BF16 (sub-leaf 1, EAX bit 5). Read
+// directly: clang before 18 rejects these names in __builtin_cpu_supports.
+inline bool cpu_has_amx_bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tiles = (d >> 22 & 1u) && (d >> 24 & 1u);
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return tiles && (a >> 5 & 1u);
+}
+
+// Whether this CPU and OS can run the AMX path: AMX-TILE, AMX-BF16 and AVX512-BF16, and the kernel's permission (a
+// kernel without AMX support refuses it).
 inline bool supported() {
-  static const bool ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-                         __builtin_cpu_supports("avx512bf16") && request_tile_state();
+  static const bool ok = cpu_has_amx_bf16() && request_tile_state();
   return ok;
 }
 
@@ -84,6 +99,19 @@ FASTALIGN_AMX inline void configure_tiles() {
 
 FASTALIGN_AMX inline void release_tiles() { _tile_release(); }
 
+// Tiles configured for a scope (a thread's share of the blocks), released however it ends
+struct TileScope {
+  bool on;
+  explicit TileScope(bool use) : on(use) {
+    if (on) configure_tiles();
+  }
+  ~TileScope() {
+    if (on) release_tiles();
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
 // bf16 -> fp32 is exact: the bf16 bits are the fp32's upper half
 FASTALIGN_AMX inline __m512 widen(__m256i b) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
@@ -97,19 +125,20 @@ FASTALIGN_AMX inline void split16(__m512 x, __m256i& x1, __m256i& x2, __m256i& x
   x3 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_sub_ps(r1, widen(x2))));
 }
 
-// src [rows, n] fp32 (lines of ld_src floats), rows a multiple of 16, n of 16 -> parts: an A panel of K = n rounded
-// up to 32 (zeros past n)
+// src [rows, n] fp32 (lines of ld_src floats), rows a multiple of 16 -> parts: an A panel of K = n rounded up to 32,
+// zeros past n (src's columns past n are not read: whatever they hold, NaN included, cannot reach a product)
 FASTALIGN_AMX inline void split_rows(const float* src, int64_t ld_src, int64_t rows, int64_t n, uint16_t* const parts[3]) {
-  const int64_t kts = (n + 31) / 32;
+  const int64_t kts = (n + 31) / 32, n16 = (n + 15) / 16 * 16;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < n; k += 16) {
       __m256i x[3];
-      split16(_mm512_loadu_ps(src + r * ld_src + k), x[0], x[1], x[2]);
+      const __mmask16 valid = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1u);
+      split16(_mm512_maskz_loadu_ps(valid, src + r * ld_src + k), x[0], x[1], x[2]);
       const int64_t off = ((r / 16) * kts + k / 32) * 512 + (r % 16) * 32 + k % 32;
       for (int s = 0; s < 3; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts[s] + off), x[s]);
     }
-    if (n % 32 != 0) {
-      const int64_t off = ((r / 16) * kts + n / 32) * 512 + (r % 16) * 32 + 16;
+    if (n16 % 32 != 0) {
+      const int64_t off = ((r / 16) * kts + n16 / 32) * 512 + (r % 16) * 32 + 16;
       for (int s = 0; s < 3; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts[s] + off), _mm256_setzero_si256());
     }
   }
@@ -174,6 +203,8 @@ FASTALIGN_AMX inline void tile_product(uint16_t* const a_parts[3], int64_t rt0, 
 // at a time, column pairs outside (B's tiles come from L2 once; A's small panel stays in L1)
 FASTALIGN_AMX inline void tile_gemm(uint16_t* const a_parts[3], int64_t rows, uint16_t* const b_parts[3], int64_t N,
                                  int64_t K, float* c, int64_t ldc, bool accumulate) {
+  // GCC's tileloadd is an asm with no memory clobber: the panels' stores must not sink past it
+  asm volatile("" : : : "memory");
   const int64_t rt = rows / 16, nt = N / 16, kts = (K + 31) / 32;
   for (int64_t q = 0; q < nt; q += 2)
     for (int64_t r = 0; r < rt; r += 2) {
@@ -186,9 +217,15 @@ FASTALIGN_AMX inline void tile_gemm(uint16_t* const a_parts[3], int64_t rows, ui
     }
 }
 
-#else  // no AMX intrinsics in this compiler: the AVX-512 path runs
+#else  // no AMX intrinsics in this compiler, or not Linux: the AVX-512 path runs; stubs that are never called
 
 inline bool supported() { return false; }
+struct TileScope {
+  explicit TileScope(bool) {}
+};
+inline void split_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3]) {}
+inline void pack_b_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3]) {}
+inline void tile_gemm(uint16_t* const[3], int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t, bool) {}
 
 #endif
 

@@ -349,10 +349,10 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     float* mx = mx_parts.data_ptr<float>() + t * ld;
     float* se = se_parts.data_ptr<float>() + t * ld;
     std::vector<uint16_t> e_split(amx ? 3 * vb * kts * 32 : 0);  // the block's E' lines, split (AMX)
-    uint16_t* e_parts[3] = {e_split.data(), e_split.data() + vb * kts * 32, e_split.data() + 2 * vb * kts * 32};
-#if FASTALIGN_HAVE_AMX
-    if (amx) fastalign_amx::configure_tiles();
-#endif
+    uint16_t* e_parts[3] = {nullptr, nullptr, nullptr};
+    if (amx)
+      for (int s = 0; s < 3; ++s) e_parts[s] = e_split.data() + s * vb * kts * 32;
+    const fastalign_amx::TileScope tiles(amx);
     for (int64_t blk = first_block; blk < last_block; ++blk) {
       const int64_t v0 = blk * vb, m = std::min(vb, V - v0);
       if (do_exp) {  // logits -> E' (and d_bias) while the lines are on their way into the cache
@@ -365,16 +365,14 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
         }
       }
       const int64_t m_amx = amx ? m / 16 * 16 : 0;  // (a)'s lines on AMX, the rest on AVX-512
-#if FASTALIGN_HAVE_AMX
       if (m_amx > 0) {  // (a) on AMX: d_W's tiles loaded, E'_b scaled_hidden added, stored
-        fastalign_amx::split_rows(E + v0 * ld, ld, m_amx, (C + 15) / 16 * 16, e_parts);
+        fastalign_amx::split_rows(E + v0 * ld, ld, m_amx, C, e_parts);
         fastalign_amx::tile_gemm(e_parts, m_amx, hs_parts, H, C, dW + v0 * H, H, !first);
       }
-#endif
       if (do_weight && m_amx < m) {  // (a): lines of 8, all strips, then the next 8 (d_W streams line by line)
         at::Tensor hs_rest;  // AMX's last lines (the vocabulary's end): strips of their own
-        if (hs == nullptr) hs_rest = pack_strips(*scaled_hidden);
-        const float* hs_strips = hs != nullptr ? hs : hs_rest.data_ptr<float>();
+        if (amx) hs_rest = pack_strips(*scaled_hidden);
+        const float* hs_strips = amx ? hs_rest.data_ptr<float>() : hs;
         for (int64_t i = m_amx; i < m; i += 8) {
           const int mi = static_cast<int>(std::min<int64_t>(8, m - i));
           const float* e = E + (v0 + i) * ld;
@@ -420,9 +418,6 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
         block_stats(E, ld, v0, m, Cn, mx, se);
       }
     }
-#if FASTALIGN_HAVE_AMX
-    if (amx) fastalign_amx::release_tiles();
-#endif
   });
   // the threads' partial results, combined in a fixed order (thread 0 first): results do not depend on scheduling
   at::Tensor next_max = at::empty({Cn}, weight.options()), next_sumexp = at::empty({Cn}, weight.options());

@@ -63,8 +63,9 @@ def _e_prime(logits, shift, y, target_values=None):
     (97, 16, 8, 16, 16),      # one block, one 16-column strip, a full next chunk
     (50, 4096, 5, 3, 16),     # the smallest block (24 lines, 48 with AMX) of a wide H; AMX: K 5 padded to 32
     (300, 144, 64, 64, 64),   # whole strips, whole tiles
-    (400, 32, 70, 80, 80),    # tiles of 64 columns and a last one of 16; AMX: 3 K steps, one 16-column tile
-    (700, 96, 45, 40, 48),    # AMX: blocks of 240 lines, the last 220 (208 on AMX, 12 on AVX-512), 3 column tiles
+    (400, 32, 70, 80, 80),    # tiles of 64 columns and a last one of 16; AMX: 3 K steps, a last block of 16 lines
+    (700, 96, 45, 40, 48),    # AMX: blocks of 192 lines, the last 124 (112 on AMX, 12 on AVX-512), 6 column tiles
+    (500, 64, 32, 40, 48),    # AMX: K an exact step, the last block 116 lines (112 on AMX)
 ])
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("entry", ["E'", "logits", "logits, target values"])
@@ -126,6 +127,25 @@ def test_amx_products_are_as_accurate_as_fp32():
             loss_rows_cpp.set_chunk_amx(saved)
         errors[amx] = ((d_w.to(D) - want).abs() / size).max().item()
     assert errors[True] < 2 * errors[False] + 1e-8 and errors[True] < 1e-6, errors
+
+
+@needs_kernel
+@pytest.mark.usefixtures("products")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_d_weight_ignores_the_tile_padding(threads):
+    """Columns past the chunk's rows may hold anything, NaN included: d_weight never reads them (AMX splits lines
+    16 columns at a time; one thread runs the blocks inline in the caller)."""
+    weight, tile, scaled, nxt, d_w, bias = _case(300, 64, 37, 37, 48)
+    tile[:, 37:] = float("nan")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = d_w.clone()
+        loss_rows_cpp.chunk_gemms_(tile.clone(), 37, scaled, weight, got, False, False, None, None, 1.0)
+    finally:
+        torch.set_num_threads(saved)
+    want = tile[:, :37].to(D) @ scaled.to(D) + d_w.to(D)
+    assert (got.to(D) - want).abs().max() < 1e-4
 
 
 @needs_kernel

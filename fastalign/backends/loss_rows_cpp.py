@@ -94,9 +94,11 @@ def chunk_amx_supported():
     return chunk_gemms_supported() and hasattr(c, "chunk_amx_supported") and bool(c.chunk_amx_supported())
 
 
+@torch.compiler.disable
 def set_chunk_amx(enabled):
-    """Turn chunk_gemms_'s AMX path on or off (on by default where supported; off, AVX-512 does all three products
-    and results differ from AMX's in rounding only). Returns the previous setting (False where unsupported)."""
+    """Turn chunk_gemms_'s AMX path on or off (on by default; it runs only where chunk_amx_supported(); off, AVX-512
+    does all three products and results differ from AMX's in rounding only). Returns the previous setting (False
+    without an extension that has the switch)."""
     c = _ext.C
     if c is None or not hasattr(c, "set_chunk_amx"):
         return False
