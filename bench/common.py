@@ -227,23 +227,28 @@ def ratio_plot(name, env, rows, group_key, label_key, metrics, out_dir=None):
         return None
     groups = list(dict.fromkeys(r[group_key] for r in rows))
     labels = list(dict.fromkeys(r[label_key] for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    # the legend goes under the bars (inside the axes it covered them once there were a dozen variants)
+    legend_rows = -(-len(labels) // 3)
+    legend_height = 0.22 * legend_rows + 0.2 if labels else 0.0
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4 + legend_height), squeeze=False)
     width = 0.8 / max(1, len(labels))
     for ax, (key, title) in zip(axes[0], metrics):
         for i, lab in enumerate(labels):
             ys = [next((r[key] for r in rows if r[group_key] == g and r[label_key] == lab and r.get(key) is not None),
                        0) for g in groups]
-            ax.bar([j + i * width for j in range(len(groups))], ys, width, label=lab)
+            color = plt.cm.tab20(i % 20) if len(labels) > 10 else None  # the default cycle repeats after 10
+            ax.bar([j + i * width for j in range(len(groups))], ys, width, label=lab, color=color)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(groups))])
         ax.set_xticklabels([textwrap.fill(str(g), 24) for g in groups], fontsize=7)
         ax.set_title(title)
     if labels:
-        axes[0][0].legend(fontsize=8)
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     else:  # nothing measured against the baseline (e.g. the baseline peer is not installed)
         axes[0][0].text(0.5, 0.5, "no ratios: the baseline did not run", ha="center", transform=axes[0][0].transAxes)
     fig.suptitle(f"{name} on {env['device']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_height / (4 + legend_height), 1, 1))
     path = result_path(name, env, "png", out_dir)
     fig.savefig(path, dpi=100)
     plt.close(fig)
