@@ -5,8 +5,9 @@
 // in AMX's fp32 accumulators. bf16 x bf16 products are exact in fp32; what is left out (a2 b3, a3 b2, a3 b3) is below
 // 2^-24 of |a b|. Not IEEE fp32 at the edges: an infinite (or > 3.39e38, which rounds to infinity in bf16) operand
 // gives NaN (inf - inf in the split) where fp32 gives inf, and AMX takes bf16 denormals as 0, so the parts of values
-// below about 2^-110 are dropped (an absolute error under 1e-33). Measured against float64 on [256, 1024] x [1024, 256] N(0, 1) matrices (the six products summed
-// in fp32): relative Frobenius error 1.5e-7, torch.mm in fp32 3.4e-7 (ad hoc, this 2-core Xeon).
+// below about 2^-110 are dropped (an absolute error under 1e-33). Measured against float64 on [256, 1024] x
+// [1024, 256] N(0, 1) matrices (the six products emulated in torch, summed in fp32): relative Frobenius error 1.5e-7,
+// torch.mm in fp32 3.4e-7 (ad hoc, this 2-core Xeon).
 //
 // One tile product does 16 x 16 x 32 multiply-adds: 3.1 TFLOP/s of bf16 per core here with the tiles in registers,
 // so six of them still outrun AVX-512's fp32 FMAs (236 GFLOP/s per core) where the operands come from L1 / L2. They
@@ -127,7 +128,8 @@ FASTALIGN_AMX inline void split16(__m512 x, __m256i& x1, __m256i& x2, __m256i& x
 
 // src [rows, n] fp32 (lines of ld_src floats), rows a multiple of 16 -> parts: an A panel of K = n rounded up to 32,
 // zeros past n (src's columns past n are not read: whatever they hold, NaN included, cannot reach a product)
-FASTALIGN_AMX inline void split_rows(const float* src, int64_t ld_src, int64_t rows, int64_t n, uint16_t* const parts[3]) {
+FASTALIGN_AMX inline void split_rows(const float* src, int64_t ld_src, int64_t rows, int64_t n,
+                                     uint16_t* const parts[3]) {
   const int64_t kts = (n + 31) / 32, n16 = (n + 15) / 16 * 16;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < n; k += 16) {
@@ -139,14 +141,16 @@ FASTALIGN_AMX inline void split_rows(const float* src, int64_t ld_src, int64_t r
     }
     if (n16 % 32 != 0) {
       const int64_t off = ((r / 16) * kts + n16 / 32) * 512 + (r % 16) * 32 + 16;
-      for (int s = 0; s < 3; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts[s] + off), _mm256_setzero_si256());
+      for (int s = 0; s < 3; ++s)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts[s] + off), _mm256_setzero_si256());
     }
   }
 }
 
 // src [rows_k, N] fp32 (lines of ld_src floats), N a multiple of 16 -> parts: a B panel of K = rows_k rounded up to
 // 32 (zeros past rows_k)
-FASTALIGN_AMX inline void pack_b_rows(const float* src, int64_t ld_src, int64_t rows_k, int64_t N, uint16_t* const parts[3]) {
+FASTALIGN_AMX inline void pack_b_rows(const float* src, int64_t ld_src, int64_t rows_k, int64_t N,
+                                      uint16_t* const parts[3]) {
   const int64_t kts = (rows_k + 31) / 32;
   for (int s = 0; s < 3; ++s) std::memset(parts[s], 0, sizeof(uint16_t) * kts * 32 * N);
   alignas(32) uint16_t p[3][16];
@@ -202,7 +206,7 @@ FASTALIGN_AMX inline void tile_product(uint16_t* const a_parts[3], int64_t rt0, 
 // C [rows, N] (+)= A [rows, K] B [K, N] (panels), rows a multiple of 16, N of 16, K zero-padded to 32: 2 x 2 tiles
 // at a time, column pairs outside (B's tiles come from L2 once; A's small panel stays in L1)
 FASTALIGN_AMX inline void tile_gemm(uint16_t* const a_parts[3], int64_t rows, uint16_t* const b_parts[3], int64_t N,
-                                 int64_t K, float* c, int64_t ldc, bool accumulate) {
+                                    int64_t K, float* c, int64_t ldc, bool accumulate) {
   // GCC's tileloadd is an asm with no memory clobber: the panels' stores must not sink past it
   asm volatile("" : : : "memory");
   const int64_t rt = rows / 16, nt = N / 16, kts = (K + 31) / 32;

@@ -226,8 +226,9 @@ at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
   return out;
 }
 
-// Vocabulary lines per block: its W lines (96 KB) stay in L2 from (b) to (c); a multiple of 24 (8 and 6, the AVX-512
-// tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would leave 8 of each to AVX-512)
+// Vocabulary lines per block: its W lines (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to (c); a
+// multiple of 24 (8 and 6, the AVX-512 tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would
+// leave 8 of each to AVX-512)
 int64_t block_lines(int64_t H, bool amx) {
   const int64_t unit = amx ? 48 : 24;
   return std::max<int64_t>(unit, std::min<int64_t>(192, (24576 / H) / unit * unit));
@@ -320,7 +321,8 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   at::Tensor hs_panel = amx ? at::empty({3, kts * 32 * H}, weight.options().dtype(at::kShort)) : at::Tensor();
   uint16_t* hs_parts[3] = {nullptr, nullptr, nullptr};
   if (amx) {
-    for (int s = 0; s < 3; ++s) hs_parts[s] = reinterpret_cast<uint16_t*>(hs_panel.data_ptr<int16_t>()) + s * kts * 32 * H;
+    uint16_t* panel = reinterpret_cast<uint16_t*>(hs_panel.data_ptr<int16_t>());
+    for (int s = 0; s < 3; ++s) hs_parts[s] = panel + s * kts * 32 * H;
     fastalign_amx::pack_b_rows(scaled_hidden->data_ptr<float>(), H, C, H, hs_parts);
   }
   at::Tensor hn_t = do_logits ? transposed_padded(*next_hidden, ld) : at::Tensor();
