@@ -79,17 +79,32 @@ FASTALIGN_AVX512 void weight_tile(const float* e, int64_t ld, const float* hs, i
       _mm512_storeu_ps(d + i * H + j * 16, first ? acc[i][j] : _mm512_add_ps(_mm512_loadu_ps(d + i * H + j * 16), acc[i][j]));
 }
 
-// (c) l[0:M, 0:16NV] (+)= alpha sum_{k < kc} w[i wi + k wk] ht[k, 0:16NV]; ht, l: lines of ld floats. Also (b),
-// transposed: P^T[h, c] += sum_v W[v, h] E[v, c] is the same product with wi = 1, wk = H
+// Lines of the next block (W's, d_W's) to bring into L2 while a tile computes, spread over its K steps: n lines
+// from each non-null stream, one line per stream every kc / n steps. Issued in a burst per tile instead, they took
+// the L1 fill buffers that the tile's own W lines (4 KB apart at H=1024: one L1 set, so they come from L2 again
+// for each tile) needed: the step took 1.15x the floor at N=2048 H=1024 64 rows, 1.07x spread (ad hoc, paired).
+struct Prefetch {
+  const char* a = nullptr;
+  const char* b = nullptr;
+  int64_t n = 0;
+};
+
+// (c) l[0:M, 0:16NV] (+)= alpha sum_{k < kc} w[i wi + k wk] ht[k, 0:16NV]; ht, l: lines of ld floats
 template <int M, int NV>
 FASTALIGN_AVX512 void logits_tile(const float* w, int64_t wi, int64_t wk, const float* ht, int64_t ld, int64_t kc, float alpha,
-                                  float* l, bool first) {
+                                  float* l, bool first, Prefetch pf) {
   __m512 acc[M][NV];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t pf_due = 0;
   for (int64_t k = 0; k < kc; ++k) {
     __m512 b[NV];
     for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(ht + k * ld + j * 16);
+    if ((pf_due += pf.n) >= kc) {
+      pf_due -= kc;
+      if (pf.a != nullptr) _mm_prefetch(pf.a, _MM_HINT_T1), pf.a += 64;
+      if (pf.b != nullptr) _mm_prefetch(pf.b, _MM_HINT_T1), pf.b += 64;
+    }
     for (int i = 0; i < M; ++i) {
       const __m512 a = _mm512_set1_ps(w[i * wi + k * wk]);
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
@@ -102,6 +117,32 @@ FASTALIGN_AVX512 void logits_tile(const float* w, int64_t wi, int64_t wk, const 
       const __m512 x = _mm512_mul_ps(acc[i][j], va);
       _mm512_storeu_ps(dst, first ? x : _mm512_add_ps(_mm512_loadu_ps(dst), x));
     }
+}
+
+// (b), transposed: P^T[0:M, 0:16NV] (+)= sum_{k < kc} W[k, 0:M] E[k, 0:16NV] (W lines of H floats, E and P^T lines
+// of ld floats), P^T loaded into the accumulators (first: zeros)
+template <int M, int NV>
+FASTALIGN_AVX512 void p_tile(const float* w, int64_t H, const float* e, int64_t ld, int64_t kc, float* p, bool first,
+                             Prefetch pf) {
+  __m512 acc[M][NV];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(p + i * ld + j * 16);
+  int64_t pf_due = 0;
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(e + k * ld + j * 16);
+    if ((pf_due += pf.n) >= kc) {
+      pf_due -= kc;
+      if (pf.a != nullptr) _mm_prefetch(pf.a, _MM_HINT_T1), pf.a += 64;
+      if (pf.b != nullptr) _mm_prefetch(pf.b, _MM_HINT_T1), pf.b += 64;
+    }
+    for (int i = 0; i < M; ++i) {
+      const __m512 a = _mm512_set1_ps(w[i + k * H]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(p + i * ld + j * 16, acc[i][j]);
 }
 
 // Run-time tile shapes -> template instances (the last lines of a block, the last columns of H or of the tile).
@@ -128,23 +169,54 @@ void weight_strip(int m, int nv, const float* e, int64_t ld, const float* hs, in
 
 template <int NV>
 void logits_rows(int m, const float* w, int64_t wi, int64_t wk, const float* ht, int64_t ld, int64_t kc, float alpha, float* l,
-                 bool first) {
+                 bool first, Prefetch pf) {
   switch (m) {
-    case 6: return logits_tile<6, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
-    case 5: return logits_tile<5, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
-    case 4: return logits_tile<4, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
-    case 3: return logits_tile<3, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
-    case 2: return logits_tile<2, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
-    default: return logits_tile<1, NV>(w, wi, wk, ht, ld, kc, alpha, l, first);
+    case 6: return logits_tile<6, NV>(w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+    case 5: return logits_tile<5, NV>(w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+    case 4: return logits_tile<4, NV>(w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+    case 3: return logits_tile<3, NV>(w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+    case 2: return logits_tile<2, NV>(w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+    default: return logits_tile<1, NV>(w, wi, wk, ht, ld, kc, alpha, l, first, pf);
   }
 }
 
 void logits_strip(int m, int nv, const float* w, int64_t wi, int64_t wk, const float* ht, int64_t ld, int64_t kc, float alpha,
-                  float* l, bool first) {
-  if (nv == 4) return logits_rows<4>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
-  if (nv == 3) return logits_rows<3>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
-  if (nv == 2) return logits_rows<2>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
-  return logits_rows<1>(m, w, wi, wk, ht, ld, kc, alpha, l, first);
+                  float* l, bool first, Prefetch pf) {
+  if (nv == 4) return logits_rows<4>(m, w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+  if (nv == 3) return logits_rows<3>(m, w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+  if (nv == 2) return logits_rows<2>(m, w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+  return logits_rows<1>(m, w, wi, wk, ht, ld, kc, alpha, l, first, pf);
+}
+
+template <int NV>
+void p_rows(int m, const float* w, int64_t H, const float* e, int64_t ld, int64_t kc, float* p, bool first, Prefetch pf) {
+  switch (m) {
+    case 6: return p_tile<6, NV>(w, H, e, ld, kc, p, first, pf);
+    case 5: return p_tile<5, NV>(w, H, e, ld, kc, p, first, pf);
+    case 4: return p_tile<4, NV>(w, H, e, ld, kc, p, first, pf);
+    case 3: return p_tile<3, NV>(w, H, e, ld, kc, p, first, pf);
+    case 2: return p_tile<2, NV>(w, H, e, ld, kc, p, first, pf);
+    default: return p_tile<1, NV>(w, H, e, ld, kc, p, first, pf);
+  }
+}
+
+void p_strip(int m, int nv, const float* w, int64_t H, const float* e, int64_t ld, int64_t kc, float* p, bool first,
+             Prefetch pf) {
+  if (nv == 4) return p_rows<4>(m, w, H, e, ld, kc, p, first, pf);
+  if (nv == 3) return p_rows<3>(m, w, H, e, ld, kc, p, first, pf);
+  if (nv == 2) return p_rows<2>(m, w, H, e, ld, kc, p, first, pf);
+  return p_rows<1>(m, w, H, e, ld, kc, p, first, pf);
+}
+
+// The share of a block's next-block lines (n in all) that tile `call` of `calls` prefetches: stream a's and b's
+// lines [l0, l1), a and b advanced to l0
+Prefetch prefetch_share(const float* a, const float* b, int64_t n, int64_t call, int64_t calls) {
+  const int64_t l0 = call * n / calls, l1 = (call + 1) * n / calls;
+  Prefetch pf;
+  pf.a = a == nullptr ? nullptr : reinterpret_cast<const char*>(a + l0 * 16);
+  pf.b = b == nullptr ? nullptr : reinterpret_cast<const char*>(b + l0 * 16);
+  pf.n = pf.a == nullptr && pf.b == nullptr ? 0 : l1 - l0;
+  return pf;
 }
 
 // Mask of the first n (< 16 allowed) of 16 lanes.
@@ -389,29 +461,33 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
           }
         }
       }
-      if (do_p) {  // (b), transposed: P^T[h, 0:C] += sum_v W_b[v, h] E_b[v, 0:C], the next block's W prefetched
-        const float* w_next = W + (v0 + m) * H;
-        const int64_t lines = std::max<int64_t>(0, std::min(vb, V - v0 - m)) * H / 16;
+      // The next block's W lines are prefetched into L2 during (b) (during (c) without (b)), its d_W lines during
+      // (c) (during (b) without (c); not on the first call, which writes d_W without reading it), spread over each
+      // part's tiles
+      const int64_t next_lines = std::max<int64_t>(0, std::min(vb, V - v0 - m)) * H / 16;
+      const float* w_next = W + (v0 + m) * H;
+      const float* dw_next = do_weight && !first && next_lines > 0 ? dW + (v0 + m) * H : nullptr;
+      if (do_p) {  // (b), transposed: P^T[h, 0:C] += sum_v W_b[v, h] E_b[v, 0:C]
         const int64_t calls = (H + 5) / 6 * ((C16 + 63) / 64);
         int64_t call = 0;
         for (int64_t h0 = 0; h0 < H; h0 += 6)
-          for (int64_t r = 0; r < C16; r += 64, ++call) {
-            for (int64_t l = call * lines / calls; l < (call + 1) * lines / calls; ++l)
-              _mm_prefetch(reinterpret_cast<const char*>(w_next + l * 16), _MM_HINT_T1);
-            logits_strip(static_cast<int>(std::min<int64_t>(6, H - h0)),
-                         static_cast<int>(std::min<int64_t>(64, C16 - r) / 16), W + v0 * H + h0, 1, H,
-                         E + v0 * ld + r, ld, m, 1.0f, P + h0 * ld + r, blk == first_block);
-          }
+          for (int64_t r = 0; r < C16; r += 64, ++call)
+            p_strip(static_cast<int>(std::min<int64_t>(6, H - h0)), static_cast<int>(std::min<int64_t>(64, C16 - r) / 16),
+                    W + v0 * H + h0, H, E + v0 * ld + r, ld, m, P + h0 * ld + r, blk == first_block,
+                    prefetch_share(w_next, do_logits ? nullptr : dw_next, next_lines, call, calls));
         p_written[t] = 1;
       }
       if (do_logits) {  // (c): over E_b, now consumed; all ld columns (zeros past Cn), then the bias
+        const int64_t calls = (H + kBlockK - 1) / kBlockK * ((ld + 63) / 64) * ((m + 5) / 6);
+        int64_t call = 0;
         for (int64_t k0 = 0; k0 < H; k0 += kBlockK) {
           const int64_t kc = std::min(kBlockK, H - k0);
           for (int64_t r = 0; r < ld; r += 64) {
             const int nv = static_cast<int>(std::min<int64_t>(64, ld - r) / 16);
-            for (int64_t i = 0; i < m; i += 6)
+            for (int64_t i = 0; i < m; i += 6, ++call)
               logits_strip(static_cast<int>(std::min<int64_t>(6, m - i)), nv, W + (v0 + i) * H + k0, H, 1,
-                           ht + k0 * ld + r, ld, kc, a, E + (v0 + i) * ld + r, k0 == 0);
+                           ht + k0 * ld + r, ld, kc, a, E + (v0 + i) * ld + r, k0 == 0,
+                           prefetch_share(do_p ? nullptr : w_next, dw_next, next_lines, call, calls));
           }
         }
         if (b != nullptr)
