@@ -285,16 +285,18 @@ at::Tensor pack_strips(const at::Tensor& x) {
   return out;
 }
 
-// next_hidden [Cn, H] -> its transpose [H, ld], zeros past Cn
+// next_hidden [Cn, H] -> its transpose [H, ld], zeros past Cn (the threads take ranges of H)
 at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
   const int64_t Cn = x.size(0), H = x.size(1);
   at::Tensor out = at::empty({H, ld}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  for (int64_t k = 0; k < H; ++k) {
-    for (int64_t r = 0; r < Cn; ++r) dst[k * ld + r] = src[r * H + k];
-    std::fill(dst + k * ld + Cn, dst + (k + 1) * ld, 0.0f);
-  }
+  at::parallel_for(0, H, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t r = 0; r < Cn; ++r) dst[k * ld + r] = src[r * H + k];
+      std::fill(dst + k * ld + Cn, dst + (k + 1) * ld, 0.0f);
+    }
+  });
   return out;
 }
 
@@ -395,7 +397,12 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   if (amx) {
     uint16_t* panel = reinterpret_cast<uint16_t*>(hs_panel.data_ptr<int16_t>());
     for (int s = 0; s < 3; ++s) hs_parts[s] = panel + s * kts * 32 * H;
-    fastalign_amx::pack_b_rows(scaled_hidden->data_ptr<float>(), H, C, H, hs_parts);
+    // the threads take ranges of 16-column tiles: each tile's panel is contiguous (see chunk_amx.h)
+    at::parallel_for(0, H / 16, 8, [&](int64_t t0, int64_t t1) {
+      uint16_t* parts[3];
+      for (int s = 0; s < 3; ++s) parts[s] = hs_parts[s] + t0 * kts * 512;
+      fastalign_amx::pack_b_rows(scaled_hidden->data_ptr<float>() + t0 * 16, H, C, (t1 - t0) * 16, parts);
+    });
   }
   at::Tensor hn_t = do_logits ? transposed_padded(*next_hidden, ld) : at::Tensor();
   // per thread: P^T [H, ld] partial sums; running max / sum of exp of the next chunk's logits [ld]
@@ -519,14 +526,19 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     const float* pp = p_parts.data_ptr<float>();
     float* out = p.data_ptr<float>();
     bool any = false;
-    for (int64_t t = 0; t < threads; ++t) {
-      if (!p_written[t]) continue;
-      const float* pt = pp + t * H * ld;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t h = 0; h < H; ++h) out[c * H + h] = any ? out[c * H + h] + pt[h * ld + c] : pt[h * ld + c];
-      any = true;
-    }
+    for (int64_t t = 0; t < threads; ++t) any = any || p_written[t];
     if (!any) p.zero_();
+    else
+      at::parallel_for(0, H, 64, [&](int64_t h0, int64_t h1) {  // the threads take ranges of H
+        bool seen = false;
+        for (int64_t t = 0; t < threads; ++t) {
+          if (!p_written[t]) continue;
+          const float* pt = pp + t * H * ld;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t h = h0; h < h1; ++h) out[c * H + h] = seen ? out[c * H + h] + pt[h * ld + c] : pt[h * ld + c];
+          seen = true;
+        }
+      });
   }
   return {p, next_max, next_sumexp};
 }
