@@ -1,8 +1,8 @@
 // The GEMM work of one chunk of the gradient-in-forward loss path (fastalign/chunk_pass_fused.py), fp32, in one
 // pass over the vocabulary, for thin chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each
 // streams all of W or d_W from memory again for only C rows of work (2-core Xeon, fp32, N=2048 H=1024 V=32000, 64
-// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.61x, this kernel 1.13x, 1.16x
-// without AMX; bench/results/linear_logprobs-goal-amx-cpu-2026-12-07.json).
+// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.68x, this kernel 1.10x, 1.18x
+// without AMX; bench/results/linear_logprobs-goal-prefetch-cpu-2026-12-07.json).
 //
 //   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None,
 //                first, need_p, next_hidden [Cn, H] | None, bias [V] | None, alpha,
@@ -25,8 +25,9 @@
 //       just before (a) and (b) use it.
 // So W and d_W stream from memory once per chunk (three BLAS calls read W twice and d_W once each way), the tile
 // is read and written once per chunk (a row pass of its own would read it twice more and write it once), (a)'s
-// thin operand is packed once per chunk into 48-column strips, and the next block's W and d_W lines are prefetched
-// while this block computes. Threads take contiguous ranges of blocks.
+// thin operand is packed once per chunk into 48-column strips, and the coming blocks' W and d_W lines are
+// prefetched while this block computes, a line every few K steps of each tile (struct Prefetch). Threads take
+// contiguous ranges of blocks.
 //
 // Where the CPU has AMX (chunk_amx.h; set_chunk_amx turns it off), (a) runs on AMX tiles at fp32 accuracy (each
 // fp32 value split into three bf16 parts, six part products): the block's E' lines are split into a small panel,
