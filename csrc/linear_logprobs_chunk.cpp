@@ -81,9 +81,11 @@ FASTALIGN_AVX512 void weight_tile(const float* e, int64_t ld, const float* hs, i
 }
 
 // Lines of a coming block (W's, d_W's) to bring into L2 while a tile computes, spread over its K steps: na lines
-// of stream a, one every kc / na steps, and nb of stream b. Issued in a burst per tile instead, they took
-// the L1 fill buffers that the tile's own W lines (4 KB apart at H=1024: one L1 set, so they come from L2 again
-// for each tile) needed: the step took 1.15x the floor at N=2048 H=1024 64 rows, 1.07x spread (ad hoc, paired).
+// of stream a, one every kc / na steps, and nb of stream b (at most one line per stream and step: at H=512-4096
+// a tile's share is 18-48 lines for 48-128 steps; past kc, the rest would be left to the hardware). Issued in
+// a burst per tile instead, they took the L1 fill buffers that the tile's own W lines (4 KB apart at H=1024: one
+// L1 set, so they come from L2 again for each tile) needed: the step took 1.15x the floor at N=2048 H=1024 64 rows,
+// 1.07x spread (ad hoc, paired).
 struct Prefetch {
   const char* a = nullptr;
   const char* b = nullptr;
