@@ -89,7 +89,14 @@ FASTALIGN_AVX512 void weight_tile(const float* e, int64_t ld, const float* hs, i
 struct Prefetch {
   const char* a = nullptr;
   const char* b = nullptr;
-  int64_t na = 0, nb = 0;  // lines of a, of b
+  int64_t na = 0, nb = 0;          // lines of a, of b
+  int64_t due_a = 0, due_b = 0;    // each stream's share of the K steps so far, in kc-ths of a line
+
+  // K step of kc: the lines now due
+  inline void step(int64_t kc) {
+    if ((due_a += na) >= kc) due_a -= kc, _mm_prefetch(a, _MM_HINT_T1), a += 64;
+    if ((due_b += nb) >= kc) due_b -= kc, _mm_prefetch(b, _MM_HINT_T1), b += 64;
+  }
 };
 
 // (c) l[0:M, 0:16NV] (+)= alpha sum_{k < kc} w[i wi + k wk] ht[k, 0:16NV]; ht, l: lines of ld floats
@@ -99,12 +106,10 @@ FASTALIGN_AVX512 void logits_tile(const float* w, int64_t wi, int64_t wk, const 
   __m512 acc[M][NV];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
-  int64_t pf_due_a = 0, pf_due_b = 0;
   for (int64_t k = 0; k < kc; ++k) {
     __m512 b[NV];
     for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(ht + k * ld + j * 16);
-    if ((pf_due_a += pf.na) >= kc) pf_due_a -= kc, _mm_prefetch(pf.a, _MM_HINT_T1), pf.a += 64;
-    if ((pf_due_b += pf.nb) >= kc) pf_due_b -= kc, _mm_prefetch(pf.b, _MM_HINT_T1), pf.b += 64;
+    pf.step(kc);
     for (int i = 0; i < M; ++i) {
       const __m512 a = _mm512_set1_ps(w[i * wi + k * wk]);
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
@@ -127,12 +132,10 @@ FASTALIGN_AVX512 void p_tile(const float* w, int64_t H, const float* e, int64_t 
   __m512 acc[M][NV];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(p + i * ld + j * 16);
-  int64_t pf_due_a = 0, pf_due_b = 0;
   for (int64_t k = 0; k < kc; ++k) {
     __m512 b[NV];
     for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(e + k * ld + j * 16);
-    if ((pf_due_a += pf.na) >= kc) pf_due_a -= kc, _mm_prefetch(pf.a, _MM_HINT_T1), pf.a += 64;
-    if ((pf_due_b += pf.nb) >= kc) pf_due_b -= kc, _mm_prefetch(pf.b, _MM_HINT_T1), pf.b += 64;
+    pf.step(kc);
     for (int i = 0; i < M; ++i) {
       const __m512 a = _mm512_set1_ps(w[i + k * H]);
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
