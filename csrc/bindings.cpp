@@ -24,14 +24,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("first"), py::arg("need_p"), py::arg("next_hidden"), py::arg("bias"), py::arg("alpha"),
         py::arg("exp_shift"), py::arg("targets"), py::arg("d_bias"), py::arg("bias_scale"),
         py::arg("target_values"));
+  m.def("chunk_step_", &chunk_step_,
+        "one chunk of the fused thin-chunk pass: its gradients, then the next rows' logits, statistics and logp",
+        no_gil(), py::arg("tile"), py::arg("weight"), py::arg("bias"), py::arg("alpha"), py::arg("hidden"),
+        py::arg("targets"), py::arg("logp"), py::arg("stats"), py::arg("start"), py::arg("stop"),
+        py::arg("next_start"), py::arg("next_stop"), py::arg("coeff"), py::arg("d_weight"), py::arg("d_hidden"),
+        py::arg("d_bias"), py::arg("first"));
   m.def("chunk_gemms_supported", &chunk_gemms_supported, "whether this CPU runs chunk_gemms_ (AVX-512F and BW)",
         no_gil());
   m.def("chunk_amx_supported", &chunk_amx_supported,
         "whether this CPU and OS run chunk_gemms_'s d_weight update on AMX (AMX-TILE, AMX-BF16, AVX512-BF16)", no_gil());
   m.def("set_chunk_amx", &set_chunk_amx, "turn chunk_gemms_'s AMX path on or off (on by default); returns the old "
         "setting", no_gil(), py::arg("enabled"));
-  // the Python side uses chunk_gemms_ only from an extension with this contract (an older prebuilt one had another)
-  m.attr("chunk_gemms_version") = 3;
+  // the Python side uses chunk_gemms_ only from an extension with this contract (an older prebuilt one had another;
+  // 4: chunk_step_ is there too)
+  m.attr("chunk_gemms_version") = 4;
   m.def("nn_count", &nn_count, "nearest-neighbour counts of uniform box samples per alternative (int64 [M])", no_gil(),
         py::arg("points"), py::arg("sq_norms"), py::arg("group_start"), py::arg("keys"), py::arg("width"),
         py::arg("num_samples"), py::arg("block_samples"), py::arg("block_alternatives"), py::arg("kernel") = "auto");

@@ -39,6 +39,14 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
                                      const c10::optional<at::Tensor>& bias_scale,
                                      const c10::optional<at::Tensor>& target_values);
 
+// chunk_step.cpp: one chunk of the fused thin-chunk pass, the per-row arithmetic around chunk_gemms_ included: this
+// chunk's gradients from its coefficients (d loss / d logp), then the next rows' logits, statistics and log-probs.
+void chunk_step_(at::Tensor& tile, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double alpha,
+                 const at::Tensor& hidden, const at::Tensor& targets, at::Tensor& logp, at::Tensor& stats,
+                 int64_t start, int64_t stop, int64_t next_start, int64_t next_stop,
+                 const c10::optional<at::Tensor>& coeff, const c10::optional<at::Tensor>& d_weight,
+                 const c10::optional<at::Tensor>& d_hidden, const c10::optional<at::Tensor>& d_bias, bool first);
+
 // nn_count.cpp: nearest-neighbour counts of counter-generated uniform box samples (clone-robust weights).
 at::Tensor nn_count(const at::Tensor& points, const at::Tensor& sq_norms, const at::Tensor& group_start,
                     const at::Tensor& keys, const at::Tensor& width, int64_t num_samples, int64_t block_samples,

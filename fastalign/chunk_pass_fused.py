@@ -7,7 +7,8 @@ memory for only C rows of work, and BLAS loses up to a third of its speed. Here 
 block's logits into E', adds the chunk's share to d_W, accumulates E'^T W for d_h, writes the next chunk's logits
 over the block it has just used and folds them into the next chunk's running column max and sum of exp. So no
 row pass reads the tile: lse comes from those statistics. The formula is chunk_pass._exp_tile_gradients', with
-the target's term inside the GEMMs (see fused_chunk_pass).
+the target's term inside the GEMMs (see fused_chunk_pass). The per-row arithmetic around each kernel call runs in
+C++ too (csrc/chunk_step.cpp, op ``chunk_step_``), in the same call.
 
 Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32 (weight contiguous), there is no
 softcap, H is a positive multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as
@@ -47,9 +48,11 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
 
     Each kernel call also takes the column max and sum of exp of the logits it writes, so no pass of its own reads
     the tile for the row statistics: lse = max + log(sum), and the next call turns the logits into E' block by
-    block, in cache, just before it uses them."""
-    from fastalign.backends.loss_rows_cpp import chunk_gemms_
-    n, v = hidden.shape[0], weight.shape[0]
+    block, in cache, just before it uses them. The per-row arithmetic around the GEMMs (the coefficients' scaling,
+    E''s target values, d_h's rows, the next rows' log-probs) runs in the same call (loss_rows_cpp.chunk_step_):
+    Python does the loss's coefficients and one call per chunk."""
+    from fastalign.backends.loss_rows_cpp import chunk_step_
+    n = hidden.shape[0]
     hidden = hidden.contiguous()  # [N, H]: small; weight is contiguous (fused_chunks_usable), never copied
     targets = targets.contiguous()
     inv_t = 1.0 / plan.temperature
@@ -57,37 +60,15 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
     logp = torch.zeros(n, dtype=torch.float32)
     d_h = torch.empty_like(hidden) if need_h else None
     d_w = torch.empty_like(weight) if need_w else None  # the first chunk writes it, the others add
-    d_b = torch.empty(v, dtype=torch.float32) if need_b else None
+    d_b = torch.empty(weight.shape[0], dtype=torch.float32) if need_b else None
     grads = need_h or need_w or need_b
-    tile_buf = padded_buffer(v, max(e - s for s, e in bounds), torch.float32, hidden.device)
+    tile_buf = padded_buffer(weight.shape[0], max(e - s for s, e in bounds), torch.float32, hidden.device)
+    stats = torch.empty(2, tile_buf.shape[1], dtype=torch.float32)  # the tile's rows' column max and sum of exp
     bias_v = None if bias is None else (bias.to(torch.float32) * inv_t).contiguous()  # the GEMM's alpha scales it
-
-    def logits_only(rows):  # tile <- the logits of these rows, nothing else; their column max and sum of exp
-        return chunk_gemms_(tile_buf, 0, None, weight, None, False, False, rows, bias_v, inv_t)[1:]
-
-    shift, sumexp = logits_only(hidden[bounds[0][0]:bounds[0][1]])
-    zero = torch.zeros((), dtype=torch.float32)
+    common = (tile_buf, weight, bias_v, inv_t, hidden, targets, logp, stats)
+    chunk_step_(*common, 0, 0, *bounds[0])  # the first chunk's logits, nothing else
     for i, (s, e) in enumerate(bounds):
-        hc, tgt = hidden[s:e], targets[s:e]
-        live = tgt >= 0
-        lse = shift + torch.log(sumexp)
-        logit_y = tile_buf[:, :e - s].gather(0, tgt.clamp_min(0).unsqueeze(0)).squeeze(0)  # before E' overwrites it
-        lp = torch.where(live, logit_y - lse, zero)
-        logp[s:e] = lp
-        nxt = hidden[bounds[i + 1][0]:bounds[i + 1][1]] if i + 1 < len(bounds) else None
-        if not grads:
-            if nxt is not None:
-                shift, sumexp = logits_only(nxt)
-            continue
-        # chunk_pass._exp_tile_gradients' formula, d logits^T = E' diag(f) + onehot(y) diag(t), with the target's
-        # term inside the GEMMs: E' holds t / f = expm1(logp) * sumexp at each labelled row's target (precise from
-        # logp, as there), so d_W, d_h = f * (E'^T W) and d_b all get it with no gathers or scatters of their own
-        gs = torch.where(live, plan.coeff_fn(s, e, lp).to(torch.float32) * inv_t, zero)
-        f = (-gs * torch.exp(shift - lse)).contiguous()
-        target_values = (torch.expm1(lp) * sumexp).contiguous()
-        scaled = (hc * f.unsqueeze(1)).contiguous() if need_w else None
-        e_t_w, shift, sumexp = chunk_gemms_(tile_buf, e - s, scaled, weight, d_w, i == 0, need_h, nxt, bias_v, inv_t,
-                                            shift, tgt, d_b, f if need_b else None, target_values)
-        if need_h:
-            torch.mul(e_t_w, f.unsqueeze(1), out=d_h[s:e])
+        nxt = bounds[i + 1] if i + 1 < len(bounds) else (e, e)
+        coeff = plan.coeff_fn(s, e, logp[s:e]).to(torch.float32).contiguous() if grads else None
+        chunk_step_(*common, s, e, *nxt, coeff, d_w, d_h, d_b, i == 0)
     return logp, d_h, d_w, d_b

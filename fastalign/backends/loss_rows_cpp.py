@@ -79,10 +79,10 @@ def _(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, b
 
 @torch.compiler.disable  # a plain Python answer: torch.compile need not (and cannot) trace the extension's call
 def chunk_gemms_supported():
-    """Whether chunk_gemms_ runs here: the extension is built with its current contract (an older prebuilt one is
-    not) and the CPU has AVX-512F and AVX-512BW."""
+    """Whether chunk_gemms_ and chunk_step_ run here: the extension is built with their current contract (an older
+    prebuilt one is not) and the CPU has AVX-512F and AVX-512BW."""
     c = _ext.C
-    return (c is not None and getattr(c, "chunk_gemms_version", 0) == 3 and hasattr(c, "chunk_gemms_supported")
+    return (c is not None and getattr(c, "chunk_gemms_version", 0) == 4 and hasattr(c, "chunk_gemms_supported")
             and bool(c.chunk_gemms_supported()))
 
 
@@ -117,3 +117,33 @@ def chunk_gemms_(tile, rows, scaled_hidden, weight, d_weight, first, need_p, nex
     new logits' column max [Cn] and sum of exp(logit - max) [Cn] are returned (empty without next_hidden)."""
     return _chunk_gemms(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, float(alpha),
                         exp_shift, targets, d_bias, bias_scale, target_values)
+
+
+# One chunk of the fused pass with its per-row arithmetic (csrc/chunk_step.cpp): in place, returns nothing.
+@torch.library.custom_op("fastalign::cpp_chunk_step_",
+                         mutates_args=("tile", "logp", "stats", "d_weight", "d_hidden", "d_bias"))
+def _chunk_step(tile: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: float,
+                hidden: torch.Tensor, targets: torch.Tensor, logp: torch.Tensor, stats: torch.Tensor, start: int,
+                stop: int, next_start: int, next_stop: int, coeff: Optional[torch.Tensor],
+                d_weight: Optional[torch.Tensor], d_hidden: Optional[torch.Tensor], d_bias: Optional[torch.Tensor],
+                first: bool) -> None:
+    _ext.C.chunk_step_(tile, weight, bias, alpha, hidden, targets, logp, stats, start, stop, next_start, next_stop,
+                       coeff, d_weight, d_hidden, d_bias, first)
+
+
+@_chunk_step.register_fake
+def _(tile, weight, bias, alpha, hidden, targets, logp, stats, start, stop, next_start, next_stop, coeff, d_weight,
+      d_hidden, d_bias, first):
+    return None
+
+
+def chunk_step_(tile, weight, bias, alpha, hidden, targets, logp, stats, start, stop, next_start, next_stop,
+                coeff=None, d_weight=None, d_hidden=None, d_bias=None, first=False):
+    """One chunk of chunk_pass_fused's loop, in place (fp32; tile [V, ld], stats [2, ld], hidden [N, H], targets
+    [N] int64 with -1 for ignored rows, logp [N]). On entry the tile holds the logits of rows [start, stop), stats
+    their column max and sum of exp, logp their log-probs. With coeff [stop - start] (d loss / d logp): the rows'
+    share of d_weight [V, H] and d_bias [V] (written when ``first``, else added to) and their rows of d_hidden
+    [N, H]. Then the tile, stats and logp hold those of rows [next_start, next_stop) (logp 0 for ignored rows).
+    bias [V] is already divided by the temperature; alpha = 1 / temperature."""
+    _chunk_step(tile, weight, bias, float(alpha), hidden, targets, logp, stats, int(start), int(stop),
+                int(next_start), int(next_stop), coeff, d_weight, d_hidden, d_bias, bool(first))
