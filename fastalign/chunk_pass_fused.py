@@ -17,9 +17,9 @@ fast) and the CPU has AVX-512F and AVX-512BW (loss_rows_cpp.chunk_gemms_supporte
 On a CPU with AMX the kernel's d_W update runs on AMX tiles at fp32 accuracy (csrc/chunk_amx.h;
 loss_rows_cpp.set_chunk_amx(False) turns it off).
 
-Measured (bench/results/linear_logprobs-goal-prefetch-cpu-2026-12-07.json, 2-core Xeon with AMX, fp32,
-forward+backward of the NLL, against the three unchunked GEMMs): 64 rows per chunk took 1.02x / 1.10x that floor at
-N=1024 H=512 / N=2048 H=1024 (V=32000; 1.04x / 1.18x without AMX), where BLAS chunks took 1.40x / 1.68x.
+Measured (bench/results/linear_logprobs-goal-step-shuffled-cpu-2026-12-07.json, 2-core Xeon with AMX, fp32,
+forward+backward of the NLL, against the three unchunked GEMMs): 64 rows per chunk took 1.01x / 1.13x that floor at
+N=1024 H=512 / N=2048 H=1024 (V=32000; 1.04x / 1.19x without AMX), where BLAS chunks took 1.39x / 1.69x.
 """
 import torch
 
