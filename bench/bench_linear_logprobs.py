@@ -19,6 +19,7 @@ PyTorch.
 """
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 import fastalign as fa  # noqa: E402
 from bench import peers  # noqa: E402
 from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
-                          markdown_table, publish, write_results)
+                          interleaved_times, markdown_table, paired_ratio, publish, write_results)
 from fastalign import chunk_pass_fused  # noqa: E402
 from fastalign.profiling import PeakMemory  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
@@ -237,14 +238,16 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream
             steps[name], peaks[name] = step, peak
         steps[floor_name] = lambda: floor_gemms(hidden, weight, backward)
         steps[floor_name]()
-        medians = interleaved_medians(steps, device, repeats)
+        times = interleaved_times(steps, device, repeats)
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
         floor = medians[floor_name]
         base = medians.get("naive")
         for name, seconds in medians.items():
             is_floor = name == floor_name
             row = dict(base_fields, mode=mode, variant=name, seconds=seconds, seconds_ms=seconds * 1e3,
                        gflops=((6 if backward else 2) * n * h * v if is_floor else flops) / seconds / 1e9,
-                       time_vs_floor=seconds / floor, roofline_fraction=floor / seconds, roofline=roofline)
+                       time_vs_floor=seconds / floor, roofline_fraction=floor / seconds, roofline=roofline,
+                       seconds_each_round=times[name], time_vs_floor_paired=paired_ratio(times, name, floor_name))
             if not is_floor:
                 row["peak_extra_mib"] = peaks[name] / 2**20
             if name in values and "naive" in values:
@@ -397,7 +400,9 @@ def build_parser():
 
 COLUMNS = [("shape", "shape", None), ("mode", "pass", None), ("variant", "variant", None),
            ("seconds_ms", "time (ms)", "{:.1f}"), ("time_vs_naive", "time vs naive", "{:.2f}x"),
-           ("time_vs_floor", "time vs floor", "{:.2f}x"), ("roofline_fraction", "of GEMM roofline", "{:.0%}"),
+           ("time_vs_floor", "time vs floor", "{:.2f}x"),
+           ("time_vs_floor_paired", "vs floor, paired by round", "{:.2f}x"),
+           ("roofline_fraction", "of GEMM roofline", "{:.0%}"),
            ("gflops", "GFLOP/s", "{:.0f}"), ("peak_extra_mib", "peak extra (MiB)", "{:.0f}"),
            ("memory_vs_naive", "memory vs naive", "{:.3f}x"), ("value_rel_err", "value err", "{:.0e}"),
            ("status", "check / note", None)]

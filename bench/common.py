@@ -164,8 +164,8 @@ def measure(step, device, repeats, label, warmup=True):
         return None, f"{type(exc).__name__}: {exc}"[:300]
 
 
-def interleaved_medians(steps, device, repeats):
-    """{name: median seconds}: each round runs every step once, so load changes hit every variant alike. The first
+def interleaved_times(steps, device, repeats):
+    """{name: [seconds of each round]}: each round runs every step once, so load changes hit every variant alike. The first
     round runs them in the given order, each later one in its own shuffled order (seeded: the same every run), so no
     variant always follows the same one: in ad-hoc runs on a 2-core Xeon, the variant run just before moved the
     fastalign NLL with 64-row chunks by 0-10% (after the 512-row one against after the floor, fp32, N=2048 H=1024
@@ -183,7 +183,18 @@ def interleaved_medians(steps, device, repeats):
             step()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(steps, device, repeats):
+    """{name: median seconds} of interleaved_times."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(steps, device, repeats).items()}
+
+
+def paired_ratio(times, name, base):
+    """Median over rounds of name's time / base's time in the same round (interleaved_times): a drift of the
+    machine's speed over the run, slower than a round, cancels out of it."""
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
 
 
 def markdown_table(rows, columns):
