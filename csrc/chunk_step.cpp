@@ -7,7 +7,7 @@
 // (median 343 against 349 ms; at N=2048 H=1024 the pairs moved by up to 135 ms either way, more than the gain).
 //
 //   chunk_step_(tile [V, ld], weight [V, H], bias [V] | None (already / temperature), alpha = 1 / temperature,
-//               hidden [N, H], targets [N] (-1: ignored), logp [N], stats [2, ld], start, stop, next_start,
+//               hidden [N, H], targets [N] (negative: ignored), logp [N], stats [2, ld], start, stop, next_start,
 //               next_stop, coeff [stop - start] | None, d_weight [V, H] | None, d_hidden [N, H] | None,
 //               d_bias [V] | None, first) -> None
 //
@@ -48,6 +48,7 @@ void chunk_step_(at::Tensor& tile, const at::Tensor& weight, const c10::optional
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && tile.dim() == 2,
               "fastalign._C.chunk_step_: hidden, weight and tile must be 2-D, got ", hidden.sizes(), ", ",
               weight.sizes(), ", ", tile.sizes());
+  check_fp32(weight, weight.sizes(), "weight");  // before anything below is written (chunk_gemms_ checks it later)
   const int64_t N = hidden.size(0), H = hidden.size(1), ld = tile.size(1);
   check_fp32(hidden, {N, weight.size(1)}, "hidden");
   check_fp32(logp, {N}, "logp");
@@ -63,18 +64,24 @@ void chunk_step_(at::Tensor& tile, const at::Tensor& weight, const c10::optional
   const bool grads = coeff.has_value();  // rows = 0 with first: d_weight and d_bias zero-filled, as chunk_gemms_
   const int64_t C = grads ? stop - start : 0, Cn = next_stop - next_start, V = weight.size(0);
   if (grads) check_fp32(*coeff, {C}, "coeff");
-  for (int64_t c = 0; c < Cn; ++c)  // read from the tile below: an index past it would read other memory
-    TORCH_CHECK(y[next_start + c] < V, "fastalign._C.chunk_step_: targets[", next_start + c, "] = ",
-                y[next_start + c], " is not a row of weight (V = ", V, "); -1 marks an ignored row");
+  // the next rows' targets index the tile below (past it: other memory); this chunk's, E' (past it: a gradient
+  // silently without its target term)
+  auto check_targets = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      TORCH_CHECK(y[r] < V, "fastalign._C.chunk_step_: targets[", r, "] = ", y[r], " is not a row of weight (V = ",
+                  V, "); a negative target marks an ignored row");
+  };
+  check_targets(next_start, next_stop);
+  if (grads) check_targets(start, stop);
 
   const float a = static_cast<float>(alpha);
   float* lp = logp.data_ptr<float>();
   float* st = stats.data_ptr<float>();
   at::Tensor shift, f, target_values, scaled;
   if (grads) {
-    shift = stats[0].narrow(0, 0, C).clone();  // chunk_gemms_ reads it while the next statistics are made
-    f = at::empty({C}, weight.options());
-    target_values = at::empty({C}, weight.options());
+    shift = stats[0].narrow(0, 0, C);  // stats gets the next rows' only after chunk_gemms_ returns
+    f = at::empty({C}, hidden.options());
+    target_values = at::empty({C}, hidden.options());
     const float* c_in = coeff->data_ptr<float>();
     float* fp = f.data_ptr<float>();
     float* tv = target_values.data_ptr<float>();
@@ -84,7 +91,7 @@ void chunk_step_(at::Tensor& tile, const at::Tensor& weight, const c10::optional
       tv[c] = std::expm1(lp[start + c]) * se;  // precise from logp, as in chunk_pass._exp_tile_gradients
     }
     if (d_weight.has_value()) {
-      scaled = at::empty({C, H}, weight.options());
+      scaled = at::empty({C, H}, hidden.options());
       const float* h = hidden.data_ptr<float>() + start * H;
       float* s = scaled.data_ptr<float>();
       at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {

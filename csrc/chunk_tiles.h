@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #define FASTALIGN_AVX512 __attribute__((target("avx512f,avx512bw")))
 

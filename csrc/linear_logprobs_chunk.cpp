@@ -1,6 +1,7 @@
-// The GEMM work of one chunk of the gradient-in-forward loss path (fastalign/chunk_pass_fused.py), fp32, in one
-// pass over the vocabulary, for thin chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each
-// streams all of W or d_W from memory again for only C rows of work (2-core Xeon, fp32, N=2048 H=1024 V=32000, 64
+// The GEMM work of one chunk of the gradient-in-forward loss path (fastalign/chunk_pass_fused.py, through
+// chunk_step.cpp, which does the per-row arithmetic around it), fp32, in one pass over the vocabulary, for thin
+// chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each streams all of W or d_W from memory
+// again for only C rows of work (2-core Xeon, fp32, N=2048 H=1024 V=32000, 64
 // rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.69x, this kernel 1.13x, 1.19x
 // without AMX; bench/results/linear_logprobs-goal-step-shuffled-cpu-2026-12-07.json).
 //
@@ -37,8 +38,8 @@
 // AVX-512 register tiles (in chunk_tiles.h; 24 of the 32 zmm registers accumulate): (a) 8 lines x 48 columns, (b)
 // and (c) 6 lines x 64 columns (one micro-kernel; (b) broadcasts W[v, h..h+5] along a line of W instead of down a
 // column; it took 0.9x the time of (b) with W packed into strips, ad hoc). H must be a multiple of 16 and ld of 16;
-// chunk_gemms_supported() says whether this CPU has AVX-512F and AVX-512BW. The caller (Python) falls back to BLAS
-// calls otherwise.
+// chunk_gemms_supported() says whether this CPU has AVX-512F and AVX-512BW; where it has not, or a chunk is wider
+// than 128 rows, fastalign/chunk_pass_fused.py's fused_chunks_usable sends the pass to BLAS calls instead.
 #include "fastalign.h"
 
 #include "chunk_amx.h"

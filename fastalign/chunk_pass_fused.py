@@ -7,8 +7,8 @@ memory for only C rows of work, and BLAS loses up to a third of its speed. Here 
 block's logits into E', adds the chunk's share to d_W, accumulates E'^T W for d_h, writes the next chunk's logits
 over the block it has just used and folds them into the next chunk's running column max and sum of exp. So no
 row pass reads the tile: lse comes from those statistics. The formula is chunk_pass._exp_tile_gradients', with
-the target's term inside the GEMMs (see fused_chunk_pass). The per-row arithmetic around each kernel call runs in
-C++ too (csrc/chunk_step.cpp, op ``chunk_step_``), in the same call.
+the target's term inside the GEMMs. The per-row arithmetic around each kernel call runs in C++ too, in the same call
+(csrc/chunk_step.cpp, op ``chunk_step_``, whose header has the formula).
 
 Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32 (weight contiguous), there is no
 softcap, H is a positive multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as

@@ -460,3 +460,39 @@ def test_chunk_step_rejects_bad_input():
         loss_rows_cpp.chunk_step_(tile, weight, None, 1.0, hidden, y, logp, torch.zeros(2, 32), 0, 0, 0, 4)
     with pytest.raises(RuntimeError, match="targets must be a contiguous int64"):
         loss_rows_cpp.chunk_step_(tile, weight, None, 1.0, hidden, y.int(), logp, stats, 0, 0, 0, 4)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous fp32 CPU tensor .* Double"):
+        loss_rows_cpp.chunk_step_(tile, weight.double(), None, 1.0, hidden, y, logp, stats, 0, 0, 0, 4)
+    with pytest.raises(RuntimeError, match=r"d_hidden must be .* of shape \[12, 32\], got \[4, 32\]"):
+        loss_rows_cpp.chunk_step_(*args, 0, 4, 4, 8, torch.zeros(4), None, torch.zeros(4, 32))
+    with pytest.raises(RuntimeError, match=r"targets\[5\] = 40 is not a row"):  # this chunk's row: E' would miss it
+        loss_rows_cpp.chunk_step_(tile, weight, None, 1.0, hidden, bad, logp, stats, 4, 8, 8, 8, torch.zeros(4))
+
+
+@needs_kernel
+def test_chunk_step_without_coefficients_then_the_last_chunk():
+    """No coefficients: nothing but the next rows' logits, statistics and log-probs (the gradients untouched). The
+    last chunk (no next rows): its gradients only, the statistics and log-probs left as they were."""
+    g = torch.Generator().manual_seed(9)
+    n, h, v, ld = 10, 16, 60, 16
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.3
+    y = torch.randint(0, v, (n,), generator=g)
+    y[8] = -100
+    logits = (hidden.to(D) @ weight.to(D).t()).t()  # [V, N]
+    want_logp = torch.log_softmax(logits, 0).gather(0, y.clamp_min(0)[None])[0]
+    tile, stats, logp = torch.zeros(v, ld), torch.zeros(2, ld), torch.zeros(n)
+    d_w, d_h = torch.full((v, h), 3.0), torch.full((n, h), 3.0)
+    loss_rows_cpp.chunk_step_(tile, weight, None, 1.0, hidden, y, logp, stats, 0, 0, 6, n, None, d_w, d_h)
+    assert (d_w == 3).all() and (d_h == 3).all()
+    torch.testing.assert_close(logp[6:].to(D), torch.where(y[6:] >= 0, want_logp[6:], torch.zeros((), dtype=D)),
+                               rtol=0, atol=2e-5)
+    assert (logp[:6] == 0).all()
+    logp_before, stats_before = logp.clone(), stats.clone()
+    loss_rows_cpp.chunk_step_(tile, weight, None, 1.0, hidden, y, logp, stats, 6, n, n, n, torch.ones(4), d_w, d_h,
+                              None, True)
+    p = torch.softmax(logits[:, 6:], 0)
+    onehot = torch.zeros_like(p)
+    onehot[y[6:].clamp_min(0), torch.arange(4)] = 1.0
+    dl = (onehot - p) * (y[6:] >= 0).to(D)  # [V, 4]
+    torch.testing.assert_close(d_w.to(D), dl @ hidden[6:].to(D), rtol=0, atol=2e-5)
+    torch.testing.assert_close(d_h[6:].to(D), dl.t() @ weight.to(D), rtol=0, atol=2e-5)
+    assert (d_h[:6] == 3).all() and torch.equal(stats, stats_before) and torch.equal(logp, logp_before)

@@ -140,7 +140,7 @@ def _(tile, weight, bias, alpha, hidden, targets, logp, stats, start, stop, next
 def chunk_step_(tile, weight, bias, alpha, hidden, targets, logp, stats, start, stop, next_start, next_stop,
                 coeff=None, d_weight=None, d_hidden=None, d_bias=None, first=False):
     """One chunk of chunk_pass_fused's loop, in place (fp32; tile [V, ld], stats [2, ld], hidden [N, H], targets
-    [N] int64 with -1 for ignored rows, logp [N]). On entry the tile holds the logits of rows [start, stop), stats
+    [N] int64, negative for ignored rows, logp [N]). On entry the tile holds the logits of rows [start, stop), stats
     their column max and sum of exp, logp their log-probs. With coeff [stop - start] (d loss / d logp): the rows'
     share of d_weight [V, H] and d_bias [V] (written when ``first``, else added to) and their rows of d_hidden
     [N, H]. Then the tile, stats and logp hold those of rows [next_start, next_stop) (logp 0 for ignored rows).
