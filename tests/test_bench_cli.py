@@ -4,6 +4,7 @@ line first), and a peer that is not installed is a row saying so, not a failure.
 import json
 
 import pytest
+import torch
 
 import fastalign as fa
 from fastalign.cli import main
@@ -117,3 +118,25 @@ def test_bench_nn_count_dry_run_single_run(tmp_path, capsys, no_peers):
     assert {r["backend"] for r in rows} >= {"torch"} and all(r["seconds"] > 0 and r["gflops"] > 0 for r in rows)
     assert [r["speedup"] for r in rows if r["backend"] == "torch"] == [1.0]
     assert "| GFLOP/s | vs torch |" in capsys.readouterr().out
+
+
+def test_interleaved_rounds_shuffle_the_order_and_pair_the_ratios(monkeypatch):
+    """Each round runs every step once; the first in the given order, later ones shuffled (the same every run);
+    paired_ratio is the median of the per-round ratios, not the ratio of the medians."""
+    from fastalign.cli.bench import bench_module
+    bench_module("dpo_loss")  # puts the checkout on sys.path
+    from bench import common
+    ran = []
+    steps = {name: (lambda name: lambda: ran.append(name))(name) for name in "abcdef"}
+    times = common.interleaved_times(steps, torch.device("cpu"), 4)
+    rounds = [ran[i:i + 6] for i in range(0, 24, 6)]
+    assert rounds[0] == list("abcdef") and all(sorted(r) == list("abcdef") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1 and all(len(t) == 4 for t in times.values())
+    ran.clear()
+    common.interleaved_times(steps, torch.device("cpu"), 4)
+    assert [ran[i:i + 6] for i in range(0, 24, 6)] == rounds  # seeded: the same orders every run
+    # a machine twice as slow in rounds 2 and 3: the variant is 1.1x the base in every round
+    fake = {"base": [1.0, 2.0, 2.0, 1.0], "v": [1.1, 2.2, 2.2, 1.1]}
+    assert common.paired_ratio(fake, "v", "base") == pytest.approx(1.1)
+    fake = {"base": [1.0, 1.0, 3.0], "v": [1.2, 1.0, 3.0]}  # ratio of the medians 1.2 / 1.0; paired: median(1.2, 1, 1)
+    assert common.paired_ratio(fake, "v", "base") == pytest.approx(1.0)
