@@ -38,6 +38,14 @@ void check_fp32(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
               t.sizes(), " ", t.scalar_type(), " on ", t.device(), t.is_contiguous() ? "" : " (not contiguous)");
 }
 
+// dst [C, H] = src [C, H] with row c scaled by f[c] (the threads take ranges of rows)
+void scale_rows(const float* src, const float* f, int64_t C, int64_t H, float* dst) {
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t k = 0; k < H; ++k) dst[c * H + k] = src[c * H + k] * f[c];
+  });
+}
+
 }  // namespace
 
 void chunk_step_(at::Tensor& tile, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double alpha,
@@ -77,14 +85,18 @@ void chunk_step_(at::Tensor& tile, const at::Tensor& weight, const c10::optional
   const float a = static_cast<float>(alpha);
   float* lp = logp.data_ptr<float>();
   float* st = stats.data_ptr<float>();
-  at::Tensor shift, f, target_values, scaled;
+  // chunk_gemms_'s operands for this chunk's gradients (none without coefficients: the call then only writes the
+  // next rows' logits)
+  c10::optional<at::Tensor> scaled, shift, rows_targets, bias_scale, target_values, d_w, d_b;
+  at::Tensor f;
   if (grads) {
     shift = stats[0].narrow(0, 0, C);  // stats gets the next rows' only after chunk_gemms_ returns
+    rows_targets = targets.narrow(0, start, C);
     f = at::empty({C}, hidden.options());
     target_values = at::empty({C}, hidden.options());
     const float* c_in = coeff->data_ptr<float>();
     float* fp = f.data_ptr<float>();
-    float* tv = target_values.data_ptr<float>();
+    float* tv = target_values->data_ptr<float>();
     for (int64_t c = 0; c < C; ++c) {
       const float sh = st[c], se = st[ld + c], lse = sh + std::log(se);
       fp[c] = y[start + c] >= 0 ? -(c_in[c] * a) * std::exp(sh - lse) : 0.0f;
@@ -92,34 +104,21 @@ void chunk_step_(at::Tensor& tile, const at::Tensor& weight, const c10::optional
     }
     if (d_weight.has_value()) {
       scaled = at::empty({C, H}, hidden.options());
-      const float* h = hidden.data_ptr<float>() + start * H;
-      float* s = scaled.data_ptr<float>();
-      at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t k = 0; k < H; ++k) s[c * H + k] = h[c * H + k] * fp[c];
-      });
+      scale_rows(hidden.data_ptr<float>() + start * H, fp, C, H, scaled->data_ptr<float>());
+      d_w = d_weight;
+    }
+    if (d_bias.has_value()) {
+      bias_scale = f;
+      d_b = d_bias;
     }
   }
   c10::optional<at::Tensor> next_hidden;
   if (Cn > 0) next_hidden = hidden.narrow(0, next_start, Cn);
   const bool need_p = grads && d_hidden.has_value();
-  auto none = c10::optional<at::Tensor>();
-  std::vector<at::Tensor> out = chunk_gemms_(
-      tile, C, grads && d_weight.has_value() ? c10::optional<at::Tensor>(scaled) : none, weight,
-      grads ? d_weight : none, first, need_p, next_hidden, bias, alpha,
-      grads ? c10::optional<at::Tensor>(shift) : none,
-      grads ? c10::optional<at::Tensor>(targets.narrow(0, start, C)) : none, grads ? d_bias : none,
-      grads && d_bias.has_value() ? c10::optional<at::Tensor>(f) : none,
-      grads ? c10::optional<at::Tensor>(target_values) : none);
-  if (need_p) {  // d_hidden's rows = f * E'^T W
-    const float* p = out[0].data_ptr<float>();
-    const float* fp = f.data_ptr<float>();
-    float* dh = d_hidden->data_ptr<float>() + start * H;
-    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t k = 0; k < H; ++k) dh[c * H + k] = p[c * H + k] * fp[c];
-    });
-  }
+  std::vector<at::Tensor> out = chunk_gemms_(tile, C, scaled, weight, d_w, first, need_p, next_hidden, bias, alpha,
+                                             shift, rows_targets, d_b, bias_scale, target_values);
+  if (need_p)  // d_hidden's rows = f * E'^T W
+    scale_rows(out[0].data_ptr<float>(), f.data_ptr<float>(), C, H, d_hidden->data_ptr<float>() + start * H);
   // the next rows' statistics and log-probs (their target logits read before the next call turns them into E')
   const float* mx = out[1].data_ptr<float>();
   const float* se = out[2].data_ptr<float>();

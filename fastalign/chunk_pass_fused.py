@@ -52,7 +52,7 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
     E''s target values, d_h's rows, the next rows' log-probs) runs in the same call (loss_rows_cpp.chunk_step_):
     Python does the loss's coefficients and one call per chunk."""
     from fastalign.backends.loss_rows_cpp import chunk_step_
-    n = hidden.shape[0]
+    n, v = hidden.shape[0], weight.shape[0]
     hidden = hidden.contiguous()  # [N, H]: small; weight is contiguous (fused_chunks_usable), never copied
     targets = targets.contiguous()
     inv_t = 1.0 / plan.temperature
@@ -60,9 +60,9 @@ def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b
     logp = torch.zeros(n, dtype=torch.float32)
     d_h = torch.empty_like(hidden) if need_h else None
     d_w = torch.empty_like(weight) if need_w else None  # the first chunk writes it, the others add
-    d_b = torch.empty(weight.shape[0], dtype=torch.float32) if need_b else None
+    d_b = torch.empty(v, dtype=torch.float32) if need_b else None
     grads = need_h or need_w or need_b
-    tile_buf = padded_buffer(weight.shape[0], max(e - s for s, e in bounds), torch.float32, hidden.device)
+    tile_buf = padded_buffer(v, max(e - s for s, e in bounds), torch.float32, hidden.device)
     stats = torch.empty(2, tile_buf.shape[1], dtype=torch.float32)  # the tile's rows' column max and sum of exp
     bias_v = None if bias is None else (bias.to(torch.float32) * inv_t).contiguous()  # the GEMM's alpha scales it
     common = (tile_buf, weight, bias_v, inv_t, hidden, targets, logp, stats)
