@@ -19,7 +19,6 @@ PyTorch.
 """
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +28,8 @@ import torch  # noqa: E402
 import fastalign as fa  # noqa: E402
 from bench import peers  # noqa: E402
 from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
-                          interleaved_times, markdown_table, paired_ratio, publish, write_results)
+                          interleaved_times, markdown_table, medians_of, paired_ratio, publish,
+                          write_results)
 from fastalign import chunk_pass_fused  # noqa: E402
 from fastalign.profiling import PeakMemory  # noqa: E402
 from tests.reference import naive_linear_logprobs  # noqa: E402
@@ -239,7 +239,7 @@ def bench_shape(n, h, v, dtype, device, repeats, with_compile, only=None, stream
         steps[floor_name] = lambda: floor_gemms(hidden, weight, backward)
         steps[floor_name]()
         times = interleaved_times(steps, device, repeats)
-        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        medians = medians_of(times)
         floor = medians[floor_name]
         base = medians.get("naive")
         for name, seconds in medians.items():

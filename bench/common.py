@@ -186,9 +186,14 @@ def interleaved_times(steps, device, repeats):
     return times
 
 
+def medians_of(times):
+    """{name: median seconds} of interleaved_times' {name: [seconds of each round]}."""
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def interleaved_medians(steps, device, repeats):
     """{name: median seconds} of interleaved_times."""
-    return {name: statistics.median(ts) for name, ts in interleaved_times(steps, device, repeats).items()}
+    return medians_of(interleaved_times(steps, device, repeats))
 
 
 def paired_ratio(times, name, base):
