@@ -25,7 +25,9 @@
 
 // AMX intrinsics: gcc >= 11, clang >= 12; the tile state's permission: Linux (arch_prctl). Elsewhere the AVX-512 path
 // runs and the functions below are stubs that are never called (supported() is false).
-#if defined(__x86_64__) && defined(__linux__) && \
+#include "arch.h"
+
+#if defined(FASTALIGN_X86_SIMD) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define FASTALIGN_HAVE_AMX 1
 #else

@@ -38,11 +38,15 @@
 // AVX-512 register tiles (in chunk_tiles.h; 24 of the 32 zmm registers accumulate): (a) 8 lines x 48 columns, (b)
 // and (c) 6 lines x 64 columns (one micro-kernel; (b) broadcasts W[v, h..h+5] along a line of W instead of down a
 // column; it took 0.9x the time of (b) with W packed into strips, ad hoc). H must be a multiple of 16 and ld of 16;
-// chunk_gemms_supported() says whether this CPU has AVX-512F and AVX-512BW; where it has not, or a chunk is wider
+// chunk_gemms_supported() says whether this CPU has AVX-512F and AVX-512BW (always false in a build for another
+// architecture than x86-64, see arch.h); where it has not, or a chunk is wider
 // than 128 rows, fastalign/chunk_pass_fused.py's fused_chunks_usable sends the pass to BLAS calls instead.
 #include "fastalign.h"
 
+#include "arch.h"
 #include "chunk_amx.h"
+
+#ifdef FASTALIGN_X86_SIMD
 #include "chunk_tiles.h"
 
 #include <ATen/Parallel.h>
@@ -118,8 +122,6 @@ void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType 
 bool chunk_gemms_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 
 bool chunk_amx_supported() { return chunk_gemms_supported() && fastalign_amx::supported(); }
-
-bool set_chunk_amx(bool enabled) { return fastalign_amx::enabled().exchange(enabled); }
 
 std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first,
@@ -331,3 +333,26 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   }
   return {p, next_max, next_sumexp};
 }
+
+#else  // not x86-64 (arch.h): no AVX-512 micro-kernels; fused_chunks_usable sees that and the pass uses BLAS chunks
+
+bool chunk_gemms_supported() { return false; }
+
+bool chunk_amx_supported() { return false; }
+
+std::vector<at::Tensor> chunk_gemms_(at::Tensor&, int64_t, const c10::optional<at::Tensor>&, const at::Tensor&,
+                                     const c10::optional<at::Tensor>&, bool, bool, const c10::optional<at::Tensor>&,
+                                     const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&,
+                                     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "fastalign._C.chunk_gemms_ needs an x86-64 CPU with AVX-512F and AVX-512BW; this build has no "
+              "x86-64 kernels (chunk_gemms_supported() is false)");
+  return {};
+}
+// a stub whose signature drifted from fastalign.h's would be an overload, and this ambiguous: a compile error here
+// rather than an undefined symbol when the module is imported
+[[maybe_unused]] static const auto kChunkGemmsDeclared = &chunk_gemms_;
+
+#endif
+
+bool set_chunk_amx(bool enabled) { return fastalign_amx::enabled().exchange(enabled); }

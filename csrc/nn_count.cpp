@@ -11,6 +11,8 @@
 // same bits come out of the torch and Triton backends.
 #include "fastalign.h"
 
+#include "arch.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -110,10 +112,12 @@ using MicroTile = void (*)(const float*, int64_t, const float*, int64_t, const f
                    int32_t* best_idx, int32_t first_idx, int64_t best_ld) {                                      \
     micro_tile_body<TILE>(s, d, xt, ld, sq, best, best_idx, first_idx, best_ld);                                  \
   }
+#ifdef FASTALIGN_X86_SIMD
 FASTALIGN_MICRO_TILE(micro_tile_avx512, __attribute__((target("avx512f,avx2,fma"))), Avx512Tile)
 FASTALIGN_MICRO_TILE(micro_tile_avx2, __attribute__((target("avx2,fma"))), Avx2Tile)
 FASTALIGN_MICRO_TILE(micro_tile_fma128, __attribute__((target("avx2,fma"))), SseTile)  // 8 columns, with FMA
-FASTALIGN_MICRO_TILE(micro_tile_sse, , SseTile)
+#endif
+FASTALIGN_MICRO_TILE(micro_tile_sse, , SseTile)  // portable: 16-byte GCC vectors (SSE2 on x86-64, NEON on aarch64)
 #undef FASTALIGN_MICRO_TILE
 
 struct Tile {
@@ -139,13 +143,15 @@ inline const Tile& tile_for(const Kernel& kernel, int64_t left) {
 // __builtin_cpu_supports also checks that the OS saves the wide registers. Widest first.
 std::vector<Kernel> supported_kernels() {
   std::vector<Kernel> out;
+#ifdef FASTALIGN_X86_SIMD
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const Tile avx2_tile{micro_tile_avx2, Avx2Tile::R, 2 * Avx2Tile::W};
   const Tile fma128_tile{micro_tile_fma128, SseTile::R, 2 * SseTile::W};
-  const Tile sse_tile{micro_tile_sse, SseTile::R, 2 * SseTile::W};
   if (avx2 && __builtin_cpu_supports("avx512f"))
     out.push_back({"avx512", {micro_tile_avx512, Avx512Tile::R, 2 * Avx512Tile::W}, avx2_tile, fma128_tile});
   if (avx2) out.push_back({"avx2", avx2_tile, avx2_tile, fma128_tile});
+#endif
+  const Tile sse_tile{micro_tile_sse, SseTile::R, 2 * SseTile::W};
   out.push_back({"baseline", sse_tile, sse_tile, sse_tile});
   return out;
 }

@@ -8,9 +8,10 @@
 #include <cstdint>
 #include <limits>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#include "arch.h"
+
+#ifdef FASTALIGN_X86_SIMD
 #include <immintrin.h>
-#define FASTALIGN_X86_SIMD 1
 #endif
 
 namespace fastalign_rows {

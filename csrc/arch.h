@@ -1,0 +1,11 @@
+// Which instruction sets the build may use. On x86-64 with GCC or clang, the AVX2, AVX-512 and AMX code paths are
+// compiled with function-level target attributes and picked at run time from the CPU's features, so one build runs
+// on every x86-64 CPU. Elsewhere (aarch64, ...) only the portable code is compiled: the SIMD row and column
+// primitives fall back to scalar loops, nn_count keeps its baseline micro-tile, and the thin-chunk kernel says it is
+// unsupported (its callers then use BLAS chunks). FASTALIGN_PORTABLE_ONLY builds that portable variant on x86-64
+// too, which is how tests/test_portable_build.py checks it without an ARM machine.
+#pragma once
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(FASTALIGN_PORTABLE_ONLY)
+#define FASTALIGN_X86_SIMD 1
+#endif

@@ -1,0 +1,90 @@
+"""The C++ extension builds for CPUs other than x86-64 (csrc/arch.h).
+
+Its x86-64 code (AVX2, AVX-512 and AMX, picked at run time) is compiled only where the target is x86-64; elsewhere
+(aarch64: Graviton, Ampere, Apple silicon under Linux) the portable code is, and the thin-chunk kernel says it is
+unsupported, so the fused pass uses BLAS chunks. Before, one x86 header made the whole extension fail to build on
+aarch64 and the cpp backend was missing there. FASTALIGN_PORTABLE_ONLY builds the portable variant on this machine;
+where an aarch64 cross compiler is installed (Debian: g++-aarch64-linux-gnu) every source is compiled for aarch64.
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+
+torch_ext = pytest.importorskip("torch.utils.cpp_extension")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+HOST_CXX = os.environ.get("CXX", "c++")
+CROSS_CXX = "aarch64-linux-gnu-g++"
+# what only an x86-64 compiler accepts: intrinsics, their header and types, CPU feature builtins, target attributes
+X86_ONLY = re.compile(r"immintrin|__builtin_cpu_(supports|init)|target\(\"|\b_mm\d*_|\b__m(128|256|512)|"
+                      r"__get_cpuid|\b_tile_")
+
+
+def compile_args(*extra):
+    includes = [f"-I{p}" for p in torch_ext.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    return ["-std=c++17", "-DTORCH_EXTENSION_NAME=_C", "-w", *includes, *extra]
+
+
+def lines_of_our_sources(preprocessed):
+    """The lines of preprocessor output that come from csrc/ (linemarkers say which file each line is from)."""
+    ours, out = False, []
+    for line in preprocessed.splitlines():
+        if line.startswith("# "):
+            marker = line.split('"')
+            ours = len(marker) > 1 and os.path.dirname(os.path.abspath(marker[1])) == os.path.join(ROOT, "csrc")
+        elif ours:
+            out.append(line)
+    return out
+
+
+def x86_lines(source, *defines):
+    text = subprocess.run([HOST_CXX, "-E", *compile_args(*defines), source], capture_output=True, text=True,
+                          check=True).stdout
+    return [line for line in lines_of_our_sources(text) if X86_ONLY.search(line)]
+
+
+@pytest.fixture(scope="module")
+def host_compiler():
+    if shutil.which(HOST_CXX) is None:
+        pytest.skip(f"no C++ compiler ({HOST_CXX!r})")
+
+
+def test_portable_variant_leaves_out_every_x86_only_line(host_compiler):
+    found = {os.path.basename(s): x86_lines(s, "-DFASTALIGN_PORTABLE_ONLY") for s in SOURCES}
+    assert not any(found.values()), {name: lines[:3] for name, lines in found.items() if lines}
+    # the scan finds them when they are compiled in: the kernels with x86 paths have such lines in the x86 build
+    for name in ("nn_count.cpp", "linear_logprobs_chunk.cpp", "linear_logprobs_rows.cpp"):
+        assert x86_lines(os.path.join(ROOT, "csrc", name)), name
+
+
+def compile_all(cxx, sources, *extra):
+    """Compile each source (syntax and types only), two at a time; returns {source: compiler errors}."""
+    failures, pending = {}, list(sources)
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        procs = [(s, subprocess.Popen([cxx, "-fsyntax-only", *compile_args(*extra), s], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)) for s in batch]
+        for source, proc in procs:
+            output = proc.communicate(timeout=300)[0]
+            if proc.returncode != 0:
+                failures[os.path.basename(source)] = [line for line in output.splitlines() if "error" in line][:5]
+    return failures
+
+
+@pytest.mark.slow
+def test_portable_variant_compiles(host_compiler):
+    # the two files whose x86 code is left out: what remains (the stubs, the baseline micro-tile) must compile
+    guarded = [os.path.join(ROOT, "csrc", name) for name in ("linear_logprobs_chunk.cpp", "nn_count.cpp")]
+    assert compile_all(HOST_CXX, guarded, "-DFASTALIGN_PORTABLE_ONLY") == {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(CROSS_CXX) is None, reason=f"no aarch64 cross compiler ({CROSS_CXX})")
+def test_every_source_compiles_for_aarch64():
+    assert compile_all(CROSS_CXX, SOURCES, "-fopenmp") == {}
