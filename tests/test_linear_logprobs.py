@@ -1,53 +1,17 @@
-"""Every backend of the fused op against the float64 reference: values and gradients."""
+"""Every backend of the fused op against the float64 reference: values and gradients in each dtype, with bias,
+temperature and softcap, and on the inputs that break naive code (ignored rows, frozen operands, extreme logits,
+empty, strided and autocast inputs); also the torch and cpp backends' own chunking, the cpp threading rule, and
+grad_filter_eps. The triton backend's backward strategies are in test_linear_logprobs_triton.py, and what
+backend="auto" keeps on CPU (the kept tile) in test_linear_logprobs_kept_tile.py."""
 import pytest
 import torch
 
 import fastalign as fa
-from tests.backends import cpu_backends
+from tests.linear_logprobs_cases import ATOL, CPU_BACKENDS, assert_close_to_reference, make_case, max_err, run
 from tests.reference import naive_linear_logprobs, reference_linear_logprobs
-
-# "auto" on CPU with gradients is its own path (the kept tile, fastalign/kept_tiles.py): every test runs it too
-CPU_BACKENDS = cpu_backends() + ["auto"]
-ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 # (N, H, V): ragged on purpose; no dimension is a multiple of any block size used by any backend
 SHAPES = [(37, 48, 1003), (5, 17, 131), (1, 32, 50), (130, 40, 257)]
-
-
-def make_case(n, h, v, *, dtype=torch.float32, bias=False, ignore_every=4, seed=0, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, h, generator=gen) * scale).to(dtype)
-    weight = (torch.randn(v, h, generator=gen) / h ** 0.5 * 3).to(dtype)
-    b = (torch.randn(v, generator=gen) * 0.5).to(dtype) if bias else None
-    targets = torch.randint(0, v, (n,), generator=gen)
-    if ignore_every:
-        targets[::ignore_every] = -100
-    grad = torch.randn(n, generator=gen)
-    return hidden, weight, b, targets, grad
-
-
-def run(fn, hidden, weight, bias, targets, grad, **kw):
-    """Value and gradients of sum(grad * fn(...)) with fresh leaves."""
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    b = None if bias is None else bias.detach().clone().requires_grad_()
-    out = fn(h, w, targets, b, **kw)
-    (out.double() * grad.double()).sum().backward()
-    return out.detach(), h.grad, w.grad, None if b is None else b.grad
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_close_to_reference(got, ref, tol, what=("logp", "d_hidden", "d_weight", "d_bias")):
-    for name, g, r in zip(what, got, ref):
-        if r is None:
-            assert g is None, name
-            continue
-        err = max_err(g, r)
-        scale = max(1.0, r.abs().max().item())
-        assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.1e} * {scale:.2f}"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -65,127 +29,6 @@ def test_fp32_matches_reference(backend, shape, variant):
     ignored = targets == -100
     assert torch.all(got[0][ignored] == 0)
     assert torch.all(got[1][ignored] == 0)
-
-
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
-@pytest.mark.parametrize("shape", [(37, 48, 1003), (130, 40, 257)])
-@pytest.mark.parametrize("kw", [{}, {"temperature": 0.8, "softcap": 3.0}])
-def test_triton_deterministic_backward(shape, kw):
-    """The atomics-free backward: same values as the reference, and bitwise equal across runs."""
-    hidden, weight, bias, targets, grad = make_case(*shape, bias=True)
-    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", deterministic=True, **kw)
-    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
-    assert_close_to_reference(got, ref, ATOL[torch.float32])
-    again = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", deterministic=True, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(got, again))
-    # frozen weight: only the d_hidden kernel runs
-    h = hidden.clone().requires_grad_()
-    (fa.linear_logprobs(h, weight, targets, bias, backend="triton", deterministic=True, **kw) * grad).sum().backward()
-    assert max_err(h.grad, ref[1]) < ATOL[torch.float32] * max(1.0, ref[1].abs().max().item())
-
-
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
-@pytest.mark.parametrize("strategy", ["atomic", "vocab-chunked", "two-pass"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_strategies(monkeypatch, strategy, dtype):
-    """Every triton backward strategy against the float64 reference; the vocab-chunked one with a buffer so small
-    that it takes several chunks, the last one ragged."""
-    from fastalign.backends import triton_backend
-    from fastalign.kernels import linear_logprobs_bwd_vocab_chunked as vc
-    monkeypatch.setattr(triton_backend, "BACKWARD", strategy)
-    monkeypatch.setattr(vc, "CHUNK_BYTES", 37 * 96 * 4)  # 96 fp32 columns (3 blocks) per chunk for 37 rows
-    hidden, weight, bias, targets, grad = make_case(37, 48, 1003, dtype=dtype, bias=True)
-    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", softcap=5.0, temperature=0.9)
-    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, softcap=5.0, temperature=0.9)
-    if dtype == torch.float32:
-        assert_close_to_reference(got, ref, ATOL[dtype])
-    else:
-        naive = run(naive_linear_logprobs, hidden, weight, bias, targets, grad, softcap=5.0, temperature=0.9)
-        for name, g, n, r in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, ref):
-            assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype], (name, max_err(g, r), max_err(n, r))
-    if strategy != "atomic":
-        again = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend="triton", softcap=5.0,
-                    temperature=0.9)
-        assert all(torch.equal(a, b) for a, b in zip(got, again))
-
-
-STRIDED_LAYOUTS = {
-    # lm_head stored as [H, V] and used transposed (weight.stride() == (1, V))
-    "transposed_weight": (lambda h, w: (h, w.t().contiguous()), lambda hb, wb: (hb, wb.t())),
-    # weight a view into a larger (e.g. tied embedding) table: row stride H + 8, non-zero storage offset
-    "tied_weight_view": (lambda h, w: (h, torch.nn.functional.pad(w, (8, 0, 3, 0))), lambda hb, wb: (hb, wb[3:, 8:])),
-    # hidden a column slice of a wider buffer: row stride H + 5
-    "strided_hidden": (lambda h, w: (torch.nn.functional.pad(h, (0, 5)), w),
-                       lambda hb, wb: (hb[:, :hb.shape[1] - 5], wb)),
-}
-
-
-class _LaunchSpy:
-    """Stands in for a kernel in its launcher's module: records the (hidden, weight) data pointers of each launch."""
-
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def spy(*args, **kwargs):
-            self.seen.append((args[0].data_ptr(), args[1].data_ptr()))
-            return launch(*args, **kwargs)
-        return spy
-
-
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
-@pytest.mark.parametrize("layout,strategy", [("transposed_weight", "atomic"), ("transposed_weight", "vocab-chunked"),
-                                             ("transposed_weight", "two-pass"), ("tied_weight_view", "atomic"),
-                                             ("strided_hidden", "atomic"), ("strided_hidden", "two-pass")])
-def test_triton_strided_inputs_read_in_place(monkeypatch, layout, strategy):
-    """A transposed or tied weight and a row-strided hidden: values and gradients (through the views, onto
-    their bases) match the float64 reference, and every kernel launch reads the caller's hidden and weight
-    storage itself (no copy)."""
-    from fastalign.backends import triton_backend
-    from fastalign.kernels import linear_logprobs_bwd as bwd, linear_logprobs_bwd_deterministic as det
-    from fastalign.kernels import linear_logprobs_bwd_vocab_chunked as vc, linear_logprobs_fwd as fwd
-    monkeypatch.setattr(triton_backend, "BACKWARD", strategy)
-    monkeypatch.setattr(vc, "CHUNK_BYTES", 37 * 96 * 4)  # several vocabulary chunks
-    seen = []
-    for module, name in ((fwd, "_linear_logprobs_fwd_kernel"), (bwd, "_linear_logprobs_bwd_kernel"),
-                         (det, "_dh_kernel"), (det, "_dw_kernel"), (vc, "_d_chunk_kernel")):
-        monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), seen))
-    # no ignored rows: backward then gets hidden itself (it gathers the active rows when some are ignored)
-    hidden, weight, bias, targets, grad = make_case(37, 48, 203, bias=True, ignore_every=0)
-    make_bases, views = STRIDED_LAYOUTS[layout]
-    h_base, w_base = make_bases(hidden, weight)
-    h_view, w_view = views(h_base, w_base)
-    assert torch.equal(h_view, hidden) and torch.equal(w_view, weight)
-    assert not (h_view.is_contiguous() and w_view.is_contiguous())
-
-    def run_views(fn, **kw):
-        hb, wb = h_base.clone().requires_grad_(), w_base.clone().requires_grad_()
-        b = bias.clone().requires_grad_()
-        h, w = views(hb, wb)
-        if fn is fa.linear_logprobs:
-            seen.clear()
-            views_ptrs = (h.data_ptr(), w.data_ptr())
-        out = fn(h, w, targets, b, temperature=0.9, softcap=5.0, **kw)
-        (out.double() * grad.double()).sum().backward()
-        if fn is fa.linear_logprobs:
-            assert len(seen) >= 2 and all(ptrs == views_ptrs for ptrs in seen), (views_ptrs, seen)
-        return out.detach(), hb.grad, wb.grad, b.grad
-
-    got = run_views(fa.linear_logprobs, backend="triton")
-    ref = run_views(reference_linear_logprobs)
-    assert_close_to_reference(got, ref, ATOL[torch.float32])
-
-
-def test_unknown_triton_strategy_is_a_clear_error(monkeypatch):
-    if "triton" not in CPU_BACKENDS:
-        pytest.skip("triton unavailable")
-    from fastalign.backends import triton_backend
-    monkeypatch.setattr(triton_backend, "BACKWARD", "magic")
-    hidden, weight, _, targets, grad = make_case(5, 16, 40)
-    with pytest.raises(ValueError, match="unknown triton backward strategy 'magic'.*valid: atomic, vocab-chunked"):
-        run(fa.linear_logprobs, hidden, weight, None, targets, grad, backend="triton")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -340,46 +183,6 @@ def test_torch_backend_chunks_over_rows(monkeypatch):
     assert_close_to_reference(got, ref, ATOL[torch.float32])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_triton_matches_reference(dtype):
-    hidden, weight, bias, targets, grad = make_case(1000, 256, 32003, dtype=dtype, bias=True)
-    cuda = [x.cuda() if x is not None else None for x in (hidden, weight, bias, targets, grad)]
-    got = run(fa.linear_logprobs, *cuda, backend="triton", softcap=30.0)
-    naive = run(naive_linear_logprobs, *cuda, softcap=30.0)
-    ref = run(reference_linear_logprobs, *cuda, softcap=30.0)
-    for g, n, r in zip(got, naive, ref):
-        assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["atomic", "vocab-chunked", "two-pass"])
-def test_gpu_backward_strategies_and_reproducibility(monkeypatch, strategy):
-    from fastalign.backends import triton_backend
-    from fastalign.kernels import linear_logprobs_bwd_vocab_chunked as vc
-    monkeypatch.setattr(triton_backend, "BACKWARD", strategy)
-    monkeypatch.setattr(vc, "CHUNK_BYTES", 4099 * 8192 * 2)  # several chunks, the last one ragged
-    hidden, weight, bias, targets, grad = make_case(4099, 512, 50257, dtype=torch.bfloat16, bias=True)
-    cuda = [x.cuda() if x is not None else None for x in (hidden, weight, bias, targets, grad)]
-    got = run(fa.linear_logprobs, *cuda, backend="triton")  # the first call autotunes: must be exact too
-    naive = run(naive_linear_logprobs, *cuda)
-    ref = run(reference_linear_logprobs, *cuda)
-    for g, n, r in zip(got, naive, ref):
-        assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[torch.bfloat16]
-    if strategy != "atomic":
-        again = run(fa.linear_logprobs, *cuda, backend="triton")
-        assert all(torch.equal(a, b) for a, b in zip(got, again))
-
-
-@pytest.mark.gpu
-def test_gpu_large_token_count_grid():
-    """More than 65535 row blocks x vocab blocks must not hit CUDA's grid y/z limits."""
-    hidden, weight, _, targets, _ = make_case(70000, 64, 1000, dtype=torch.bfloat16)
-    out = fa.linear_logprobs(hidden.cuda(), weight.cuda(), targets.cuda(), backend="triton")
-    ref = reference_linear_logprobs(hidden.cuda(), weight.cuda(), targets.cuda())
-    assert max_err(out, ref) < 5e-2
-
-
 def test_autocast_casts_inputs_like_linear():
     hidden, weight, bias, targets, grad = make_case(13, 16, 60, bias=True)
     h = hidden.clone().requires_grad_()
@@ -517,115 +320,6 @@ def test_grad_filter_eps_rejects_bad_values():
             fa.linear_logprobs(hidden, weight, targets, grad_filter_eps=bad)
 
 
-def _count_calls(monkeypatch, module, name):
-    calls = []
-    original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
-    return calls
-
-
-def test_auto_keeps_the_tile_on_cpu_with_gradients_only(monkeypatch):
-    """auto + gradients on CPU: the kept tile (3 GEMMs), never the recompute backward; forward-only, grad_filter_eps
-    and an explicit backend take the general path."""
-    from fastalign import kept_tiles
-    from fastalign.backends import get_backend
-    name = "cpp" if "cpp" in fa.available_backends() else "torch"
-    kept = _count_calls(monkeypatch, kept_tiles.KeptTileFunction, "apply")
-    recompute = _count_calls(monkeypatch, get_backend(name), "backward")
-    hidden, weight, bias, targets, grad = make_case(21, 16, 90, bias=True)
-    run(fa.linear_logprobs, hidden, weight, bias, targets, grad)
-    assert (len(kept), len(recompute)) == (1, 0)
-    run(fa.linear_logprobs, hidden, weight, bias, targets, grad, backend=name)
-    run(fa.linear_logprobs, hidden, weight, bias, targets, grad, grad_filter_eps=1e-6)
-    with torch.no_grad():
-        fa.linear_logprobs(hidden, weight, targets, bias)
-    assert (len(kept), len(recompute)) == (1, 2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "softcap": 3.0}])
-def test_kept_tile_second_backward_and_chunked_softcap(monkeypatch, dtype, kw):
-    """retain_graph: a second backward gives the same gradients (backward never writes to the kept tile), also
-    when the softcap's d logits are formed over several chunks of a copy."""
-    from fastalign import chunk_pass
-    monkeypatch.setattr(chunk_pass, "CHUNK_ELEMENTS", 8 * 257)  # 8 rows per chunk
-    monkeypatch.setattr(chunk_pass, "MIN_CHUNK_ROWS", 1)
-    hidden, weight, bias, targets, grad = make_case(45, 24, 257, dtype=dtype, bias=True)
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    b = bias.clone().requires_grad_()
-    out = fa.linear_logprobs(h, w, targets, b, **kw)
-    (out * grad).sum().backward(retain_graph=True)
-    first = [t.grad.clone() for t in (h, w, b)]
-    for t in (h, w, b):
-        t.grad = None
-    (out * grad).sum().backward()
-    assert all(torch.equal(a, t.grad) for a, t in zip(first, (h, w, b)))
-    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
-    naive = run(naive_linear_logprobs, hidden, weight, bias, targets, grad, **kw)
-    got = (out.detach(), *first)
-    for name, g, n, r in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, ref):
-        assert max_err(g, r) <= 2 * max_err(n, r) + ATOL[dtype], (name, max_err(g, r), max_err(n, r))
-
-
-def test_kept_tile_ignored_row_with_inf_hidden():
-    """An ignored row's hidden state never reaches the kept tile: inf there leaves every gradient finite."""
-    hidden, weight, bias, targets, grad = make_case(12, 16, 50, bias=True, ignore_every=3)
-    hidden[0] = float("inf")  # row 0 is ignored (ignore_every=3)
-    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad)
-    assert got[0][0] == 0 and all(torch.isfinite(g).all() for g in got[1:3])
-    keep = targets != -100
-    ref = run(reference_linear_logprobs, hidden[keep], weight, bias, targets[keep], grad[keep])
-    assert_close_to_reference((got[0][keep], got[1][keep], got[2], got[3]), ref, ATOL[torch.float32])
-
-
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_uninitialized_tile_padding_cannot_poison_bf16_gradients(monkeypatch, softcap):
-    """Tile lines are padded to 16 elements, and a bf16 GEMM reads the padding (and multiplies it by 0): every
-    buffer torch.empty makes is NaN here, and the kept tile's and the chunk pass's gradients must stay finite."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kw):
-        t = real_empty(*args, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    hidden, weight, bias, targets, grad = make_case(45, 24, 257, dtype=torch.bfloat16, bias=True, ignore_every=0)
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    for fn in (lambda h, w, t, b: fa.linear_logprobs(h, w, t, b, softcap=softcap),
-               lambda h, w, t, b: -fa.fused_linear_nll_loss(h, w, t, b, softcap=softcap, reduction="sum",
-                                                            backend="auto").expand(1)):
-        got = run(fn, hidden, weight, bias, targets, torch.ones(()))
-        assert all(torch.isfinite(g).all() for g in got), [bool(torch.isfinite(g).all()) for g in got]
-
-
-def test_kept_tile_bf16_softcap_accumulates_d_weight_like_naive(monkeypatch):
-    """bf16 + softcap over 64 chunks of d logits: d_weight is one GEMM over all rows (fp32 inside BLAS), so its
-    error stays that of naive bf16 PyTorch's; adding bf16 chunk products had 8x that error."""
-    from fastalign import chunk_pass
-    monkeypatch.setattr(chunk_pass, "CHUNK_ELEMENTS", 8 * 257)  # 8 rows per chunk
-    monkeypatch.setattr(chunk_pass, "MIN_CHUNK_ROWS", 1)
-    hidden, weight, bias, targets, grad = make_case(512, 24, 257, dtype=torch.bfloat16, bias=True, ignore_every=0)
-    grad = grad.abs() + 0.5  # one sign: d_weight's sum over rows, and the rounding of partial sums, grow
-    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad, softcap=3.0)
-    naive = run(naive_linear_logprobs, hidden, weight, bias, targets, grad, softcap=3.0)
-    ref = run(reference_linear_logprobs, hidden, weight, bias, targets, grad, softcap=3.0)
-    assert max_err(got[2], ref[2]) <= 1.5 * max_err(naive[2], ref[2]), (max_err(got[2], ref[2]),
-                                                                          max_err(naive[2], ref[2]))
-
-
-def test_torch_compile_traces_the_kept_tile_and_the_loss_path():
-    """torch.compile (aot_eager: the tracing, without inductor's build time) of auto's CPU path and of the
-    gradient-in-forward loss: same values and gradients as eager. The in-place row pass must be a custom op that
-    compile accepts (it refused one that mutates its input and returns a list)."""
-    hidden, weight, bias, targets, grad = make_case(24, 16, 50, bias=True)
-    for fn, g in ((lambda h, w, t, b: fa.linear_logprobs(h, w, t, b), grad),
-                  (lambda h, w, t, b: fa.fused_linear_nll_loss(h, w, t, b), torch.ones(()))):
-        eager = run(fn, hidden, weight, bias, targets, g)
-        compiled = run(torch.compile(fn, backend="aot_eager"), hidden, weight, bias, targets, g)
-        for a, b in zip(eager, compiled):
-            torch.testing.assert_close(a, b)
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_labelled_inf_row_with_zero_upstream_gradient_leaves_gradients_finite(backend):
     """A labelled row whose hidden state is inf, multiplied away by a zero upstream gradient: the other rows'
@@ -639,21 +333,6 @@ def test_labelled_inf_row_with_zero_upstream_gradient_leaves_gradients_finite(ba
     ref = run(reference_linear_logprobs, hidden[keep], weight, bias, targets[keep], grad[keep])
     assert_close_to_reference((got[0][keep], got[1][keep], got[2], got[3]), ref, ATOL[torch.float32])
     assert torch.all(got[1][3] == 0)
-
-
-def test_auto_recomputes_above_the_kept_tile_budget(monkeypatch):
-    """A tile over kept_tiles.MAX_TILE_BYTES is not kept: auto takes the recompute path (O(chunk) memory)."""
-    from fastalign import kept_tiles
-    hidden, weight, bias, targets, grad = make_case(40, 16, 300, bias=True)
-    kept = _count_calls(monkeypatch, kept_tiles.KeptTileFunction, "apply")
-    monkeypatch.setattr(kept_tiles, "MAX_TILE_BYTES", 300 * 32 * 4 - 1)  # 30 labelled rows padded to 32, fp32
-    got = run(fa.linear_logprobs, hidden, weight, bias, targets, grad)
-    assert not kept
-    monkeypatch.setattr(kept_tiles, "MAX_TILE_BYTES", 300 * 32 * 4)
-    assert_close_to_reference(got, run(reference_linear_logprobs, hidden, weight, bias, targets, grad),
-                              ATOL[torch.float32])
-    run(fa.linear_logprobs, hidden, weight, bias, targets, grad)
-    assert len(kept) == 1
 
 
 @pytest.mark.parametrize("kw", [{}, {"temperature": 0.7}])

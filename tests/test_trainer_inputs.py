@@ -1,0 +1,121 @@
+"""What the trainers accept and refuse as input: config values (a bad one is a ConfigError naming it, an unknown
+option lists the valid ones), dataset rows (malformed rows reported with their indices, too few rows, SFT
+messages, chat-template conversations, a Hugging Face dataset, truncation that keeps the answer), and
+`fastalign train` with a YAML config and bad flags."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastalign.config import ConfigError, DPOConfig, SFTConfig
+from fastalign.data import DataError, default_model_and_tokenizer
+from fastalign.trainer import DPOTrainer, SFTTrainer
+from tests.trainer_cases import ROWS, cfg, dpo
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be an integer >= 1, got 0"),
+    ({"beta": 0}, "beta must be > 0"),
+    ({"beta": -0.1}, "beta must be > 0"),
+    ({"loss_type": "kto"}, "unknown loss_type 'kto'; valid: sigmoid, robust, hinge, ipo, simpo, orpo"),
+    ({"learning_rate": 0}, "learning_rate must be > 0"),
+    ({"max_prompt_length": 200}, r"max_prompt_length \(200\) must be < max_length \(96\)"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1"),
+    ({"lr_scheduler_type": "exp"}, "unknown lr_scheduler_type 'exp'"),
+    ({"report_to": "neptune"}, "unknown report_to"),
+    ({"label_smoothing": 0.1, "loss_type": "hinge"}, "label_smoothing has no meaning"),
+    ({"max_steps": 0}, "max_steps must be a positive number"),
+    ({"loss_chunk_rows": 0}, "loss_chunk_rows must be an integer >= 1, got 0"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(**kw)
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown option.*betta.*valid:.*beta"):
+        DPOConfig.from_dict({"betta": 0.1})
+
+
+def test_malformed_rows_reported_with_indices(tmp_path):
+    rows = [dict(r) for r in ROWS[:6]]
+    del rows[1]["chosen"]
+    rows[3]["rejected"] = "   "
+    rows[4]["rejected"] = rows[4]["chosen"]
+    rows[5]["weight"] = -1
+    with pytest.raises(DataError) as err:
+        dpo(tmp_path, rows=rows)
+    msg = str(err.value)
+    for expected in ("row 1: field 'chosen': missing", "row 3: field 'rejected': empty answer",
+                     "row 4: field 'rejected': identical to 'chosen'",
+                     "row 5: field 'weight': expected a finite number >= 0, got -1",
+                     "train_dataset: 4 malformed row(s)"):
+        assert expected in msg
+
+
+def test_sft_on_messages_masks_everything_but_the_last_assistant_turn(tmp_path):
+    m, tok = default_model_and_tokenizer(seed=0)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["chosen"].strip()}]} for r in ROWS[:8]]
+    t = SFTTrainer(m, tokenizer=tok, train_dataset=rows,
+                   config=cfg(SFTConfig, tmp_path, max_steps=2, max_length=192, max_prompt_length=128))
+    e = t.train_examples[0]
+    answer = [x for x in e["labels"] if x != -100]
+    assert tok.decode(answer[:-1]).strip() == rows[0]["messages"][-1]["content"] and answer[-1] == tok.eos_token_id
+    assert len(t.train()) == 2
+    with pytest.raises(DataError, match="row 0: field 'messages': has no assistant message"):
+        SFTTrainer(m, tokenizer=tok, train_dataset=[{"messages": [{"role": "user", "content": "hi"}]}] * 8,
+                   config=cfg(SFTConfig, tmp_path))
+
+
+def test_hugging_face_datasets_input(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    t = dpo(tmp_path, rows=ds, max_steps=2)
+    assert len(t.train_examples) == len(ROWS) and len(t.train()) == 2
+
+
+def test_too_little_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        dpo(tmp_path, rows=ROWS[:2])
+
+
+def test_conversational_rows_use_the_chat_template(tmp_path):
+    m, tok = default_model_and_tokenizer(seed=0)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS[:8]]
+    t = DPOTrainer(m, tokenizer=tok, train_dataset=rows,
+                   config=cfg(tmp=tmp_path, max_steps=1, max_length=192, max_prompt_length=128))
+    e = t.train_examples[0]
+    prompt_len = sum(1 for x in e["chosen_labels"] if x == -100)
+    text = tok.decode(e["chosen_ids"][:prompt_len])
+    assert text.startswith("<user>Would you say") and text.endswith("<assistant>")
+    assert t.train()[0]["loss"] > 0
+
+
+def test_truncation_keeps_the_answer(tmp_path):
+    rows = [dict(r, prompt="x" * 500 + r["prompt"]) for r in ROWS[:8]]
+    t = dpo(tmp_path, rows=rows, max_steps=1)
+    for e in t.train_examples:
+        assert len(e["chosen_ids"]) <= 96
+        answer = [x for x in e["chosen_labels"] if x != -100]
+        assert len(answer) == len(t.tokenizer(rows[e["index"]]["chosen"], add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_cli_train_with_yaml_config(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("max_steps: 2\nlogging_steps: 1\nper_device_train_batch_size: 4\ndisable_tqdm: true\n")
+    out = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "dpo", "--config", str(conf),
+                          "--output-dir", str(tmp_path / "run"), "--beta", "0.3"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert os.path.isdir(tmp_path / "run" / "final") and "| eval metric | value |" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "dpo", "--beta", "0",
+                          "--output-dir", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "beta must be > 0" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "sft", "--model", "org/some-hub-model"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "never downloads" in missing.stderr
