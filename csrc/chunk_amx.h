@@ -14,7 +14,8 @@
 // did for (a) (its A operand, a block's E' lines, is small; its B operand, the chunk's scaled hidden rows, is split
 // once per chunk). For (b) and (c), which read W, splitting W's block every chunk (even by truncation, shared by
 // both) and the tiles' traffic through L2 made them slower than AVX-512 (ad hoc, N=2048 H=1024 64 rows: 1.26x the
-// floor against 1.15x with AMX for (a) alone), so they stay on AVX-512.
+// floor against 1.15x with AMX for (a) alone), so they stay on AVX-512. (b) alone on AMX, W_b packed into a VNNI panel
+// per block, was slower too: middle chunks 61.6 against 47.3 ms (ad hoc, 2026-12-07; see the README's CPU goal).
 //
 // Layouts (bf16 as uint16_t), per part s:
 //   A panel (split_rows): per 16-row tile rt and 32-deep K step kt one contiguous 1 KB tile [16][32] at
