@@ -98,7 +98,10 @@ def test_plain_text_bos_is_what_the_tokenizer_adds_and_eos_is_not_doubled():
     ex = tokenize_preference_rows(rows, tok, 64, 32)[0]
     assert ex["chosen_ids"] == [tok.bos_token_id] + _bytes(tok, "Q: yes") + [tok.eos_token_id]
     assert ex["rejected_ids"] == [tok.bos_token_id] + _bytes(tok, "Q: no") + [tok.eos_token_id]
-    tok.add_bos_token = False  # a GPT-2/Qwen-style tokenizer: no BOS is invented
+    # a GPT-2/Qwen-style tokenizer: no BOS is invented. Set on the tokenizers backend: transformers 4.x's generic
+    # fast tokenizer ignores an add_bos_token attribute (5.x rebuilds its post-processor from it)
+    from tokenizers import processors
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
     assert tok("Q:")["input_ids"] == _bytes(tok, "Q:")
     ex = tokenize_preference_rows(rows, tok, 64, 32)[0]
     assert ex["chosen_ids"] == _bytes(tok, "Q: yes") + [tok.eos_token_id]
@@ -162,3 +165,17 @@ def test_pairs_without_signal_after_truncation_are_dropped_and_counted():
                                         r"max_length, leaving no answer token\)"):
         with pytest.warns(UserWarning, match="dropped 1 of 1"):
             prepare_examples([ROW], "preference", byte_tokenizer(), long)
+
+
+def test_byte_tokenizer_adds_bos_through_its_post_processor_and_returns_no_token_type_ids(tmp_path):
+    # found under transformers 4.40: its generic fast tokenizer ignored add_bos_token=True, so no row had <s>
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    tok = byte_tokenizer()
+    assert tok.backend_tokenizer.encode("ab").ids == [tok.bos_token_id, *_bytes(tok, "ab")]
+    assert tok("ab") == {"input_ids": [tok.bos_token_id, *_bytes(tok, "ab")], "attention_mask": [1, 1, 1]}
+    tok.save_pretrained(tmp_path)
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode("ab").ids[0] == tok.bos_token_id
+    assert AutoTokenizer.from_pretrained(tmp_path)("ab")["input_ids"] == tok("ab")["input_ids"]
+    text = "a , b . c 's"  # bytes decode to exactly the text: no clean-up of spaces (4.x's default)
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text

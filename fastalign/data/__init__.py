@@ -28,16 +28,23 @@ def byte_tokenizer():
     """An offline byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>) as a Hugging Face fast tokenizer,
     so it saves with save_pretrained and loads back with AutoTokenizer. Like Llama's, it puts <s> (BOS)
     before text when asked for special tokens (``tok(text)``), and nothing with add_special_tokens=False."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   add_bos_token=True)
-    return fast
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])  # ids 256, 257, 258
+    # BOS through the tokenizer's own post-processor, as Llama's tokenizer.json has it: transformers 4.x's generic
+    # fast tokenizer ignores add_bos_token (4.40 then tokenized every row without <s>); 5.x honours either
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
+                                                       special_tokens=[("<s>", bos)])
+    # model_input_names: no token_type_ids (4.x's generic fast tokenizer returns them; Llama's forward takes none).
+    # No clean-up of spaces in decode: bytes decode to exactly the text (4.x cleaned up by default)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=False)
 
 
 def tiny_llama_config(vocab_size, **overrides):
