@@ -62,7 +62,7 @@ def ngram_embeddings(texts, dim=NGRAM_DIM):
 @torch.no_grad()
 def model_embeddings(model, seqs, pad_id, batch_size=16, device=None, progress=None):
     """Mean final hidden state over each answer's tokens [A, H] (float32), one no-grad pass in batches."""
-    from fastalign.integrations.hf import _unwrap, trunk_of
+    from fastalign.integrations.hf import _unwrap, run_trunk, trunk_of
     inner = _unwrap(model)
     trunk = trunk_of(inner)
     device = device or next(inner.parameters()).device
@@ -78,7 +78,7 @@ def model_embeddings(model, seqs, pad_id, batch_size=16, device=None, progress=N
             mask = torch.tensor([[1] * len(s) + [0] * (t - len(s)) for s, _ in chunk], device=device)
             answer = torch.tensor([[float(lab != IGNORE_INDEX) for lab in labs] + [0.0] * (t - len(labs))
                                    for _, labs in chunk], device=device)
-            hidden = trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
+            hidden = run_trunk(trunk, input_ids=ids, attention_mask=mask).last_hidden_state.float()
             out.append(((hidden * answer[..., None]).sum(1) / answer.sum(1, keepdim=True).clamp_min(1)).cpu())
     finally:
         inner.train(was_training)

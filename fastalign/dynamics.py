@@ -180,7 +180,7 @@ def answer_features(model, tokenizer, rows, *, layer=-1, pooling="mean", batch_s
     from tqdm.auto import tqdm
 
     from fastalign.data import collate_preference, tokenize_preference_rows
-    from fastalign.integrations.hf import trunk_and_head
+    from fastalign.integrations.hf import run_trunk, trunk_and_head
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
     if tokenizer.pad_token_id is None:
@@ -199,8 +199,8 @@ def answer_features(model, tokenizer, rows, *, layer=-1, pooling="mean", batch_s
         for i in tqdm(range(0, len(examples), batch_size), desc="distinguishability", disable=not progress,
                       leave=False, dynamic_ncols=True):
             batch = collate_preference(examples[i:i + batch_size], tokenizer.pad_token_id).to(device)
-            out = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                        output_hidden_states=layer != -1)
+            out = run_trunk(trunk, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            output_hidden_states=layer != -1)
             hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
             pooled = pool_answer_states(hidden.float(), batch.labels, pooling).double().cpu().numpy()
             b = batch.n_sequences // 2

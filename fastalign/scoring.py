@@ -14,7 +14,7 @@ import torch
 from fastalign.data import collate_sequences, tokenize_pair
 from fastalign.generation import (_NO_LIMIT, _check_positive, _check_prompts, _model_device, _progress, chat_prompt,
                                   sample, write_jsonl)
-from fastalign.integrations.hf import _unwrap, head_inputs, trunk_of
+from fastalign.integrations.hf import _unwrap, head_inputs, run_trunk, trunk_of
 
 def _pairs(tokenizer, prompts, answers, max_length, max_prompt_length):
     prompts = _check_prompts(prompts)
@@ -149,8 +149,8 @@ def reward_scores(reward_model, tokenizer, prompts, answers, *, batch_size=64, m
         batches = _length_batches(pairs, batch_size)
         for idx in _progress(batches, len(batches), "reward", show_progress):
             b = collate_sequences([pairs[k][0] for k in idx], [pairs[k][1] for k in idx], pad).to(device)
-            hidden = trunk_of(inner)(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                     use_cache=False).last_hidden_state
+            hidden = run_trunk(trunk_of(inner), input_ids=b.input_ids,
+                               attention_mask=b.attention_mask).last_hidden_state
             out[idx] = inner.score(last_token_hidden(hidden, b.attention_mask)).squeeze(-1).float().cpu()
     finally:
         inner.train(was_training)

@@ -73,3 +73,24 @@ def test_plain_training_loop_with_fused_dpo_learns():
         opt.step()
         margins.append(out.reward_margins.mean().item())
     assert margins[-1] > margins[0] + 0.5
+
+
+def test_run_trunk_passes_use_cache_only_where_the_forward_takes_it():
+    from fastalign.integrations.hf import run_trunk
+
+    class Named(torch.nn.Module):  # most trunks: use_cache=False, no key/value cache built
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            return use_cache
+
+    class Without(torch.nn.Module):  # XLM's trunk in transformers 4.x: no use_cache argument at all
+        def forward(self, input_ids, attention_mask=None):
+            return "called"
+
+    class Wrapped(torch.nn.Module):  # a wrapper that forwards everything (FSDP, compiled modules)
+        def forward(self, *args, **kwargs):
+            return kwargs.get("use_cache", "absent")
+
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    assert run_trunk(Named(), input_ids=ids) is False
+    assert run_trunk(Without(), input_ids=ids, attention_mask=ids) == "called"
+    assert run_trunk(Wrapped(), input_ids=ids) is False

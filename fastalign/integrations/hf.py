@@ -11,6 +11,7 @@ model is mapped onto that form here:
 What cannot be expressed (an adaptive softmax) is refused with ``UnsupportedModelError``. The probe in
 ``fastalign.integrations.probe`` checks the result against the model's own logits before training.
 """
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,6 +109,23 @@ def lm_head_config(model):
             softcap = cap
             break
     return 1.0 / multiplier, softcap
+
+
+def _forward_takes(module, name):
+    """Whether module's forward accepts the keyword ``name`` (named, or through **kwargs)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def run_trunk(trunk, **inputs):
+    """trunk(**inputs) with use_cache=False where the trunk's forward takes it: a training or scoring forward builds
+    no key/value cache. Some trunks have no such argument (XLM's in transformers 4.x), and they are called without."""
+    if _forward_takes(trunk, "use_cache"):
+        inputs["use_cache"] = False
+    return trunk(**inputs)
 
 
 def trunk_of(model):
@@ -247,7 +265,7 @@ def head_inputs(model, input_ids, attention_mask=None, labels=None, *, shift=Tru
     Extra keyword arguments (position_ids, ...) go to the trunk.
     """
     trunk, head = trunk_and_head(model)
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    out = run_trunk(trunk, input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if shift:
         hidden = hidden[:, :-1]

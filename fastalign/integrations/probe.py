@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.errors import ModelCheckError, UnsupportedModelError
-from fastalign.integrations.hf import _unwrap, lm_head_config, trunk_and_head
+from fastalign.integrations.hf import _unwrap, lm_head_config, run_trunk, trunk_and_head
 
 # Per compute dtype: absolute tolerance plus a multiple of the dtype's epsilon times the row's largest |logit|
 # (the model's own logits are rounded to its dtype; the fused op accumulates in fp32).
@@ -69,7 +69,7 @@ def check_fused_head(model, *, backend="auto", rows=2, length=8, seed=0):
         with torch.no_grad():
             logits = _model_logits(inner, ids, mask)[:, :-1].double()
             try:
-                out = trunk(input_ids=ids, attention_mask=mask, use_cache=False)
+                out = run_trunk(trunk, input_ids=ids, attention_mask=mask)
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             except Exception as exc:
                 raise UnsupportedModelError(f"{name}: the fused path could not run the model's trunk "

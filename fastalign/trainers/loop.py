@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from fastalign.config import ConfigError
 from fastalign.data import check_enough_rows, collate_preference, collate_sft, prepare_examples
-from fastalign.integrations.hf import _unwrap, trunk_and_head
+from fastalign.integrations.hf import _unwrap, run_trunk, trunk_and_head
 from fastalign.integrations.probe import check_trainer_model
 from fastalign.trainers.models import StepModule as _StepModule
 from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
@@ -172,8 +172,7 @@ class BaseTrainer(CheckpointMixin):
     @staticmethod
     def _trunk_hidden(trunk, batch):
         kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
-        return trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                     **kw).last_hidden_state
+        return run_trunk(trunk, input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kw).last_hidden_state
 
     def _hidden(self, model, batch):
         trunk, head = trunk_and_head(model)
