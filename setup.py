@@ -49,7 +49,8 @@ def extension_modules():
         sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),  # every kernel file plus bindings.cpp
         # the same flags as fastalign/_ext.py CXX_FLAGS / LD_FLAGS. Without -fopenmp ATen's header-only
         # at::parallel_for compiles to a serial loop in an extension; linked, libgomp.so.1 is the one torch loaded.
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"] + OPENMP_FLAGS},
+        # no -std: torch adds the standard its headers need (C++20 for recent torch, C++17 for older)
+        extra_compile_args={"cxx": ["-O3"] + OPENMP_FLAGS},
         extra_link_args=OPENMP_FLAGS,
     )
 

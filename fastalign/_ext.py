@@ -24,7 +24,9 @@ import threading
 # LD_FLAGS: without -fopenmp ATen's header-only at::parallel_for compiles to a serial loop in an extension (GCC on
 # Linux; the libgomp.so.1 it links is the one torch has already loaded).
 LD_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
-CXX_FLAGS = ["-O3", "-std=c++17"] + LD_FLAGS
+# No -std: torch's extension tools add the standard its headers are written for (C++20 with torch 2.13; older
+# releases add C++17). The sources compile as either: tests/test_portable_build.py compiles them both ways.
+CXX_FLAGS = ["-O3"] + LD_FLAGS
 JIT_MODULE_NAME = "fastalign_C"
 _NAMES = ("C", "ERROR", "SOURCE", "PATH")
 _LOCK = threading.Lock()
