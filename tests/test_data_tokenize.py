@@ -179,3 +179,5 @@ def test_byte_tokenizer_adds_bos_through_its_post_processor_and_returns_no_token
     assert AutoTokenizer.from_pretrained(tmp_path)("ab")["input_ids"] == tok("ab")["input_ids"]
     text = "a , b . c 's"  # bytes decode to exactly the text: no clean-up of spaces (4.x's default)
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    tok.add_eos_token = True  # 5.x rebuilds the post-processor from the add_*_token flags: the BOS must stay
+    assert tok("ab")["input_ids"][0] == tok.bos_token_id

@@ -37,14 +37,17 @@ def byte_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<s>", "</s>", "<pad>"])  # ids 256, 257, 258
     # BOS through the tokenizer's own post-processor, as Llama's tokenizer.json has it: transformers 4.x's generic
-    # fast tokenizer ignores add_bos_token (4.40 then tokenized every row without <s>); 5.x honours either
+    # fast tokenizer ignores add_bos_token (4.40 then tokenized every row without <s>)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
                                                        special_tokens=[("<s>", bos)])
     # model_input_names: no token_type_ids (4.x's generic fast tokenizer returns them; Llama's forward takes none).
     # No clean-up of spaces in decode: bytes decode to exactly the text (4.x cleaned up by default)
+    # add_bos_token=True as well: 5.x rebuilds the post-processor from add_bos_token / add_eos_token whenever either
+    # is set (e.g. add_eos_token for SFT), and without it would drop the BOS then
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=False)
+                                   add_bos_token=True, model_input_names=["input_ids", "attention_mask"],
+                                   clean_up_tokenization_spaces=False)
 
 
 def tiny_llama_config(vocab_size, **overrides):
