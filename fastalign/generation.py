@@ -11,6 +11,7 @@ import os
 import torch
 
 from fastalign.data import is_messages as _is_messages
+from fastalign.data import leading_special_ids as _leading_special_ids
 from fastalign.data import render as _render
 from fastalign.integrations.hf import _unwrap
 
@@ -43,11 +44,12 @@ def chat_prompt(tokenizer, prompt):
 
 
 def prompt_ids(tokenizer, prompt, max_prompt_length=_NO_LIMIT):
-    """Token ids of a prompt exactly as ``fastalign.data.tokenize_pair`` writes them (BOS unless templated;
-    the last max_prompt_length tokens)."""
+    """Token ids of a prompt exactly as ``fastalign.data.tokenize_pair`` writes them (unless templated, what the
+    tokenizer itself puts before text: BOS for Llama's, nothing for GPT-2's even though it has a bos_token; the last
+    max_prompt_length tokens)."""
     p_text, _, templated = _render(tokenizer, chat_prompt(tokenizer, prompt), " ")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not templated else []
-    ids = bos + tokenizer(p_text, add_special_tokens=False)["input_ids"]
+    lead = [] if templated else _leading_special_ids(tokenizer)
+    ids = lead + tokenizer(p_text, add_special_tokens=False)["input_ids"]
     return ids[-max_prompt_length:]
 
 

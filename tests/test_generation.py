@@ -194,3 +194,18 @@ def test_chat_template_used_for_sampling_and_scoring(lm):
         return sum(float(logp[len(want) - 1 + k, t]) for k, t in enumerate(answer_ids))
     got = fa.log_ratio_score(model_a, model_b, tok, ["hi"], ["yo"])
     assert float(got[0]) == pytest.approx(naive(model_a) - naive(model_b), abs=2e-4)
+
+
+def test_prompt_ids_lead_as_tokenize_pair_writes_it():
+    # a GPT-2-style tokenizer has a bos_token but puts nothing before text: sampling's prompt must not invent one
+    from tokenizers import processors
+    from fastalign.data import byte_tokenizer, tokenize_pair
+    from fastalign.generation import prompt_ids
+    for adds_bos in (True, False):
+        tok = byte_tokenizer()
+        if not adds_bos:
+            tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+        ids, labels = tokenize_pair(tok, "Q: hi", " yo", 64, 32)
+        want = [i for i, lab in zip(ids, labels) if lab == -100]
+        assert prompt_ids(tok, "Q: hi") == want
+        assert (want[0] == tok.bos_token_id) == adds_bos
