@@ -26,7 +26,8 @@ namespace {
 // Micro-tile shapes: R samples x (2 vectors of W floats) alternatives, accumulators in registers.
 //   AVX-512: W = 16, 12 rows: 24 accumulators + 2 loads of the 32 registers (broadcasts are folded into the FMAs).
 //   AVX2: W = 8, 6 rows: 12 accumulators + 2 loads + 1 broadcast of the 16 registers.
-//   Baseline (SSE2, no FMA): W = 4, 6 rows: 12 accumulators of the 16 registers.
+//   Baseline (SSE2 on x86-64, no FMA; NEON on aarch64, where GCC fuses the multiply-adds): W = 4, 6 rows: 12
+//   accumulators of the 16 registers.
 // Each lane keeps its own running (min, argmin) in memory across the alternatives of a block (vector compare and
 // select, no scalar loop per score); a row's lanes are reduced once per block (see reduce_lanes).
 constexpr int kMaxTileCols = 32;  // the widest micro-tile (AVX-512); block_alternatives is a multiple of it
@@ -69,8 +70,8 @@ inline float uniform(uint32_t index, uint32_t key) {
 // 0 .. 2 T::W - 1 of each row: a narrower tile uses fewer of the row's kMaxTileCols lanes). Strict <:
 // within a lane the first (lowest) index wins ties, and reduce_lanes keeps the lowest index among equal lanes,
 // so ties resolve as torch.argmin's do. Every score is the same k-ordered sum on every clone, fused
-// multiply-adds on AVX2 and AVX-512, separate multiplies and adds on the baseline (which may therefore resolve
-// a near-tie differently, as any two BLAS builds may).
+// multiply-adds on AVX2 and AVX-512, separate multiplies and adds on the x86-64 baseline (which may therefore
+// resolve a near-tie differently, as any two BLAS builds may; on aarch64 GCC fuses them).
 template <class T>
 __attribute__((always_inline)) inline void micro_tile_body(const float* s, int64_t d, const float* xt, int64_t ld,
                                                            const float* sq, float* best, int32_t* best_idx,

@@ -25,7 +25,8 @@ import threading
 # Linux; the libgomp.so.1 it links is the one torch has already loaded).
 LD_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 # No -std: torch's extension tools add the standard its headers are written for (C++20 with torch 2.13; older
-# releases add C++17). The sources compile as either: tests/test_portable_build.py compiles them both ways.
+# releases add C++17). The build here is C++20; tests/test_portable_build.py also compiles the sources as C++17 (for
+# aarch64, where a cross compiler is installed) and scans them as C++17.
 CXX_FLAGS = ["-O3"] + LD_FLAGS
 JIT_MODULE_NAME = "fastalign_C"
 _NAMES = ("C", "ERROR", "SOURCE", "PATH")

@@ -79,11 +79,31 @@ def compile_all(cxx, sources, *extra, std="c++17"):
     return failures
 
 
+# the functions of fastalign.h that each guarded file defines: its portable variant must define them too (a missing
+# stub compiles, and fails only when the module is imported)
+GUARDED = {"linear_logprobs_chunk.cpp": ("chunk_gemms_supported", "chunk_amx_supported", "set_chunk_amx",
+                                         "chunk_gemms_"),
+           "nn_count.cpp": ("nn_count", "nn_count_kernels")}
+
+
 @pytest.mark.slow
-def test_portable_variant_compiles(host_compiler):
+def test_portable_variant_compiles_and_defines_every_declared_function(host_compiler, tmp_path):
     # the two files whose x86 code is left out: what remains (the stubs, the baseline micro-tile) must compile
-    guarded = [os.path.join(ROOT, "csrc", name) for name in ("linear_logprobs_chunk.cpp", "nn_count.cpp")]
-    assert compile_all(HOST_CXX, guarded, "-DFASTALIGN_PORTABLE_ONLY", std="c++20") == {}
+    procs = {name: subprocess.Popen([HOST_CXX, "-c", "-O0", "-fPIC", *compile_args("-DFASTALIGN_PORTABLE_ONLY",
+                                                                                   std="c++20"),
+                                     os.path.join(ROOT, "csrc", name), "-o", str(tmp_path / f"{name}.o")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in GUARDED}
+    for name, proc in procs.items():
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, [line for line in output.splitlines() if "error" in line][:5]
+    if shutil.which("nm") is None:
+        pytest.skip("no nm to list the objects' symbols")
+    for name, functions in GUARDED.items():
+        defined = subprocess.run(["nm", "-C", "--defined-only", str(tmp_path / f"{name}.o")], capture_output=True,
+                                 text=True, check=True).stdout
+        # "0000 T nn_count_kernels[abi:cxx11]()": the name before its ABI tag and arguments
+        names = {line.split(" ", 2)[2].split("(")[0].split("[")[0] for line in defined.splitlines() if " T " in line}
+        assert set(functions) <= names, (name, set(functions) - names)
 
 
 @pytest.mark.slow

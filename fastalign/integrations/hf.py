@@ -111,13 +111,21 @@ def lm_head_config(model):
     return 1.0 / multiplier, softcap
 
 
+_FORWARD_TAKES = {}  # (module class, keyword) -> bool: inspect.signature costs about 17 us, once per class here
+
+
 def _forward_takes(module, name):
-    """Whether module's forward accepts the keyword ``name`` (named, or through **kwargs)."""
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    """Whether module's forward accepts the keyword ``name`` (named, or through **kwargs). A wrapper whose forward
+    takes **kwargs (torch.compile, FSDP) counts as accepting it."""
+    key = (type(module), name)
+    if key not in _FORWARD_TAKES:
+        try:
+            params = inspect.signature(module.forward).parameters
+            _FORWARD_TAKES[key] = name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                                        for p in params.values())
+        except (TypeError, ValueError):
+            _FORWARD_TAKES[key] = True
+    return _FORWARD_TAKES[key]
 
 
 def run_trunk(trunk, **inputs):
