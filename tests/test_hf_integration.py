@@ -90,7 +90,17 @@ def test_run_trunk_passes_use_cache_only_where_the_forward_takes_it():
         def forward(self, *args, **kwargs):
             return kwargs.get("use_cache", "absent")
 
+    class Compiled(torch.nn.Module):  # as torch.compile's wrapper: forward(*args, **kwargs), the module in _orig_mod
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, *args, **kwargs):
+            return self._orig_mod(*args, **kwargs)
+
     ids = torch.zeros(1, 3, dtype=torch.long)
     assert run_trunk(Named(), input_ids=ids) is False
     assert run_trunk(Without(), input_ids=ids, attention_mask=ids) == "called"
     assert run_trunk(Wrapped(), input_ids=ids) is False
+    assert run_trunk(Compiled(Without()), input_ids=ids) == "called"  # asked about the module it wraps
+    assert run_trunk(Compiled(Named()), input_ids=ids) is False

@@ -111,21 +111,28 @@ def lm_head_config(model):
     return 1.0 / multiplier, softcap
 
 
-_FORWARD_TAKES = {}  # (module class, keyword) -> bool: inspect.signature costs about 17 us, once per class here
+_FORWARD_TAKES = {}  # (module class, keyword) -> "yes", "no" or "kwargs": inspect.signature costs about 17 us
 
 
 def _forward_takes(module, name):
-    """Whether module's forward accepts the keyword ``name`` (named, or through **kwargs). A wrapper whose forward
-    takes **kwargs (torch.compile, FSDP) counts as accepting it."""
+    """Whether module's forward accepts the keyword ``name``. A forward that takes it through **kwargs accepts it,
+    unless the module is a wrapper that passes them on (torch.compile's ``_orig_mod``, DDP's and FSDP's
+    ``module``): then the module it wraps is asked."""
     key = (type(module), name)
     if key not in _FORWARD_TAKES:
         try:
             params = inspect.signature(module.forward).parameters
-            _FORWARD_TAKES[key] = name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
-                                                        for p in params.values())
+            _FORWARD_TAKES[key] = "yes" if name in params else "kwargs" if any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else "no"
         except (TypeError, ValueError):
-            _FORWARD_TAKES[key] = True
-    return _FORWARD_TAKES[key]
+            _FORWARD_TAKES[key] = "kwargs"
+    answer = _FORWARD_TAKES[key]
+    if answer == "kwargs":
+        for attr in ("_orig_mod", "module"):
+            inner = getattr(module, attr, None)
+            if isinstance(inner, torch.nn.Module) and inner is not module:
+                return _forward_takes(inner, name)
+    return answer != "no"
 
 
 def run_trunk(trunk, **inputs):
