@@ -116,8 +116,8 @@ _FORWARD_TAKES = {}  # (module class, keyword) -> "yes", "no" or "kwargs": inspe
 
 def _forward_takes(module, name):
     """Whether module's forward accepts the keyword ``name``. A forward that takes it through **kwargs accepts it,
-    unless the module is a wrapper that passes them on (torch.compile's ``_orig_mod``, DDP's and FSDP's
-    ``module``): then the module it wraps is asked."""
+    unless the module is a wrapper that passes them on (torch.compile's ``_orig_mod``; DDP, FSDP and peft, which
+    _unwrap sees through): then the module it wraps is asked."""
     key = (type(module), name)
     if key not in _FORWARD_TAKES:
         try:
@@ -128,10 +128,10 @@ def _forward_takes(module, name):
             _FORWARD_TAKES[key] = "kwargs"
     answer = _FORWARD_TAKES[key]
     if answer == "kwargs":
-        for attr in ("_orig_mod", "module"):
-            inner = getattr(module, attr, None)
-            if isinstance(inner, torch.nn.Module) and inner is not module:
-                return _forward_takes(inner, name)
+        inner = getattr(module, "_orig_mod", None)
+        inner = inner if isinstance(inner, torch.nn.Module) else _unwrap(module)
+        if inner is not module:
+            return _forward_takes(inner, name)
     return answer != "no"
 
 
