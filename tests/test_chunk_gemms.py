@@ -9,12 +9,9 @@ import fastalign as fa
 from fastalign import chunk_pass_fused
 from fastalign.backends import loss_rows_cpp
 from fastalign.fused_grad import fused_linear_nll_loss
+from tests.chunk_cases import D, needs_kernel, two_threads  # noqa: F401 (a fixture)
+from tests.loss_cases import assert_grads_close, batch, grads, naive_dpo
 from tests.reference import reference_linear_logprobs
-from tests.test_losses import assert_grads_close, batch, grads, naive_dpo
-
-needs_kernel = pytest.mark.skipif("cpp" not in fa.available_backends() or not loss_rows_cpp.chunk_gemms_supported(),
-                                  reason="chunk_gemms_ needs the C++ extension and an AVX-512F CPU")
-D = torch.float64
 
 
 def _case(v, h, c, cn, ld, seed=0):
@@ -26,15 +23,6 @@ def _case(v, h, c, cn, ld, seed=0):
     d_w = torch.randn(v, h, generator=g)
     bias = torch.randn(v, generator=g)
     return weight, tile, scaled, nxt, d_w, bias
-
-
-@pytest.fixture
-def two_threads():
-    """Two threads whatever the machine: the per-thread partial sums of E^T W are then combined."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(params=["amx", "avx512"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastalign.backends import loss_rows_cpp
-from tests.test_chunk_gemms import D, needs_kernel, two_threads  # noqa: F401 (a fixture)
+from tests.chunk_cases import D, needs_kernel, two_threads  # noqa: F401 (a fixture)
 
 
 @needs_kernel

@@ -8,7 +8,7 @@ import fastalign as fa
 from fastalign.fused_grad import fused_linear_nll_loss, group_bounds
 from tests.backends import cpu_backends
 from tests.reference import reference_linear_logprobs, reference_sequence_logprobs
-from tests.test_losses import assert_grads_close, batch, grads, logsig, naive_dpo, naive_pair_logps
+from tests.loss_cases import assert_grads_close, batch, grads, logsig, naive_dpo, naive_pair_logps
 
 BACKENDS = [b for b in cpu_backends() if b in ("cpp", "torch")]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}

@@ -116,7 +116,6 @@ def _run_cli(argv, out_dir, port=None):
     import glob
     import os
     import subprocess
-    import sys
     # CPU and gloo on any machine (CUDA hidden): with one GPU, rank 1 would ask for cuda:1
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
                CUDA_VISIBLE_DEVICES="")

@@ -16,21 +16,9 @@ import torch
 from fastalign import checkpoint as ckpt
 from fastalign.checkpoint import NoSpaceLeftError, RunStateError, UnsafeCheckpointError
 from fastalign.config import ConfigError, DPOConfig
-from fastalign.data import DEFAULT_PREFERENCES, default_model_and_tokenizer, load_rows
-from fastalign.trainer import DPOTrainer
 from fastalign.trainers import runlog
 from fastalign.trainers.state import ResumeMismatchError
-
-ROWS = load_rows(DEFAULT_PREFERENCES, "train")[:16]
-OTHER_ROWS = load_rows(DEFAULT_PREFERENCES, "train")[16:32]
-
-
-def dpo(out, rows=ROWS, **kw):
-    base = dict(output_dir=str(out), learning_rate=1e-3, beta=0.5, max_steps=2, per_device_train_batch_size=4,
-                max_length=64, max_prompt_length=40, logging_steps=1, disable_tqdm=True, seed=1)
-    base.update(kw)
-    model, tok = default_model_and_tokenizer(seed=0)
-    return DPOTrainer(model, tokenizer=tok, train_dataset=rows, config=DPOConfig(**base))
+from tests.run_state_cases import OTHER_ROWS, ROWS, dpo
 
 
 def _rows(path):
@@ -179,7 +167,7 @@ def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint_exactly
 import os, signal, sys
 sys.path.insert(0, {str(pathlib.Path(__file__).parent.parent)!r})
 from fastalign import checkpoint as ckpt
-from tests.test_run_state import dpo
+from tests.run_state_cases import dpo
 def hook(step, path):
     if step == "fsynced" and ".tmp-checkpoint-2-" in path:
         os.kill(os.getpid(), signal.SIGKILL)
