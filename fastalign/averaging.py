@@ -254,10 +254,18 @@ def hma(pre, post, *, weight_on_pre, groups=3, ratios=None):
     return _averaged(pre, post, _ratio_lookup(ref, k, ratios))
 
 
-# ---- fitting the ratios: fastalign.hma_fit, which imports the names above, so it is imported last ----------
+# ---- fitting the ratios: fastalign.hma_fit, which imports the names above; importable from here (the same objects)
+# through a module __getattr__, so neither module imports the other at import time ----------------------------------
+_MOVED_TO_HMA_FIT = ("_AveragedModel", "_encode_rows", "_nll", "_pad_id", "fit_hma_ratios", "hma_ratio_grad",
+                     "project_ratios", "prompt_and_answer")
 
-from fastalign.hma_fit import (_AveragedModel, _encode_rows, _nll, _pad_id, fit_hma_ratios,  # noqa: E402,F401
-                               hma_ratio_grad, project_ratios, prompt_and_answer)
+
+def __getattr__(name):
+    if name in _MOVED_TO_HMA_FIT:
+        from fastalign import hma_fit
+        return getattr(hma_fit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["average_models", "hma", "hma_groups", "fit_hma_ratios", "hma_ratio_grad", "project_ratios",
            "group_of_names", "check_compatible", "check_weight_on_pre", "AveragingError", "mix"]

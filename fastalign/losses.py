@@ -217,6 +217,14 @@ def weighted_mle_loss(rewards, pairs, *, weights=None, prob=None, lam=0.0):
     return -fit.sum() + 0.5 * lam * (weights * rewards ** 2).sum()
 
 
-# The fused loss modules live in fastalign.fused_losses, which imports the functions above: import it last.
-from fastalign.fused_losses import (FusedDPOLoss, FusedORPOLoss, FusedSFTLoss, FusedSimPOLoss,  # noqa: E402,F401
-                                    PreferenceLossOutput, SFTLossOutput, _FusedLogprobs, _FusedPreferenceLoss)
+# The fused loss modules live in fastalign.fused_losses, which imports the functions above. They stay importable from
+# here (the same objects) through a module __getattr__, so neither module imports the other at import time.
+_MOVED_TO_FUSED_LOSSES = ("FusedDPOLoss", "FusedORPOLoss", "FusedSFTLoss", "FusedSimPOLoss", "PreferenceLossOutput",
+                          "SFTLossOutput", "_FusedLogprobs", "_FusedPreferenceLoss")
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_FUSED_LOSSES:
+        from fastalign import fused_losses
+        return getattr(fused_losses, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

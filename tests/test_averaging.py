@@ -300,3 +300,11 @@ def test_fit_moves_ratios_when_every_group_gradient_has_one_sign():
     ratios = fa.fit_hma_ratios(pre, post, rows, weight_on_pre=0.3, steps=20, tokenizer=tok, progress=False)
     assert max(abs(r - 0.3) for r in ratios) > 0.05
     assert hma_ratio_grad(pre, post, rows, ratios, tokenizer=tok)[0] < start
+
+
+def test_ratio_fitting_still_imports_from_averaging_as_the_same_objects():
+    from fastalign import averaging, hma_fit
+    for name in averaging._MOVED_TO_HMA_FIT:
+        assert getattr(averaging, name) is getattr(hma_fit, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'fit_nope'"):
+        averaging.fit_nope

@@ -210,3 +210,11 @@ def test_packed_sequences_equal_padded(backend):
         return fn(h[keep][None], w, labels[keep][None], ref_hidden=ref_hidden[keep][None], ref_weight=ref_weight,
                   sequence_index=seq_index, n_sequences=6).loss
     assert_grads_close(grads(packed, hidden, weight), grads(padded, hidden, weight), tol=1e-5)
+
+
+def test_fused_loss_classes_still_import_from_losses_as_the_same_objects():
+    from fastalign import fused_losses, losses
+    for name in losses._MOVED_TO_FUSED_LOSSES:
+        assert getattr(losses, name) is getattr(fused_losses, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'FusedNope'"):
+        losses.FusedNope
