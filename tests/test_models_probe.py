@@ -155,6 +155,22 @@ def test_probe_restores_training_mode_and_leaves_no_grad():
     assert model.training and all(p.grad is None for p in model.parameters())
 
 
+def test_probe_reports_an_error_inside_the_models_forward_once_and_names_it():
+    model = build("Llama")
+    calls = []
+
+    def forward(input_ids, attention_mask=None, use_cache=None, **kwargs):
+        calls.append(sorted(k for k, v in dict(attention_mask=attention_mask, use_cache=use_cache).items()
+                            if v is not None))
+        raise TypeError("unsupported operand inside the model")
+
+    model.forward = forward
+    with pytest.raises(UnsupportedModelError, match=r"LlamaForCausalLM: the model's own forward failed on 2 x 8 "
+                                                    r"random tokens \(TypeError: unsupported operand inside"):
+        check_fused_head(model)
+    assert calls == [["attention_mask", "use_cache"]]  # not retried without its arguments
+
+
 def test_trainer_refuses_unsupported_model_and_check_model_opts_out(tmp_path):
     from fastalign.config import SFTConfig
     from fastalign.data import byte_tokenizer

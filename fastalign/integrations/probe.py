@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.errors import ModelCheckError, UnsupportedModelError
-from fastalign.integrations.hf import _unwrap, lm_head_config, run_trunk, trunk_and_head
+from fastalign.integrations.hf import _forward_takes, _unwrap, lm_head_config, run_trunk, trunk_and_head
 
 # Per compute dtype: absolute tolerance plus a multiple of the dtype's epsilon times the row's largest |logit|
 # (the model's own logits are rounded to its dtype; the fused op accumulates in fp32).
@@ -41,10 +41,13 @@ def _device_of(model):
 
 
 def _model_logits(inner, ids, mask):
-    try:
-        out = inner(input_ids=ids, attention_mask=mask, use_cache=False)
-    except TypeError:  # a forward without attention_mask / use_cache (recurrent models)
-        out = inner(input_ids=ids)
+    """The model's own logits [rows, length, V]. attention_mask and use_cache=False go only to a forward that takes
+    them (recurrent models take neither), asked of its signature: a TypeError raised inside the forward is the
+    model's own error and is not retried without them."""
+    inputs = {"input_ids": ids}
+    if _forward_takes(inner, "attention_mask"):
+        inputs["attention_mask"] = mask
+    out = run_trunk(inner, **inputs)
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -67,7 +70,11 @@ def check_fused_head(model, *, backend="auto", rows=2, length=8, seed=0):
     inner.eval()
     try:
         with torch.no_grad():
-            logits = _model_logits(inner, ids, mask)[:, :-1].double()
+            try:
+                logits = _model_logits(inner, ids, mask)[:, :-1].double()
+            except Exception as exc:
+                raise UnsupportedModelError(f"{name}: the model's own forward failed on {rows} x {length} random "
+                                            f"tokens ({type(exc).__name__}: {exc})") from exc
             try:
                 out = run_trunk(trunk, input_ids=ids, attention_mask=mask)
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
