@@ -8,7 +8,8 @@ was obtained ("prebuilt": ``fastalign._C`` built at install time; "jit": compile
 2. otherwise (``pip install .`` with build isolation has no torch, or the prebuilt one no longer matches the
    installed torch) the sources shipped with the package (``fastalign/csrc``, or ``csrc/`` in a checkout)
    are compiled with ``torch.utils.cpp_extension.load`` into a cache folder keyed by the sources, torch and
-   Python versions, under a file lock so that concurrent processes build once and wait for each other.
+   Python versions, the compiler and the architecture, under a file lock so that concurrent processes build once
+   and wait for each other.
 
 Environment: ``FASTALIGN_NO_EXT=1`` disables the extension (torch backend on CPU); ``FASTALIGN_NO_JIT=1``
 disables step 2; ``FASTALIGN_CACHE_DIR`` overrides the cache folder (default ``$XDG_CACHE_HOME/fastalign``
@@ -17,6 +18,8 @@ or ``~/.cache/fastalign``).
 import glob
 import hashlib
 import os
+import platform
+import subprocess
 import sys
 import threading
 
@@ -50,7 +53,24 @@ def cache_dir():
     return os.path.join(root, "extensions")
 
 
+def _compiler_id():
+    """The compiler torch's loader will run (``CXX``, else ``c++``) and the first line of its ``--version``: a cache
+    shared between machines or toolchains (an NFS home, a changed ``CXX``) must not hand one's build to another."""
+    try:
+        from torch.utils.cpp_extension import get_cxx_compiler
+        cxx = get_cxx_compiler()
+    except Exception:  # older torch: the same rule
+        cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return f"{cxx} {out.splitlines()[0] if out else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return cxx  # no such compiler: the build itself says so
+
+
 def _build_key(files):
+    """The cache folder's name: torch and Python versions, then a hash of the sources, the flags, the compiler and
+    the machine's architecture."""
     import torch
     h = hashlib.sha256()
     for path in files:
@@ -58,6 +78,7 @@ def _build_key(files):
         with open(path, "rb") as f:
             h.update(f.read())
     h.update(" ".join(CXX_FLAGS).encode())
+    h.update(f"\0{_compiler_id()}\0{platform.machine()}\0{sys.platform}".encode())
     return f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{h.hexdigest()[:16]}"
 
 
@@ -87,7 +108,7 @@ def _ninja_on_path():
 
 
 def jit_build(verbose=False):
-    """Compile the shipped sources once per (sources, torch, Python) into the cache; return (module, .so path)."""
+    """Compile the shipped sources once per (sources, torch, Python, compiler, architecture) into the cache; return (module, .so path)."""
     import torch  # noqa: F401  (libtorch must be loaded before the extension)
     src = sources_dir()
     if src is None:

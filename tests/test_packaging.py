@@ -95,6 +95,30 @@ def test_first_use_build_is_locked_and_cached(tmp_path, monkeypatch):
     assert len(glob.glob(os.path.join(tmp_path, "extensions", "*", "fastalign_C.so"))) == 1
 
 
+def test_first_use_build_cache_is_keyed_by_compiler_and_architecture(tmp_path, monkeypatch):
+    """A cache shared between toolchains or machines (CXX changed, an NFS home seen from x86-64 and aarch64) never
+    hands one's build to the other; the same setup finds the same folder."""
+    import platform
+
+    from fastalign import _ext
+    files = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.*")))
+    monkeypatch.delenv("CXX", raising=False)
+    base = _ext._build_key(files)
+    assert _ext._build_key(files) == base
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'fake-cxx 99.1'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    assert _ext._compiler_id() == f"{fake} fake-cxx 99.1"
+    other_compiler = _ext._build_key(files)
+    monkeypatch.setenv("CXX", str(tmp_path / "missing-cxx"))  # no such program: still a key, the build says why
+    missing = _ext._build_key(files)
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64" if platform.uname().machine != "aarch64" else "x86_64")
+    other_machine = _ext._build_key(files)
+    assert len({base, other_compiler, missing, other_machine}) == 4
+
+
 SMOKE = """
 import os, sys, torch, fastalign
 from fastalign import _ext
