@@ -337,3 +337,28 @@ def test_cli_refuses_a_used_folder_and_takes_resume_overwrite_and_allow_config_c
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1, 2]
     assert main(base + ["--overwrite-output-dir"]) == 0
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1]
+
+
+def test_a_changed_learning_rate_and_weight_decay_apply_from_the_first_resumed_step(tmp_path):
+    """Under allow_config_change the new values are the ones used (and logged), not the checkpoint's: constant and
+    cosine schedules; unchanged, the resumed rates are the saved ones (the exact-resume tests check the losses)."""
+    dpo(tmp_path / "c", max_steps=2, save_steps=1, lr_scheduler_type="constant").train()
+    t = dpo(tmp_path / "c", max_steps=4, save_steps=1, lr_scheduler_type="constant", learning_rate=1e-2,
+            weight_decay=0.1, allow_config_change=True)
+    with pytest.warns(UserWarning, match=r"learning_rate: saved 0.001, now 0.01"):
+        history = t.train("latest")
+    assert [h["learning_rate"] for h in history if "loss" in h] == [1e-2, 1e-2]
+    assert all(g["weight_decay"] == 0.1 and g["initial_lr"] == 1e-2 for g in t.optimizer.param_groups)
+    assert ckpt.read_state(ckpt.latest_checkpoint(str(tmp_path / "c")))["config"]["learning_rate"] == 1e-2
+
+    dpo(tmp_path / "cos", max_steps=4, save_steps=2, lr_scheduler_type="cosine").train()
+    plain = dpo(tmp_path / "cos", max_steps=6, save_steps=2, lr_scheduler_type="cosine", allow_config_change=True)
+    with pytest.warns(UserWarning, match="max_steps"):
+        want = [h["learning_rate"] for h in plain.train(str(tmp_path / "cos" / "checkpoint-4")) if "loss" in h]
+    doubled = dpo(tmp_path / "cos2", max_steps=4, save_steps=2, lr_scheduler_type="cosine")
+    doubled.train()
+    t = dpo(tmp_path / "cos2", max_steps=6, save_steps=2, lr_scheduler_type="cosine", learning_rate=2e-3,
+            allow_config_change=True)
+    with pytest.warns(UserWarning, match="learning_rate"):
+        got = [h["learning_rate"] for h in t.train("latest") if "loss" in h]
+    assert len(got) == 2 and got == pytest.approx([2 * x for x in want], rel=1e-12)

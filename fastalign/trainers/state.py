@@ -281,6 +281,7 @@ class CheckpointMixin:
             ckpt.load_model_weights(_strip_parallel(self.model), path)
             self.optimizer.load_state_dict(optim_sd)
         self.scheduler.load_state_dict(scheduler_sd)
+        self._apply_configured_schedule()
         ckpt.set_rng_state(rng)
         scaler_path = os.path.join(path, "scaler.pt")
         if getattr(self, "scaler", None) is not None and os.path.exists(scaler_path):
@@ -289,6 +290,20 @@ class CheckpointMixin:
         self.global_step = int(state["global_step"])
         self._log_window = list(state.get("log_window") or [])
         self._run_id = state.get("run_id") or self._run_id
+
+    def _apply_configured_schedule(self):
+        """The loaded optimizer and scheduler states carry the learning rate and weight decay of the run that wrote
+        them; this run's config decides them. They differ only under allow_config_change, and then the new values
+        apply from the first resumed step: the base learning rate times the schedule's factor at the resumed step (the
+        schedule's shape, warmup and length are this config's already: the scheduler was built from it and its
+        factors are not part of its saved state). Unchanged, this recomputes the very values that were loaded."""
+        cfg, groups = self.config, self.optimizer.param_groups
+        self.scheduler.base_lrs = [cfg.learning_rate] * len(groups)
+        for group, factor in zip(groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = cfg.learning_rate
+            group["weight_decay"] = cfg.weight_decay
+            group["lr"] = cfg.learning_rate * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in groups]
 
     def save_model(self, output_dir=None):
         """save_pretrained of the model (safetensors) and tokenizer, written atomically into output_dir."""
