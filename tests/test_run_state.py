@@ -362,3 +362,56 @@ def test_a_changed_learning_rate_and_weight_decay_apply_from_the_first_resumed_s
     with pytest.warns(UserWarning, match="learning_rate"):
         got = [h["learning_rate"] for h in t.train("latest") if "loss" in h]
     assert len(got) == 2 and got == pytest.approx([2 * x for x in want], rel=1e-12)
+
+
+# ---- rows written outside train(): evaluate() and save_model() ------------------------------------------------
+def test_evaluate_and_save_model_before_train_are_the_runs_own(tmp_path):
+    t = dpo(tmp_path, max_steps=2)
+    before = t.evaluate(eval_dataset=OTHER_ROWS[:4])
+    t.save_model()
+    t.train()
+    rows = runlog.read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[0]["eval_loss"] == before["eval_loss"]
+    assert len({r["run_id"] for r in rows}) == 1
+    t.evaluate(eval_dataset=OTHER_ROWS[:4])  # after train(): into the run's own segment, after its rows
+    assert [r["step"] for r in runlog.read_metrics(str(tmp_path))] == [0, 1, 2, 2]
+
+
+def test_evaluate_never_writes_into_another_runs_folder(tmp_path):
+    dpo(tmp_path, max_steps=3, save_steps=3).train()
+    history = runlog.read_metrics(str(tmp_path))
+    other = dpo(tmp_path)
+    with pytest.raises(RunStateError, match=r"holds the output of another run \(.*checkpoint-3.*report_to='none'"):
+        other.evaluate(eval_dataset=OTHER_ROWS[:4])
+    assert runlog.read_metrics(str(tmp_path)) == history
+    quiet = dpo(tmp_path, report_to="none").evaluate(eval_dataset=OTHER_ROWS[:4])  # no file: allowed
+    assert "eval_loss" in quiet and runlog.read_metrics(str(tmp_path)) == history
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a run in progress holds a fresh folder
+        try:
+            runlog.OutputDirLock(str(tmp_path / "busy")).acquire()
+            os.write(write, b"1")
+            signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(read, 1) == b"1"
+        with pytest.raises(RunStateError, match=rf"in use by another run \(pid {pid}"):
+            dpo(tmp_path / "busy").evaluate(eval_dataset=OTHER_ROWS[:4])
+        assert runlog.metrics_files(str(tmp_path / "busy")) == []
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_a_segment_of_evaluation_rows_replaces_no_history(tmp_path):
+    log = runlog.RunLog(str(tmp_path), "r")
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0 / step})
+    runlog.RunLog(str(tmp_path), "r").write({"step": 0, "eval_loss": 0.5})
+    assert [r["step"] for r in runlog.read_metrics(str(tmp_path))] == [1, 2, 3, 0]
+    resumed = runlog.RunLog(str(tmp_path), "r")  # a resumed segment from step 3 on replaces step 3
+    resumed.write({"step": 3, "loss": 0.3})
+    assert [(r["step"], r.get("loss")) for r in runlog.read_metrics(str(tmp_path))][-2:] == [(0, None), (3, 0.3)]

@@ -180,16 +180,31 @@ def repair_metrics(output_dir):
     return actions
 
 
+def metrics_run_id(path):
+    """The run id of a metrics file's rows (its first row's), or None for an empty or unreadable file."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    return json.loads(line).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
 def read_metrics(output_dir):
-    """The rows of all segments as one history: a later segment's rows replace an earlier segment's rows from
-    the later segment's first step on (a resumed run repeats the steps after its checkpoint)."""
+    """The rows of all segments as one history: a later segment's training rows replace an earlier segment's rows
+    from the later segment's first training step on (a resumed run repeats the steps after its checkpoint). A
+    segment without training rows (evaluate() outside train()) replaces nothing: its rows are added."""
     rows = []
     for _, path in metrics_files(output_dir):
         with open(path) as f:
             seg = [json.loads(line) for line in f if line.strip()]
-        if seg:
-            first = min(r.get("step", 0) for r in seg)
-            rows = [r for r in rows if r.get("step", 0) < first] + seg
+        trained = [r.get("step", 0) for r in seg if "loss" in r]
+        if trained:
+            rows = [r for r in rows if r.get("step", 0) < min(trained)] + seg
+        else:
+            rows = rows + seg
     return rows
 
 

@@ -90,7 +90,7 @@ class CheckpointMixin:
                 raise FileNotFoundError(f"resume_from_checkpoint='latest' but {out} has no checkpoint")
         state = ckpt.read_state(resume) if resume else None
         self._clear_other_runs(state, resume)
-        self._run_id = (state or {}).get("run_id") or runlog.new_run_id()
+        self._run_id = (state or {}).get("run_id") or self._run_id or runlog.new_run_id()
         self._lock.note_run(self._run_id)
         self._resumed_from = resume
         self._runlog = runlog.RunLog(out, self._run_id)
@@ -110,9 +110,11 @@ class CheckpointMixin:
             if state is None or step > int(state["global_step"]) or \
                     ckpt.read_state(path).get("run_id") != state.get("run_id"):
                 others.append(path)
-        if state is None:
-            others += [p for _, p in runlog.metrics_files(out)]
-            others += [os.path.join(out, n) for n in _RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+        if state is None:  # this trainer's own rows (evaluate() before train()) and save_model() output are its own
+            others += [p for _, p in runlog.metrics_files(out)
+                       if self._run_id is None or runlog.metrics_run_id(p) != self._run_id]
+            others += [os.path.join(out, n) for n in _RUN_OUTPUTS if os.path.exists(os.path.join(out, n))
+                       and os.path.realpath(os.path.join(out, n)) not in self._own_outputs()]
         if not others:
             return
         names = [os.path.basename(p) for p in others]
@@ -131,13 +133,34 @@ class CheckpointMixin:
             self._lock.release()
             self._lock = None
 
+    def _own_outputs(self):
+        if self.__dict__.get("_own_output_paths") is None:
+            self._own_output_paths = set()
+        return self._own_output_paths
+
     def _write_metrics_row(self, metrics):
-        """One row of the current segment's metrics file (a segment is opened here for rows logged outside
-        train(), e.g. evaluate())."""
-        if self._runlog is None:
-            self._run_id = self._run_id or runlog.new_run_id()
-            self._runlog = runlog.RunLog(self.config.output_dir, self._run_id)
-        self._runlog.write(metrics)
+        """One row of the current segment's metrics file. Outside train() (evaluate() before or after it) the row
+        is written holding the folder's lock, so never into a folder another process is training in; and a trainer
+        that has not yet written there opens its segment only in a folder without another run's output."""
+        if self._lock is not None:
+            self._runlog.write(metrics)
+            return
+        out = self.config.output_dir
+        with runlog.OutputDirLock(out):
+            if self._runlog is None:
+                others = [p for _, p in runlog.metrics_files(out) if runlog.metrics_run_id(p) != self._run_id]
+                others += [p for _, p in ckpt.list_checkpoints(out)]
+                others += [os.path.join(out, n) for n in _RUN_OUTPUTS if os.path.exists(os.path.join(out, n))
+                           and os.path.realpath(os.path.join(out, n)) not in self._own_outputs()]
+                if others:
+                    raise RunStateError(
+                        f"output_dir {out} holds the output of another run "
+                        f"({_first_line([os.path.basename(p) for p in others])}): this trainer's metrics would mix "
+                        "with its history. Pass another output_dir to evaluate into, or report_to='none' to write "
+                        "no metrics file (evaluate() still returns the metrics)")
+                self._run_id = self._run_id or runlog.new_run_id()
+                self._runlog = runlog.RunLog(out, self._run_id)
+            self._runlog.write(metrics)
 
     @property
     def metrics_path(self):
@@ -320,6 +343,7 @@ class CheckpointMixin:
                 else contextlib.nullcontext()
             with hold:
                 ckpt.write_dir_atomically(out, write)
+            self._own_outputs().add(os.path.realpath(out))
         if self.distributed:
             dist.barrier()
         return out
