@@ -415,3 +415,16 @@ def test_a_segment_of_evaluation_rows_replaces_no_history(tmp_path):
     resumed = runlog.RunLog(str(tmp_path), "r")  # a resumed segment from step 3 on replaces step 3
     resumed.write({"step": 3, "loss": 0.3})
     assert [(r["step"], r.get("loss")) for r in runlog.read_metrics(str(tmp_path))][-2:] == [(0, None), (3, 0.3)]
+
+
+def test_resume_from_checkpoint_true_means_the_latest_as_in_transformers(tmp_path):
+    dpo(tmp_path, max_steps=2, save_steps=1, lr_scheduler_type="constant").train()
+    history = dpo(tmp_path, max_steps=3, save_steps=1, lr_scheduler_type="constant").train(resume_from_checkpoint=True)
+    assert [h["step"] for h in history if "loss" in h] == [3]
+    history = dpo(tmp_path, max_steps=4, save_steps=1, lr_scheduler_type="constant",
+                  resume_from_checkpoint=True).train()
+    assert [h["step"] for h in history if "loss" in h] == [4]
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        dpo(tmp_path / "empty").train(resume_from_checkpoint=True)
+    with pytest.raises(TypeError, match="resume_from_checkpoint must be a checkpoint folder, 'latest' or True, got int 3"):
+        dpo(tmp_path).train(resume_from_checkpoint=3)

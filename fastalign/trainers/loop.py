@@ -215,7 +215,8 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
 
     def train(self, resume_from_checkpoint=None):
         """Train for max_steps (or num_train_epochs); returns the list of logged metric dicts.
-        resume_from_checkpoint: a checkpoint folder or "latest" (of output_dir)."""
+        resume_from_checkpoint: a checkpoint folder, or "latest" (or True, as in transformers) for output_dir's
+        newest."""
         with self._run(resume_from_checkpoint) as resume:  # the output folder's lock and checks (state.py)
             return self._train(resume)
 

@@ -60,6 +60,12 @@ class CheckpointMixin:
     def _begin_run(self, resume_from_checkpoint):
         cfg = self.config
         resume = resume_from_checkpoint or cfg.resume_from_checkpoint
+        if resume is True:  # transformers' and TRL's spelling of "the latest checkpoint of output_dir"
+            resume = "latest"
+        elif resume is not None and resume is not False and not isinstance(resume, (str, os.PathLike)):
+            raise TypeError(f"resume_from_checkpoint must be a checkpoint folder, 'latest' or True, got "
+                            f"{type(resume).__name__} {resume!r}")
+        resume = os.fspath(resume) if resume else None
         error = None
         self._log_window, self._resumed_from = [], None
         if self.is_main:
