@@ -74,7 +74,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = _f(8, "evaluation rows per process per batch")
     gradient_accumulation_steps: int = _f(1, "micro-steps accumulated into one optimizer step")
     max_length: int = _f(512, "maximum tokens of prompt + answer")
-    max_prompt_length: int = _f(256, "maximum prompt tokens (the prompt is truncated first, see truncation_mode)")
+    max_prompt_length: Optional[int] = _f(None, "maximum prompt tokens (the prompt is truncated first, see "
+                                          "truncation_mode); None: half of max_length")
     max_completion_length: Optional[int] = _f(None, "maximum answer tokens (None: whatever max_length leaves)")
     truncation_mode: str = _f("keep_start", "what survives when prompt + answer exceed max_length (after the prompt "
                               "is cut to its last max_prompt_length tokens): keep_start keeps the sequence's start "
@@ -132,8 +133,9 @@ class TrainConfig:
         _int("per_device_eval_batch_size", self.per_device_eval_batch_size, 1)
         _int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         _int("max_length", self.max_length, 2)
-        _int("max_prompt_length", self.max_prompt_length, 1)
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length is not None:
+            _int("max_prompt_length", self.max_prompt_length, 1)
+        if self.resolved_max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length "
                               f"({self.max_length}) so that every answer keeps at least one token")
         _num("learning_rate", self.learning_rate, 0, low_open=True)
@@ -196,6 +198,12 @@ class TrainConfig:
         if self.eval_strategy is None:
             return "steps" if self.eval_steps else "no"
         return self.eval_strategy
+
+    @property
+    def resolved_max_prompt_length(self):
+        """max_prompt_length, or half of max_length when None (TRL 1.x has no such field; half is TRL 0.x's
+        default ratio, 512 of 1024)."""
+        return self.max_length // 2 if self.max_prompt_length is None else self.max_prompt_length
 
     @property
     def resolved_eval_steps(self):

@@ -31,7 +31,7 @@ def report_run(trainer, train_rows, out_dir, name, before=None, threshold=0.8, n
         return None
     cfg = trainer.config
     predicted = distinguishability(initial, trainer.tokenizer, train_rows, groups=cfg.group_column,
-                                   max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                   max_length=cfg.max_length, max_prompt_length=cfg.resolved_max_prompt_length,
                                    n_bootstrap=n_bootstrap, progress=False)
     records = list(trainer.history)
     if before is not None:

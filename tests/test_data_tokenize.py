@@ -181,3 +181,17 @@ def test_byte_tokenizer_adds_bos_through_its_post_processor_and_returns_no_token
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
     tok.add_eos_token = True  # 5.x rebuilds the post-processor from the add_*_token flags: the BOS must stay
     assert tok("ab")["input_ids"][0] == tok.bos_token_id
+
+
+def test_max_prompt_length_defaults_to_half_of_max_length_and_cut_prompts_are_counted():
+    """TRL 1.x has no max_prompt_length: a TRL config with a short max_length must be accepted (it was refused when
+    the default was a fixed 256), and the prompts the limit cuts are said, with a count."""
+    for cls, n in ((DPOConfig, 256), (SFTConfig, 64), (RewardConfig, 128)):
+        cfg = cls(max_length=n)
+        assert cfg.max_prompt_length is None and cfg.resolved_max_prompt_length == n // 2
+    assert DPOConfig(max_length=16, max_prompt_length=4).resolved_max_prompt_length == 4
+    long_prompt = dict(ROW, prompt="p" * 40)
+    with pytest.warns(UserWarning, match=r"train_dataset: cut the prompt of 1 of 2 pair\(s\) to its last 16 tokens "
+                                         r"\(max_prompt_length=16; by default half of max_length"):
+        examples = prepare_examples([long_prompt, ROW], "preference", byte_tokenizer(), DPOConfig(max_length=32))
+    assert examples[0]["chosen_ids"][:16] == _bytes(byte_tokenizer(), "p" * 16)

@@ -9,8 +9,9 @@ from fastalign.data.validation import validate_rows
 def prepare_examples(data, kind, tokenizer, config, name="train_dataset"):
     """Tokenized examples for a trainer. kind: "sft" or "preference" (DPO family and reward models).
 
-    Reads max_length, max_prompt_length, max_completion_length and truncation_mode from ``config``
-    (TRL's names; a config without the last two means no completion cap and "keep_start").
+    Reads max_length, max_prompt_length (resolved: None is half of max_length), max_completion_length and
+    truncation_mode from ``config`` (TRL's names; a config without the last two means no completion cap and
+    "keep_start").
     """
     try:
         rows = load_rows(data)
@@ -18,7 +19,8 @@ def prepare_examples(data, kind, tokenizer, config, name="train_dataset"):
         raise DataError(f"{name}: {exc}") from None
     rows = validate_rows(rows, "sft" if kind == "sft" else "preference", name=name)
     tok = tokenize_sft_rows if kind == "sft" else tokenize_preference_rows
-    return tok(rows, tokenizer, getattr(config, "max_length", None), getattr(config, "max_prompt_length", None),
+    max_prompt_length = getattr(config, "resolved_max_prompt_length", getattr(config, "max_prompt_length", None))
+    return tok(rows, tokenizer, getattr(config, "max_length", None), max_prompt_length,
                max_completion_length=getattr(config, "max_completion_length", None),
                truncation_mode=getattr(config, "truncation_mode", None) or "keep_start", name=name)
 

@@ -124,6 +124,7 @@ class _Tokenizer:
         self.name = name
         self.problems = Problems(name)
         self.dropped = {}
+        self.prompts_cut = 0  # rows whose prompt lost tokens to max_prompt_length (said once, in finish)
 
     def encode(self, prompt, answers, where):
         """(prompt_ids, [answer_ids]) before truncation, or None with a problem recorded."""
@@ -145,6 +146,9 @@ class _Tokenizer:
         return prompt_ids, answer_ids
 
     def truncate(self, prompt_ids, answers):
+        limit = self.limits["max_prompt_length"]
+        if limit is not None and len(prompt_ids) > limit:
+            self.prompts_cut += 1
         return truncate(prompt_ids, answers, **self.limits)
 
     def drop(self, reason, where):
@@ -154,6 +158,10 @@ class _Tokenizer:
         self.problems.raise_if_any("row(s) that cannot be tokenized")
         n_dropped = sum(len(v) for v in self.dropped.values())
         lim = {k: v for k, v in self.limits.items() if v is not None}
+        if self.prompts_cut:
+            warnings.warn(f"{self.name or 'data'}: cut the prompt of {self.prompts_cut} of {n_rows} {what} to its last "
+                          f"{self.limits['max_prompt_length']} tokens (max_prompt_length={self.limits['max_prompt_length']}; "
+                          "by default half of max_length: raise either to keep more)", UserWarning, stacklevel=3)
         for reason, places in self.dropped.items():
             shown = ", ".join(places[:SHOWN_LOCATIONS]) + (" ..." if len(places) > SHOWN_LOCATIONS else "")
             warnings.warn(f"{self.name or 'data'}: dropped {len(places)} of {n_rows} {what}: {reason} "

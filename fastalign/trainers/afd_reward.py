@@ -112,7 +112,7 @@ class AfDRewardTrainer(BaseTrainer):
         for i, r in enumerate(rows):
             answer = r["answer"] if "answer" in r else r["completion"]
             ids, labels = tokenize_pair(self.tokenizer, chat_prompt(self.tokenizer, r["prompt"]), answer,
-                                        self.config.max_length, self.config.max_prompt_length)
+                                        self.config.max_length, self.config.resolved_max_prompt_length)
             out.append({"index": i, "ids": ids, "labels": labels, "label": float(r["label"]),
                         "behaviour": r.get("behaviour")})
         return out
