@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,6 +43,22 @@ class NoSpaceLeftError(RunStateError):
 
 class UnsafeCheckpointError(RunStateError):
     """A checkpoint file holds something other than tensors and plain containers (refused, never unpickled)."""
+
+
+class DamagedCheckpointError(RunStateError):
+    """A checkpoint file cannot be read: empty, truncated or not what its name says (a disk fault, a copy cut short)."""
+
+
+def _damaged(file, exc):
+    """The DamagedCheckpointError for ``file``, naming the checkpoint folder to skip."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # the unpickler's garbage message starts with advice about weights_only: its "Unsupported ..." line says more
+    detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")[:200]
+    folder = os.path.dirname(os.path.abspath(file))
+    return DamagedCheckpointError(
+        f"{file} is damaged or truncated ({type(exc).__name__}{': ' + detail if detail else ''}); the checkpoint "
+        f"{folder} cannot be loaded. Resume from an earlier checkpoint (pass its folder), or move this one away and "
+        "resume from the latest that remains")
 
 
 def _reached(step, path):
@@ -111,7 +128,11 @@ def load_torch(path):
         raise FileNotFoundError(f"checkpoint file {path} is missing")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- the unpickler's many error types all mean "not plain data"
+    except Exception as exc:  # noqa: BLE001 -- sorted below: refused content, or a file that cannot be read
+        # refused content names the GLOBAL (a class or function) it would have to import; anything else is a file
+        # that cannot be read: empty (EOFError), a truncated archive (RuntimeError), garbage ("Unsupported operand")
+        if not (isinstance(exc, pickle.UnpicklingError) and "global" in str(exc).lower()):
+            raise _damaged(path, exc) from None
         raise UnsafeCheckpointError(
             f"{path} holds objects other than tensors and plain containers ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}); refusing to load it, since unpickling it could run code. "
@@ -254,8 +275,14 @@ def read_state(path):
     file = os.path.join(path, STATE_FILE)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path} is not a complete fastalign checkpoint (no {STATE_FILE})")
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _damaged(file, exc) from None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise _damaged(file, ValueError(f"expected a JSON object with global_step, got {type(state).__name__}"))
+    return state
 
 
 def read_model_weights(path):
@@ -272,7 +299,10 @@ def read_model_weights(path):
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"checkpoint {path} lacks {name}")
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except Exception as exc:  # noqa: BLE001 -- safetensors' header and size errors: the file cannot be read
+            raise _damaged(file, exc) from None
     return state
 
 

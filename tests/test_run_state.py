@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastalign import checkpoint as ckpt
-from fastalign.checkpoint import NoSpaceLeftError, RunStateError, UnsafeCheckpointError
+from fastalign.checkpoint import DamagedCheckpointError, NoSpaceLeftError, RunStateError, UnsafeCheckpointError
 from fastalign.config import ConfigError, DPOConfig
 from fastalign.trainers import runlog
 from fastalign.trainers.state import ResumeMismatchError
@@ -266,6 +266,26 @@ def test_resume_never_unpickles_code(tmp_path, name):
     assert not os.path.exists(tmp_path / "pwned")
     torch.load(path, weights_only=False)  # the file really does run code when unpickled
     assert os.path.exists(tmp_path / "pwned")
+
+
+@pytest.mark.parametrize("name, damage", [("trainer_state.json", b""), ("trainer_state.json", b"{\"global_st"),
+                                          ("model.safetensors", "half"), ("rng_state.pt", b""),
+                                          ("optimizer.pt", "half"), ("scheduler.pt", b"\x00" * 64)])
+def test_a_damaged_checkpoint_file_is_named_as_damaged_not_as_unsafe(tmp_path, name, damage):
+    dpo(tmp_path, max_steps=2, save_steps=1, lr_scheduler_type="constant").train()
+    path = tmp_path / "checkpoint-2" / name
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2] if damage == "half" else damage)
+    with pytest.raises(DamagedCheckpointError, match=rf"{re.escape(str(path))} is damaged or truncated \(.*the "
+                                                     r"checkpoint .*checkpoint-2 cannot be loaded. Resume from an "
+                                                     r"earlier checkpoint"):
+        dpo(tmp_path, max_steps=3, save_steps=1, lr_scheduler_type="constant").train(str(tmp_path / "checkpoint-2"))
+    if name == "trainer_state.json":
+        return
+    # an earlier checkpoint's damage does not stand in the way of resuming from a later one
+    dpo(tmp_path / "two", max_steps=2, save_steps=1, lr_scheduler_type="constant").train()
+    (tmp_path / "two" / "checkpoint-1" / "trainer_state.json").write_bytes(b"")
+    history = dpo(tmp_path / "two", max_steps=3, save_steps=1, lr_scheduler_type="constant").train("latest")
+    assert [h["step"] for h in history if "loss" in h] == [3]
 
 
 # ---- save_strategy ----------------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ FREE_TO_CHANGE = frozenset((
 _RUN_OUTPUTS = ("final", "tensorboard")
 
 
+def _run_id_of(checkpoint, unreadable):
+    """The run id a checkpoint records, or ``unreadable`` where its state file is damaged: an earlier checkpoint
+    that can no longer be read is not taken for another run's (resuming from a later one does not need it)."""
+    try:
+        return ckpt.read_state(checkpoint).get("run_id")
+    except ckpt.DamagedCheckpointError:
+        return unreadable
+
+
 class ResumeMismatchError(RunStateError):
     """Resuming would continue a different run (changed options or data); the message lists each difference."""
 
@@ -113,8 +122,7 @@ class CheckpointMixin:
         for step, path in ckpt.list_checkpoints(out):
             if same(path):
                 continue
-            if state is None or step > int(state["global_step"]) or \
-                    ckpt.read_state(path).get("run_id") != state.get("run_id"):
+            if state is None or step > int(state["global_step"]) or _run_id_of(path, state.get("run_id")) != state.get("run_id"):
                 others.append(path)
         if state is None:  # this trainer's own rows (evaluate() before train()) and save_model() output are its own
             others += [p for _, p in runlog.metrics_files(out)
