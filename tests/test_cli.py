@@ -165,3 +165,12 @@ def test_info_refuses_a_model_whose_logits_it_cannot_reproduce(tmp_path, capsys)
     err = capsys.readouterr().err
     assert ("fastalign: error: ScaledLlamaForCausalLM: the fused log-probs differ from the model's own forward by "
             "up to") in err and "Traceback" not in err
+
+
+def test_eval_data_alone_is_the_evaluation_set(tmp_path, capsys):
+    """--eval-data without --data: train on the embedded data, evaluate on the file (it used to be ignored)."""
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    rc = main(["train", "dpo", "--eval-data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+               "--per-device-train-batch-size", "2", "--disable-tqdm", "--report-to", "none"])
+    assert rc == 0 and "3 eval rows" in capsys.readouterr().out

@@ -79,11 +79,12 @@ def cmd_train(args):
         opts = {**EMBEDDED_DEFAULTS[kind], **opts}
         opts.setdefault("output_dir", f"runs/{kind}-tiny")
     config = CONFIGS[kind].from_dict(opts)  # bad options fail here, before any model is loaded
-    if data is None:
-        train_rows, eval_rows = load_rows(DEFAULT_PREFERENCES, "train"), load_rows(DEFAULT_PREFERENCES, "test")
+    # the embedded data's test split is the evaluation set only when neither file is given
+    train_rows = load_rows(data) if data is not None else load_rows(DEFAULT_PREFERENCES, "train")
+    if eval_data:
+        eval_rows = load_rows(eval_data)
     else:
-        train_rows = load_rows(data)
-        eval_rows = load_rows(eval_data) if eval_data else None
+        eval_rows = load_rows(DEFAULT_PREFERENCES, "test") if data is None else None
     model, tok, _ = load_model(kind, model_path, torch_dtype=torch_dtype or "auto", attn_implementation=attn)
     from fastalign import trainers as tr
     if kind == "dpo":
@@ -124,8 +125,10 @@ def register(sub):
                               "be set in the --config YAML file (flags given here override it).")
         pk.add_argument("--config", help="YAML file of options (flags given here override it)")
         pk.add_argument("--model", help="local folder written by save_pretrained (default: embedded tiny Llama)")
-        pk.add_argument("--data", help=".json/.jsonl training data (default: embedded persona preferences)")
-        pk.add_argument("--eval-data", dest="eval_data", help=".json/.jsonl evaluation data")
+        pk.add_argument("--data", help=".jsonl, .json, .csv or .parquet training data (default: embedded persona "
+                        "preferences)")
+        pk.add_argument("--eval-data", dest="eval_data", help=".jsonl, .json, .csv or .parquet evaluation data (default: "
+                        "the embedded data's test split when --data is not given either, else none)")
         out = cls.__dataclass_fields__["output_dir"]
         pk.add_argument("--output-dir", dest="output_dir", help=f"{out.metadata.get('help') or 'output dir: where '}"
                         f"{'' if out.metadata.get('help') else 'checkpoints, metrics and the final model go'} "
