@@ -44,6 +44,20 @@ def _num(name, v, low=None, high=None, low_open=False, high_open=False):
         raise ConfigError(f"{name} must be {'<' if high_open else '<='} {high}, got {v!r}")
 
 
+def _float_fields(cls):
+    return {f.name for f in dataclasses.fields(cls) if f.type in (float, Optional[float])}
+
+
+def _number_from_text(v):
+    """A number written as text in a YAML file: PyYAML reads 1e-3 (no dot) as the string '1e-3'."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v  # the field's check says what was expected
+    return v
+
+
 def _validate_clone_robust(cfg):
     if not isinstance(cfg.clone_robust, bool):
         raise ConfigError(f"clone_robust must be true or false, got {cfg.clone_robust!r}")
@@ -103,7 +117,7 @@ class TrainConfig:
     run_name: Optional[str] = _f(None, "a name for the run in the trackers (default: the output_dir's name)")
     report_to: Union[str, List[str]] = _f("jsonl", "where metrics go: the metrics file in output_dir (jsonl; "
                                           "written unless none is given), plus tensorboard, wandb, mlflow (when "
-                                          "installed)", REPORT_TO)
+                                          "installed); None: jsonl only", REPORT_TO)
     resume_from_checkpoint: Optional[str] = _f(None, "checkpoint folder to resume from, or 'latest'")
     backend: str = _f("auto", "backend of the fused log-prob op (auto: triton on CUDA, cpp on CPU)", BACKENDS)
     deterministic: bool = _f(False, "bitwise reproducible gradients (never the atomic triton backward)")
@@ -126,6 +140,8 @@ class TrainConfig:
                                         "(fp32 on an AVX-512 CPU: <= 128 rows take the fused thin-chunk pass)")
 
     def __post_init__(self):
+        if self.report_to is None:  # transformers' None: no trackers; the metrics file stays (read_metrics needs it)
+            self.report_to = "jsonl"
         self.validate()
 
     def validate(self):
@@ -222,7 +238,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
                               f"valid: {', '.join(sorted(names))}")
-        return cls(**d)
+        return cls(**{k: _number_from_text(v) if k in _float_fields(cls) else v for k, v in d.items()})
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -270,6 +286,12 @@ class DPOConfig(CloneRobustOptions, TrainConfig):
     def validate(self):
         super().validate()
         _num("beta", self.beta, 0, low_open=True)
+        if isinstance(self.loss_type, (list, tuple)):  # TRL 1.x spells one loss as a list of one
+            if len(self.loss_type) != 1:
+                raise ConfigError(f"loss_type {list(self.loss_type)!r}: fastalign trains one preference loss at a time "
+                                  "(TRL's weighted mixture of several, with loss_weights, is not supported); give one "
+                                  f"of {', '.join(PREFERENCE_LOSS_TYPES)}")
+            self.loss_type = self.loss_type[0]
         if self.loss_type not in PREFERENCE_LOSS_TYPES:
             raise ConfigError(f"unknown loss_type {self.loss_type!r}; valid: {', '.join(PREFERENCE_LOSS_TYPES)}")
         _num("label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)

@@ -119,3 +119,17 @@ def test_cli_train_with_yaml_config(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "fastalign.cli", "train", "sft", "--model", "org/some-hub-model"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "never downloads" in missing.stderr
+
+
+def test_trl_spellings_of_config_values_are_accepted():
+    """TRL / transformers users write report_to=None, loss_type=["sigmoid"] (TRL 1.x), and YAML files with 1e-3 (which
+    PyYAML reads as text); each means what it means there, or is refused with the reason."""
+    assert DPOConfig(report_to=None).reports == ["jsonl"]
+    assert DPOConfig(loss_type=["ipo"]).loss_type == "ipo"
+    with pytest.raises(ConfigError, match=r"loss_type \['sigmoid', 'sft'\]: fastalign trains one preference loss"):
+        DPOConfig(loss_type=["sigmoid", "sft"])
+    import yaml
+    cfg = DPOConfig.from_dict(yaml.safe_load("learning_rate: 1e-3\nbeta: 5e-2\nmax_grad_norm: 1e0\n"))
+    assert (cfg.learning_rate, cfg.beta, cfg.max_grad_norm) == (1e-3, 5e-2, 1.0)
+    with pytest.raises(ConfigError, match="learning_rate must be a number, got 'fast'"):
+        DPOConfig.from_dict({"learning_rate": "fast"})
