@@ -133,3 +133,26 @@ def test_trl_spellings_of_config_values_are_accepted():
     assert (cfg.learning_rate, cfg.beta, cfg.max_grad_norm) == (1e-3, 5e-2, 1.0)
     with pytest.raises(ConfigError, match="learning_rate must be a number, got 'fast'"):
         DPOConfig.from_dict({"learning_rate": "fast"})
+
+
+def test_a_model_given_as_a_local_folder_is_loaded_as_trl_loads_a_model_name(tmp_path):
+    from fastalign.data import default_model_and_tokenizer
+    from fastalign.trainer import RewardTrainer
+    from fastalign.config import RewardConfig
+    for kind, folder in (("causal-lm", tmp_path / "lm"), ("reward", tmp_path / "rm")):
+        model, tok = default_model_and_tokenizer(kind)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    t = DPOTrainer(str(tmp_path / "lm"), ref_model=tmp_path / "lm", train_dataset=ROWS,
+                   args=cfg(output_dir=str(tmp_path / "dpo"), max_steps=1))  # the folder's tokenizer too
+    assert type(t.model).__name__ == "LlamaForCausalLM" and type(t.ref_model).__name__ == "LlamaForCausalLM"
+    assert t.tokenizer is not None and len(t.train()) >= 1
+    r = RewardTrainer(str(tmp_path / "rm"), train_dataset=ROWS,
+                      args=RewardConfig(output_dir=str(tmp_path / "rmrun"), max_steps=1, per_device_train_batch_size=4,
+                                        max_length=64, disable_tqdm=True))
+    assert type(r.model).__name__ == "LlamaForSequenceClassification"
+    with pytest.raises(FileNotFoundError, match=r"DPOTrainer: model='meta-llama/Llama-3' is not a local folder.*"
+                                                r"never downloads"):
+        DPOTrainer("meta-llama/Llama-3", train_dataset=ROWS, args=cfg(output_dir=str(tmp_path / "x")))
+    with pytest.raises(TypeError, match="DPOTrainer: model must be a transformers model .* got int"):
+        DPOTrainer(3, processing_class=t.tokenizer, train_dataset=ROWS, args=cfg(output_dir=str(tmp_path / "y")))

@@ -18,6 +18,7 @@ from fastalign.trainers.models import StepModule as _StepModule
 from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
 from fastalign.trainers.models import disable_dropout as _disable_dropout
 from fastalign.trainers.models import apply_peft_config as _apply_peft_config
+from fastalign.trainers.models import model_from_folder
 from fastalign.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from fastalign.trainers.logging_eval import LoggingEvalMixin
 from fastalign.trainers.reporting import mean_by_key, micro_step_metrics, reduce_across_ranks
@@ -44,6 +45,16 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
 
     def __init__(self, model, tokenizer, train_dataset=None, eval_dataset=None, config=None, ref_model=None, *,
                  callbacks=None, peft_config=None):
+        name = type(self).__name__
+        kind = "rm" if self.data_kind == "reward" else "causal-lm"
+        if isinstance(model, (str, os.PathLike)):  # TRL takes a model by name: here a local folder
+            model, folder_tokenizer = model_from_folder(name, model, kind)
+            tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
+        if isinstance(ref_model, (str, os.PathLike)):
+            ref_model, _ = model_from_folder(name, ref_model, kind, what="ref_model")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{name}: model must be a transformers model (a torch.nn.Module) or a local folder written "
+                            f"by save_pretrained, got {type(model).__name__}")
         if config is None:
             config = self.config_class()
         if not isinstance(config, self.config_class):

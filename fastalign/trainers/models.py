@@ -51,3 +51,18 @@ def apply_peft_config(model, peft_config):
         raise ValueError("peft_config was given for a model that is already a peft model: pass the base model "
                          "with peft_config, or the peft model without it")
     return peft.get_peft_model(model, peft_config)
+
+
+def model_from_folder(trainer_name, path, kind, what="model"):
+    """(model, tokenizer) from a local save_pretrained folder, as TRL takes a model given by name. kind: "rm" (a
+    sequence-classification model with one label) or "causal-lm". fastalign never downloads: a name that is not a
+    local folder is refused."""
+    import os
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{trainer_name}: {what}={path!r} is not a local folder; pass a transformers model "
+                                "object, or a folder written by save_pretrained (fastalign never downloads; load a hub "
+                                "model with from_pretrained yourself)")
+    from fastalign.cli.common import load_model
+    model, tokenizer, _ = load_model("rm" if kind == "rm" else "dpo", path)
+    return model, tokenizer

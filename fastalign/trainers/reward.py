@@ -1,10 +1,13 @@
 """Bradley-Terry reward-model trainer (optionally the weighted MLE of Clone-Robust AI Alignment)."""
+import os
+
 import torch
 
 from fastalign.config import RewardConfig
 from fastalign.integrations.hf import _unwrap, trunk_of
 from fastalign.losses import weighted_bt_loss
 from fastalign.trainers.loop import BaseTrainer, trl_arguments
+from fastalign.trainers.models import model_from_folder
 
 
 class _RewardOutput:
@@ -36,6 +39,9 @@ class RewardTrainer(BaseTrainer):
                                            "optimizer_cls_and_kwargs": optimizer_cls_and_kwargs,
                                            "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
                                            "quantization_config": quantization_config})
+        if isinstance(model, (str, os.PathLike)):  # TRL takes a model by name: here a local folder
+            model, folder_tokenizer = model_from_folder(type(self).__name__, model, "rm")
+            tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
         inner = _unwrap(model)
         if not isinstance(getattr(inner, "score", None), torch.nn.Module):
             raise TypeError(f"RewardTrainer needs a sequence-classification model with a `score` head and "
