@@ -17,80 +17,129 @@ import torch
 
 from fastalign import checkpoint as ckpt
 from fastalign.config import ConfigError
-from fastalign.data import DataError, is_nonempty, load_rows
-from fastalign.generation import read_jsonl, sample, write_jsonl
+from fastalign.data import DataError, Rows, is_nonempty, load_rows, locations
+from fastalign.data.errors import Problems, type_name
+from fastalign.generation import sample, write_jsonl
 from fastalign.scoring import _check_same_tokenizer, best_of_n
 from fastalign.trainers.afd_reward import RM_KINDS, AfDRewardConfig
 from fastalign.trainers.runlog import OutputDirLock
 
 STAGES = ("samples-init", "samples-sft", "reward-model", "best-of-n")
+ANSWER_KEYS = ("completion", "answer", "chosen")
 
 
-def _answer(row):
-    for k in ("completion", "answer", "chosen"):
-        if k in row:
-            return row[k]
-    raise KeyError("completion")
+def _load(data, role):
+    """load_rows with the role said once (the loader's own messages already name the file and line)."""
+    if isinstance(data, (str, os.PathLike)) and not os.path.exists(data):
+        raise FileNotFoundError(f"{role}: file {os.fspath(data)!r} does not exist")
+    try:
+        return load_rows(data)
+    except DataError as exc:
+        raise DataError(f"{role}: {exc}") from None
+
+
+def _check_prompt(value, where, problems, field="prompt"):
+    """A prompt is non-blank text or a list of {role, content} messages with some content."""
+    if is_nonempty(value):
+        return True
+    if isinstance(value, str):
+        problems.add(where, "must be non-empty text, got an empty string", field)
+    elif isinstance(value, list):
+        found = "an empty list" if not value else "a list that is not {role, content} messages with text"
+        problems.add(where, f"must be text or a list of {{role, content}} messages, got {found}", field)
+    else:
+        problems.add(where, f"must be text, got {type_name(value)}", field)
+    return False
+
+
+def check_answer_rows(rows, role, *, nonempty=True):
+    """``Rows`` of {prompt, completion} from rows with a prompt and a completion (or answer, or chosen), each row
+    keeping where it came from; DataError naming file:line (or row), field, found and expected for every bad row.
+    nonempty: an empty completion is refused (demonstrations; a model's sample may be empty)."""
+    problems = Problems(role)
+    out, where_out = [], []
+    for row, where in zip(rows, locations(rows)):
+        if not isinstance(row, dict):
+            problems.add(where, f"expected a {{prompt, completion}} object, got {type_name(row)}")
+            continue
+        key = next((k for k in ANSWER_KEYS if k in row), None)
+        if "prompt" not in row or key is None:
+            have = ", ".join(repr(k) for k in row) or "none"
+            problems.add(where, f"missing (a row needs 'prompt' and 'completion' (or 'answer', or 'chosen'); "
+                                f"the row has {have})", "prompt" if "prompt" not in row else "completion")
+            continue
+        ok = _check_prompt(row["prompt"], where, problems)
+        answer = row[key]
+        if not isinstance(answer, str):
+            problems.add(where, f"must be text, got {type_name(answer)}", key)
+            ok = False
+        elif nonempty and not answer.strip():
+            problems.add(where, "must be non-empty text, got an empty string", key)
+            ok = False
+        if ok:
+            out.append({"prompt": row["prompt"], "completion": answer})
+            where_out.append(where)
+    problems.raise_if_any("malformed row(s)")
+    return Rows(out, where_out, getattr(rows, "source", None))
 
 
 def load_demos(data):
-    """Demonstrations: rows with prompt and completion (or answer, or chosen)."""
-    try:
-        rows = load_rows(data)
-    except ValueError as exc:
-        raise DataError(f"demonstrations {data if isinstance(data, str) else ''}: {exc}") from None
-    bad = [i for i, r in enumerate(rows)
-           if "prompt" not in r or not any(k in r for k in ("completion", "answer", "chosen"))
-           or not is_nonempty(r["prompt"])]
-    if bad:
-        raise DataError(f"demonstrations: row {bad[0]} (and {len(bad) - 1} more) needs a non-empty prompt and a "
-                        f"completion (or answer, or chosen); found keys {sorted(rows[bad[0]])}")
-    return [{"prompt": r["prompt"], "completion": _answer(r)} for r in rows]
+    """Demonstrations: rows with a non-empty prompt and a non-empty text completion (or answer, or chosen),
+    all checked before any work. Returns ``Rows`` of {prompt, completion} that remember each row's file:line."""
+    return check_answer_rows(_load(data, "demonstrations"), "demonstrations")
+
+
+def load_samples(data, role="samples"):
+    """Samples (`fastalign sample` output): rows with a prompt and a text completion (possibly empty)."""
+    return check_answer_rows(_load(data, role), role, nonempty=False)
 
 
 def load_prompts(data):
     """Prompts: a .jsonl/.json of rows with a prompt field, or a list of prompts / rows. Duplicates kept."""
-    where = data if isinstance(data, str) else "prompts"
     if isinstance(data, (list, tuple)) and data and not isinstance(data[0], dict):
-        rows = [{"prompt": p} for p in data]
-    else:
-        try:
-            rows = load_rows(data)
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc} (expected one {{\"prompt\": ...}} object per line)") from None
-    prompts = []
-    for i, r in enumerate(rows):
-        if "prompt" not in r or not is_nonempty(r["prompt"]):
-            raise DataError(f"{where}: row {i} needs a non-empty prompt field; found keys {sorted(r)}")
-        prompts.append(r["prompt"])
-    return prompts
+        data = [{"prompt": p} for p in data]
+    rows = _load(data, "prompts")
+    problems = Problems("prompts")
+    for row, where in zip(rows, locations(rows)):
+        if "prompt" not in row:
+            have = ", ".join(repr(k) for k in row) or "none"
+            problems.add(where, f"missing (each row needs a 'prompt'; the row has {have})", "prompt")
+        else:
+            _check_prompt(row["prompt"], where, problems)
+    problems.raise_if_any("malformed row(s)")
+    return [r["prompt"] for r in rows]
 
 
 def reward_rows(rm_kind, *, demos=None, init_samples=None, sft_samples=None):
     """(prompt, answer, label) rows for AfDRewardTrainer: positives (label 1) and negatives (label 0) by kind:
     init-sft = SFT samples vs initial-model samples; init-demo = demonstrations vs initial-model samples;
-    sft-demo = demonstrations vs SFT samples. Inputs are rows with prompt and completion."""
+    sft-demo = demonstrations vs SFT samples. Inputs are rows with prompt and completion (checked: DataError
+    names the bad row's file:line). Returns ``Rows``: each row remembers where it came from."""
     if rm_kind not in RM_KINDS:
         raise ConfigError(f"unknown rm_kind {rm_kind!r}; valid: {', '.join(RM_KINDS)}")
     given = {"demo": demos, "init": init_samples, "sft": sft_samples}
     names = {"demo": "demos", "init": "init_samples", "sft": "sft_samples"}
-    out = []
+    out, where = [], []
     for label, part in zip((1, 0), RM_KINDS[rm_kind]):
         rows = given[part]
-        if not rows:
+        if rows is None or len(rows) == 0:
             raise ValueError(f"rm_kind={rm_kind!r} needs {names[part]} ({'positives' if label else 'negatives'})")
-        out += [{"prompt": r["prompt"], "answer": _answer(r), "label": label, "source": part} for r in rows]
-    return out
+        rows = check_answer_rows(rows, names[part], nonempty=part == "demo")
+        out += [{"prompt": r["prompt"], "answer": r["completion"], "label": label, "source": part} for r in rows]
+        where += locations(rows)
+    return Rows(out, where)
 
 
 def split_by_prompt(rows, eval_fraction, seed=0):
-    """(train, eval) with every prompt's rows on one side (no prompt leaks into the held-out set)."""
+    """(train, eval) with every prompt's rows on one side (no prompt leaks into the held-out set); both ``Rows``
+    keeping each row's origin."""
     keys = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
     random.Random(seed).shuffle(keys)
     held = set(keys[:int(round(eval_fraction * len(keys)))])
-    train = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in held]
-    held_rows = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in held]
-    return train, held_rows
+    where = locations(rows)
+    side = [json.dumps(r["prompt"], sort_keys=True) in held for r in rows]
+    return tuple(Rows([r for r, s in zip(rows, side) if s == h], [w for w, s in zip(where, side) if s == h])
+                 for h in (False, True))
 
 
 # ---- the resumable pipeline -------------------------------------------------------------------------
@@ -138,22 +187,45 @@ def _device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _check_model_dir(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist (expected a local folder written by "
+                                "save_pretrained; fastalign never downloads)")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file; expected a folder written by save_pretrained")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what} {path!r} holds no config.json; expected a folder written by save_pretrained")
+
+
 def load_causal_lm(path):
     import transformers
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model {path!r} is not a local directory written by save_pretrained "
-                                "(fastalign never downloads)")
+    _check_model_dir(path, "model")
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     return model.to(_device()), tok
 
 
-def load_reward_model(path, tokenizer=None):
+def load_reward_model(path, tokenizer=None, *, new_head=False):
+    """A sequence-classification model (num_labels=1) from a save_pretrained folder. A folder without the
+    reward head (e.g. a causal LM) is refused: its scores would come from a randomly initialised head.
+    new_head=True (the start of reward-model training): such a folder is fine, its head is initialised fresh."""
     import transformers
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"reward model {path!r} is not a local directory written by save_pretrained")
+    _check_model_dir(path, "reward model")
     tok = tokenizer or transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, local_files_only=True, output_loading_info=True)
+    prefix = f"{getattr(model, 'base_model_prefix', 'model')}."
+    missing = sorted(info.get("missing_keys") or ())
+    head = [k for k in missing if not k.startswith(prefix)]
+    trunk = [k for k in missing if k.startswith(prefix)]
+    if trunk or (head and not new_head):
+        with open(os.path.join(path, "config.json")) as f:
+            archs = json.load(f).get("architectures") or ["a model of unknown architecture"]
+        gap = f"the reward head ({', '.join(head)})" if head and not trunk else f"{len(missing)} weights " \
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        raise ValueError(f"reward model {path!r} holds a {', '.join(archs)} without {gap}: its scores would come "
+                         f"from randomly initialised weights; expected a sequence-classification reward model "
+                         f"(num_labels=1), e.g. the final/ folder of `fastalign afd-rm` or `fastalign train rm`")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return model, tok
@@ -218,11 +290,11 @@ def run_afd(init_model, sft_model, demos, prompts=None, *, output_dir, rm_kind="
         else:
             from fastalign.trainers.afd_reward import AfDRewardTrainer
             cfg = AfDRewardConfig.from_dict(rm_opts)
-            samples = {k: read_jsonl(paths[k]) for k in needed if k != "demo"}
+            samples = {k: load_samples(paths[k], f"{k}_samples") for k in needed if k != "demo"}
             rows = reward_rows(rm_kind, demos=demo_rows, init_samples=samples.get("init"),
                                sft_samples=samples.get("sft"))
             train_rows, eval_rows = split_by_prompt(rows, cfg.eval_fraction, cfg.seed)
-            rm, tok = load_reward_model(rm_base)
+            rm, tok = load_reward_model(rm_base, new_head=True)
             trainer = AfDRewardTrainer(rm, tokenizer=tok, train_dataset=train_rows,
                                        eval_dataset=eval_rows or None, config=cfg)
             # an interrupted run of this stage resumes from its last checkpoint (save_steps in rm_options)

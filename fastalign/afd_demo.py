@@ -43,7 +43,8 @@ def mean_gold(prompts, answers):
 def _sft(model, tok, rows, steps, lr, out, seed=0):
     cfg = SFTConfig(output_dir=out, learning_rate=lr, max_steps=steps, per_device_train_batch_size=16,
                     max_length=32, max_prompt_length=16, warmup_ratio=0.05, lr_scheduler_type="cosine",
-                    logging_steps=max(1, steps // 4), report_to="none", seed=seed, disable_tqdm=True)
+                    logging_steps=max(1, steps // 4), report_to="none", seed=seed, disable_tqdm=True,
+                    overwrite_output_dir=True)  # the demo starts over each time it is run
     SFTTrainer(model, tokenizer=tok, train_dataset=rows, config=cfg).train()
     return model.eval()
 
@@ -94,7 +95,7 @@ def run(output_dir="demo_out", rm_steps=150, sft_steps=60, pretrain_steps=250, s
         cfg = AfDRewardConfig(output_dir=os.path.join(output_dir, f"afd_rm_{kind}"), rm_kind=kind, learning_rate=1e-3,
                               max_steps=rm_steps, per_device_train_batch_size=32, max_length=32, max_prompt_length=16,
                               warmup_ratio=0.05, lr_scheduler_type="cosine", logging_steps=max(1, rm_steps // 4),
-                              report_to="none", seed=seed, disable_tqdm=True)
+                              report_to="none", seed=seed, disable_tqdm=True, overwrite_output_dir=True)
         trainer = AfDRewardTrainer(_reward_model(init, tok, seed), tokenizer=tok, train_dataset=train_rows,
                                    eval_dataset=eval_rows, config=cfg)
         trainer.train()

@@ -112,16 +112,40 @@ def _progress(iterable, total, desc, show):
     return tqdm(iterable, total=total, desc=desc, disable=not show, dynamic_ncols=True, leave=False)
 
 
+def check_output_path(path, overwrite=True, flag="output"):
+    """Fail before any work on an output file that cannot be written: a directory, a parent that is a file or
+    not writable, or (overwrite=False) a file that exists already."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path!r} is a directory; expected the path of a .jsonl file to write")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{flag} {path!r} exists; choose a new file or pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest existing folder: the missing ones are created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"{flag} {path!r}: {parent!r} is a file, so the folder for it cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path!r}: the folder {parent!r} is not writable")
+    return path
+
+
 def write_jsonl(path, rows):
-    """Write rows as JSONL atomically (a temporary sibling renamed into place)."""
+    """Write rows as JSONL atomically (a temporary sibling renamed into place; removed if the write fails)."""
+    check_output_path(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
@@ -143,6 +167,8 @@ def sample(model, tokenizer, prompts, *, n=1, max_new_tokens=64, temperature=1.0
     and a later call with the same fingerprint reads them back instead of generating.
     """
     prompts = _check_prompts(prompts)
+    if output is not None:
+        check_output_path(output)  # before generating, not after
     _check_positive("n", n)
     _check_positive("max_new_tokens", max_new_tokens)
     _check_positive("batch_size", batch_size)

@@ -85,7 +85,7 @@ def test_bad_rows_and_options(tmp_path):
                             train_dataset=[ROWS[0], {**ROWS[1], "label": 2}, *ROWS[2:]])
     with pytest.raises(DataError, match="only label 1"):
         fa.AfDRewardTrainer(rm, tokenizer=tok, config=_config(tmp_path), train_dataset=[ROWS[0]] * 4)
-    with pytest.raises(DataError, match="row 0: needs prompt, answer"):
+    with pytest.raises(DataError, match="row 0: needs prompt, answer"):  # in memory: 0-based rows
         fa.AfDRewardTrainer(rm, tokenizer=tok, config=_config(tmp_path), train_dataset=[{"prompt": "a"}] * 4)
     with pytest.raises(ConfigError, match="unknown rm_kind 'sft-init'"):
         fa.AfDRewardConfig(rm_kind="sft-init")
@@ -174,10 +174,13 @@ def test_cli_bad_inputs(saved_models, capsys):
     (d / "bad.jsonl").write_text('{"text": "hi"}\n')
     assert main(["sample", "--model", str(d / "init"), "--prompts", str(d / "bad.jsonl"),
                  "--output", str(d / "s.jsonl")]) == 2
-    assert "row 0 needs a non-empty prompt" in capsys.readouterr().err
-    assert main(["afd", "--init-model", str(d / "init"), "--sft-model", str(d / "sft"), "--demos",
-                 str(d / "demos.jsonl"), "--n", "0", "--output-dir", str(d / "o")]) == 2
-    assert "n must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "bad.jsonl:1: field 'prompt': missing (each row needs a 'prompt'; the row has 'text')" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # checked when the arguments are parsed
+        main(["afd", "--init-model", str(d / "init"), "--sft-model", str(d / "sft"), "--demos",
+              str(d / "demos.jsonl"), "--n", "0", "--output-dir", str(d / "o")])
+    assert exit_info.value.code == 2
+    assert "argument --n: must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["sample", "--model", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--n", "2",
                  "--max-new-tokens", "2", "--output", str(d / "s.jsonl")]) == 0
     assert len(open(d / "s.jsonl").readlines()) == 4

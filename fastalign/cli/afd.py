@@ -1,17 +1,36 @@
 """`fastalign afd | sample | best-of-n | afd-rm`: alignment from demonstrations, whole or one step at a time."""
+import argparse
 import os
 
 from fastalign.cli.common import _add_config_flags, load_config_file
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _output_flags(p, what):
+    p.add_argument("--output", required=True, help=f"output .jsonl ({what}); written atomically. An existing file is "
+                   "refused unless --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+
+
 def _generation_flags(p, n_default=1):
-    p.add_argument("--n", type=int, default=n_default, help=f"samples per prompt (default {n_default})")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64,
+    p.add_argument("--n", type=positive_int, default=n_default, help=f"samples per prompt (default {n_default})")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=positive_int, default=64,
                    help="tokens generated at most per sample (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same samples (default 0)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts generated at once (default 16)")
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int, default=16,
+                   help="prompts generated at once (default 16)")
 
 
 def _gen_kwargs(args):
@@ -27,7 +46,8 @@ def _gen_kwargs(args):
 
 def cmd_sample(args):
     from fastalign.afd import load_causal_lm, load_prompts
-    from fastalign.generation import sample
+    from fastalign.generation import check_output_path, sample
+    check_output_path(args.output, args.overwrite, "--output")  # before any sampling
     prompts = load_prompts(args.prompts)
     model, tok = load_causal_lm(args.model)
     rows = sample(model, tok, prompts, n=args.n, source=args.source or args.model, output=args.output,
@@ -37,11 +57,17 @@ def cmd_sample(args):
 
 
 def cmd_best_of_n(args):
-    from fastalign.afd import load_causal_lm, load_prompts, load_reward_model
+    from fastalign.afd import _check_model_dir, load_causal_lm, load_prompts, load_reward_model
+    from fastalign.generation import check_output_path
     from fastalign.scoring import _check_same_tokenizer, best_of_n, log_ratio_scorer
     if (args.reward_model is None) == (args.log_ratio is None):
         from fastalign.config import ConfigError
         raise ConfigError("give exactly one scorer: --reward-model DIR or --log-ratio MODEL_A MODEL_B")
+    check_output_path(args.output, args.overwrite, "--output")  # before any sampling
+    for what, path in [("--policy", args.policy), ("--reward-model", args.reward_model)] + \
+            [("--log-ratio", m) for m in args.log_ratio or ()]:
+        if path is not None:
+            _check_model_dir(path, what)
     prompts = load_prompts(args.prompts)
     policy, tok = load_causal_lm(args.policy)
     if args.reward_model:
@@ -58,25 +84,49 @@ def cmd_best_of_n(args):
     return 0
 
 
-def cmd_afd_rm(args):
-    from fastalign.afd import load_demos, load_reward_model, reward_rows, split_by_prompt
+def _afd_rm_rows(args, cfg):
+    """(train, eval) rows of afd-rm: --data (and --eval-data) as given, or built from --rm-kind's parts."""
+    from fastalign.afd import load_demos, load_samples, reward_rows, split_by_prompt
+    from fastalign.config import ConfigError
     from fastalign.data import load_rows
+    from fastalign.trainers.afd_reward import RM_KINDS
+    parts = {"--demos": args.demos, "--init-samples": args.init_samples, "--sft-samples": args.sft_samples}
+    given = [flag for flag, v in parts.items() if v]
+    if args.data:
+        clash = given + (["--rm-kind"] if "rm_kind" in vars(args) else [])
+        if clash:
+            raise ConfigError(f"--data (labelled rows) cannot be combined with {', '.join(clash)} (rows built by "
+                              "--rm-kind): give either --data, or --rm-kind with its parts")
+        return load_rows(args.data), load_rows(args.eval_data) if args.eval_data else None
+    if args.eval_data:
+        raise ConfigError("--eval-data goes with --data; with --rm-kind, --eval-fraction of the prompts is held out")
+    flag_of = {"demo": "--demos", "init": "--init-samples", "sft": "--sft-samples"}
+    pos, neg = (flag_of[p] for p in RM_KINDS[cfg.rm_kind])
+    missing = [f for f in (pos, neg) if not parts[f]]
+    if missing:
+        raise ConfigError(f"--rm-kind {cfg.rm_kind} trains {pos} (positives) against {neg} (negatives): "
+                          f"{' and '.join(missing)} missing (or give labelled rows with --data)")
+    unused = [f for f in given if f not in (pos, neg)]
+    if unused:
+        raise ConfigError(f"--rm-kind {cfg.rm_kind} does not use {' or '.join(unused)} (it trains {pos} against "
+                          f"{neg}): leave it out, or choose the --rm-kind that uses it")
+    rows = reward_rows(cfg.rm_kind, demos=load_demos(args.demos) if args.demos else None,
+                       init_samples=load_samples(args.init_samples, "init_samples") if args.init_samples else None,
+                       sft_samples=load_samples(args.sft_samples, "sft_samples") if args.sft_samples else None)
+    train_rows, eval_rows = split_by_prompt(rows, cfg.eval_fraction, cfg.seed)
+    return train_rows, eval_rows or None
+
+
+def cmd_afd_rm(args):
+    from fastalign.afd import load_reward_model
     from fastalign.trainers.afd_reward import AfDRewardConfig, AfDRewardTrainer
     opts = load_config_file(args.config) if args.config else {}
     opts.update({k: v for k, v in vars(args).items() if k in AfDRewardConfig.__dataclass_fields__})
     if args.output_dir:
         opts["output_dir"] = args.output_dir
     cfg = AfDRewardConfig.from_dict(opts)
-    if args.data:
-        train_rows = load_rows(args.data)
-        eval_rows = load_rows(args.eval_data) if args.eval_data else None
-    else:
-        samples = {k: load_rows(v) if v else None for k, v in (("init", args.init_samples), ("sft", args.sft_samples))}
-        rows = reward_rows(cfg.rm_kind, demos=load_demos(args.demos) if args.demos else None,
-                           init_samples=samples["init"], sft_samples=samples["sft"])
-        train_rows, eval_rows = split_by_prompt(rows, cfg.eval_fraction, cfg.seed)
-        eval_rows = eval_rows or None
-    model, tok = load_reward_model(args.model)
+    train_rows, eval_rows = _afd_rm_rows(args, cfg)
+    model, tok = load_reward_model(args.model, new_head=True)  # a causal LM starts with a fresh head
     trainer = AfDRewardTrainer(model, tokenizer=tok, train_dataset=train_rows, eval_dataset=eval_rows, config=cfg)
     trainer.train()
     out = trainer.save_model()
@@ -117,7 +167,7 @@ def register(sub):
                    help=f"positives-negatives of the reward model: {kinds} (default init-sft)")
     p.add_argument("--rm-model", dest="rm_model", help="folder the reward model starts from (default --init-model)")
     p.add_argument("--rm-config", dest="rm_config", help="YAML of AfDRewardConfig options for the reward model")
-    p.add_argument("--samples-per-prompt", dest="samples_per_prompt", type=int, default=1,
+    p.add_argument("--samples-per-prompt", dest="samples_per_prompt", type=positive_int, default=1,
                    help="samples per demonstration prompt for the reward model's rows (default 1)")
     p.add_argument("--output-dir", dest="output_dir", required=True,
                    help="folder of every stage's outputs (samples, reward model, Best-of-N); one run per folder")
@@ -127,7 +177,7 @@ def register(sub):
     p = sub.add_parser("sample", help="sample completions from a model into JSONL (prompt, completion, source)")
     p.add_argument("--model", required=True, help="save_pretrained folder of a causal LM")
     p.add_argument("--prompts", required=True, help=".jsonl of {prompt}")
-    p.add_argument("--output", required=True, help="output .jsonl")
+    _output_flags(p, "prompt, completion, source, sample_index, seed")
     p.add_argument("--source", help="the source field of each row (default: --model)")
     p.add_argument("--cache-dir", dest="cache_dir", help="reuse samples of an identical earlier call")
     _generation_flags(p)
@@ -139,8 +189,8 @@ def register(sub):
     p.add_argument("--log-ratio", dest="log_ratio", nargs=2, metavar=("MODEL_A", "MODEL_B"),
                    help="score by log pi_A(y|x) - log pi_B(y|x) (e.g. the SFT and the initial model)")
     p.add_argument("--prompts", required=True, help=".jsonl of {prompt}")
-    p.add_argument("--output", required=True, help="output .jsonl (chosen answer, its score, all candidates)")
-    p.add_argument("--score-batch-size", dest="score_batch_size", type=int, default=64,
+    _output_flags(p, "chosen answer, its score, all candidates")
+    p.add_argument("--score-batch-size", dest="score_batch_size", type=positive_int, default=64,
                    help="candidates scored at once (default 64)")
     p.add_argument("--cache-dir", dest="cache_dir", help="reuse samples of an identical earlier call")
     _generation_flags(p, n_default=16)
@@ -148,7 +198,8 @@ def register(sub):
 
     p = sub.add_parser("afd-rm", help="train the AfD discriminator reward model (BCE on labelled answers)",
                        description="Either --data with labelled rows (prompt, answer, label 0/1), or --rm-kind with "
-                       "the parts it needs: --demos, --init-samples, --sft-samples (JSONL from `fastalign sample`).")
+                       "the two parts it needs, from --demos, --init-samples, --sft-samples (JSONL from `fastalign "
+                       "sample`); the two ways cannot be mixed. Every file is checked before training.")
     p.add_argument("--model", required=True, help="folder the reward model starts from (loaded as "
                    "AutoModelForSequenceClassification, num_labels=1)")
     p.add_argument("--config", help="YAML file of options (flags given here override it)")
@@ -158,5 +209,8 @@ def register(sub):
     p.add_argument("--init-samples", dest="init_samples", help="samples of the initial model .jsonl (`fastalign sample`)")
     p.add_argument("--sft-samples", dest="sft_samples", help="samples of the SFT model .jsonl (`fastalign sample`)")
     p.add_argument("--output-dir", dest="output_dir", help="where the reward model is saved (or set output_dir in --config)")
+    p.add_argument("--resume", dest="resume_from_checkpoint", nargs="?", const="latest", default=argparse.SUPPRESS,
+                   metavar="CHECKPOINT", help="resume the run in --output-dir from its latest checkpoint, or from the "
+                   "CHECKPOINT folder given (same as --resume-from-checkpoint)")
     _add_config_flags(p, AfDRewardConfig)
     p.set_defaults(func=cmd_afd_rm)

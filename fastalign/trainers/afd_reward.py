@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastalign.config import ConfigError, RewardConfig
-from fastalign.data import DataError, is_nonempty, collate_sequences, load_rows, tokenize_pair
+from fastalign.config import ConfigError, RewardConfig, _f
+from fastalign.data import DataError, is_nonempty, collate_sequences, load_rows, locations, tokenize_pair
 from fastalign.integrations.hf import _unwrap, trunk_of
 from fastalign.trainers.loop import BaseTrainer, trl_arguments
 
@@ -23,8 +23,11 @@ class AfDRewardConfig(RewardConfig):
     """AfD discriminator reward model. rm_kind names what is positive and what negative: "init-sft" (SFT samples
     vs initial-model samples; the paper's recommendation), "init-demo" (demonstrations vs initial-model samples),
     "sft-demo" (demonstrations vs SFT samples). eval_fraction: share of prompts held out by the AfD pipeline."""
-    rm_kind: str = "init-sft"
-    eval_fraction: float = 0.1
+    rm_kind: str = _f("init-sft", "what is positive vs negative: init-sft = SFT samples vs initial-model samples "
+                      "(the paper's choice), init-demo = demonstrations vs initial-model samples, sft-demo = "
+                      "demonstrations vs SFT samples", choices=RM_KINDS)
+    eval_fraction: float = _f(0.1, "share of the prompts held out for evaluation when the rows are built from "
+                              "--rm-kind's parts, in [0, 1) (all rows of a prompt on one side); not used with --data")
 
     def validate(self):
         super().validate()
@@ -39,19 +42,21 @@ class AfDRewardConfig(RewardConfig):
 
 
 def validate_labelled_rows(rows):
-    """Rows must have prompt, answer (or completion) and label 0/1 (or bool); DataError lists the bad ones."""
+    """Rows must have prompt, answer (or completion) and label 0/1 (or bool); DataError lists the bad ones, each
+    by file:line (or row) as the loader recorded it."""
     problems = []
-    for i, r in enumerate(rows):
+    for r, where in zip(rows, locations(rows)):
         answer_key = "answer" if "answer" in r else "completion" if "completion" in r else None
         if "prompt" not in r or answer_key is None or "label" not in r:
-            problems.append(f"row {i}: needs prompt, answer (or completion) and label; has {sorted(r)}")
+            problems.append(f"{where}: needs prompt, answer (or completion) and label; has {sorted(r)}")
             continue
         if not is_nonempty(r["prompt"]):
-            problems.append(f"row {i}: empty prompt")
+            found = "an empty string" if isinstance(r["prompt"], str) else type(r["prompt"]).__name__
+            problems.append(f"{where}: prompt must be non-empty text (or chat messages), got {found}")
         if not isinstance(r[answer_key], str):
-            problems.append(f"row {i}: {answer_key} must be text, got {type(r[answer_key]).__name__}")
+            problems.append(f"{where}: {answer_key} must be text, got {type(r[answer_key]).__name__}")
         if not isinstance(r["label"], (bool, int, float)) or r["label"] not in (0, 1):
-            problems.append(f"row {i}: label must be 0 or 1, got {r['label']!r}")
+            problems.append(f"{where}: label must be 0 or 1, got {r['label']!r}")
     if problems:
         raise DataError(f"{len(problems)} malformed row(s):\n  " + "\n  ".join(problems[:10]))
     labels = {int(r["label"]) for r in rows}
