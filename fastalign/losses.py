@@ -103,13 +103,17 @@ def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, *, lam=0.1):
     return -policy_chosen_avg_logps - lam * F.logsigmoid(ratio)
 
 
-def weighted_bt_loss(chosen_scores, rejected_scores, weights=None):
+def weighted_bt_loss(chosen_scores, rejected_scores, weights=None, margins=None):
     """Weighted Bradley-Terry MLE (Clone-Robust AI Alignment); a scalar.
 
-    -sum_i w_i logsig(c_i - r_i) / sum_i w_i; weights=None is the plain mean. A pair's weight is
-    w(chosen) * w(rejected), each alternative weighted by how unique it is among its near-duplicates.
+    -sum_i w_i logsig(c_i - r_i - m_i) / sum_i w_i; weights=None is the plain mean, margins=None is m = 0. A pair's
+    weight is w(chosen) * w(rejected), each alternative weighted by how unique it is among its near-duplicates; a
+    margin m_i asks the chosen answer to score m_i more (Llama 2's margin loss, TRL's ``margin`` column).
     """
     _check_same_shape(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    if margins is not None:
+        _check_same_shape(chosen_scores=chosen_scores, margins=margins)
+        rejected_scores = rejected_scores + margins.to(rejected_scores)
     losses = -F.logsigmoid(chosen_scores - rejected_scores)
     return weighted_mean(losses, weights)
 

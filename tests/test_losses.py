@@ -62,6 +62,8 @@ def test_simpo_orpo_sft_weighted_bt():
     want = -(w * logsig(pc - pr)).sum() / w.sum()
     torch.testing.assert_close(fa.weighted_bt_loss(pc, pr, w), want)
     torch.testing.assert_close(fa.weighted_bt_loss(pc, pr), -logsig(pc - pr).mean())
+    margins = torch.tensor([0.0, 1.0, 2.5, -1.0, 0.5, 3.0], dtype=torch.float64)  # TRL's reward-data margin column
+    torch.testing.assert_close(fa.weighted_bt_loss(pc, pr, w, margins), -(w * logsig(pc - pr - margins)).sum() / w.sum())
 
 
 def test_clone_robust_weights_neutralize_duplicates():

@@ -448,3 +448,16 @@ def test_resume_from_checkpoint_true_means_the_latest_as_in_transformers(tmp_pat
         dpo(tmp_path / "empty").train(resume_from_checkpoint=True)
     with pytest.raises(TypeError, match="resume_from_checkpoint must be a checkpoint folder, 'latest' or True, got int 3"):
         dpo(tmp_path).train(resume_from_checkpoint=3)
+
+
+def test_num_tokens_counts_every_input_token_and_survives_a_resume(tmp_path):
+    """TRL's num_tokens: the input tokens (padding left out) seen since the run began, carried across a resume."""
+    t = dpo(tmp_path / "one", rows=ROWS, max_steps=1, per_device_train_batch_size=16)  # one step: every row once
+    history = t.train()
+    want = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in t.train_examples)
+    assert history[0]["num_tokens"] == want
+    full = [h["num_tokens"] for h in dpo(tmp_path / "full", max_steps=4, lr_scheduler_type="constant").train()]
+    assert full == sorted(full) and full[0] > 0
+    dpo(tmp_path / "cut", max_steps=2, save_steps=2, lr_scheduler_type="constant").train()
+    resumed = dpo(tmp_path / "cut", max_steps=4, lr_scheduler_type="constant").train("latest")
+    assert [h["num_tokens"] for h in resumed] == full[2:]

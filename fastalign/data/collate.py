@@ -20,6 +20,7 @@ class Batch:
     sequence_index: Optional[torch.Tensor] = None
     n_sequences: int = 0
     weights: Optional[torch.Tensor] = None  # per-pair weights; None when every pair weighs 1
+    margins: Optional[torch.Tensor] = None  # per-pair reward margins (TRL's reward data); None when all are 0
     behaviours: Optional[List] = None
     indices: Optional[List[int]] = None
 
@@ -67,6 +68,8 @@ def collate_preference(examples, pad_id, padding_free=False, use_4d_mask=True, m
     # all-ones weights are the plain mean: leave them out here, where it costs no device synchronisation
     if any(e["weight"] != 1.0 for e in examples):
         b.weights = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
+    if any(e.get("margin", 0.0) != 0.0 for e in examples):
+        b.margins = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
     b.behaviours = [e.get("behaviour") for e in examples]
     b.indices = [e["index"] for e in examples]
     return b

@@ -206,7 +206,7 @@ def tokenize_preference_rows(rows, tokenizer, max_length, max_prompt_length, max
         r_ids, r_lab = _labelled(p_ids, r_ids)
         out.append({"index": len(out), "row": where, "chosen_ids": c_ids, "chosen_labels": c_lab,
                     "rejected_ids": r_ids, "rejected_labels": r_lab, "weight": float(r.get("weight", 1.0)),
-                    "behaviour": r.get("behaviour")})
+                    "behaviour": r.get("behaviour"), "margin": float(r.get("margin", 0.0))})
     t.finish(len(rows), "pair(s)")
     return out
 

@@ -96,6 +96,19 @@ def _check_weight(row, where, problems):
     return True
 
 
+def _check_margin(row, where, problems):
+    """TRL's reward-data ``margin``: how much more the chosen answer should score (any finite number)."""
+    if "margin" not in row:
+        return True
+    m = row["margin"]
+    if isinstance(m, numbers.Real) and not isinstance(m, bool) and math.isfinite(m):
+        return True
+    number = isinstance(m, numbers.Real) and not isinstance(m, bool)
+    found = repr(m) if number else f"str {m!r}" if isinstance(m, str) else _describe(m)
+    problems.add(where, f"expected a finite number, got {found}", "margin")
+    return False
+
+
 def extract_prompt(chosen, rejected):
     """(prompt, chosen, rejected) with the prompt the part both answers share (TRL's ``extract_prompt``):
     whole leading messages for conversations, the common leading text for strings (a space just before the
@@ -125,6 +138,7 @@ def _preference_row(row, where, problems):
     if "prompt" in row:
         ok = _check_text_or_messages(row, "prompt", where, problems, answer=False) and ok
     ok = _check_weight(row, where, problems) and ok
+    ok = _check_margin(row, where, problems) and ok
     if not ok:
         return None
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
@@ -149,9 +163,9 @@ def _preference_row(row, where, problems):
     if not ok:
         return None
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    for k in ("weight", "behaviour"):
+    for k in ("weight", "behaviour", "margin"):
         if k in row:
-            out[k] = float(row[k]) if k == "weight" else row[k]
+            out[k] = row[k] if k == "behaviour" else float(row[k])
     return out
 
 

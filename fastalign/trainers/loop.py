@@ -25,6 +25,15 @@ from fastalign.trainers.reporting import mean_by_key, micro_step_metrics, reduce
 from fastalign.trainers.state import CheckpointMixin
 
 
+def _input_tokens(batch):
+    """The batch's input tokens, padding left out (what TRL's num_tokens counts)."""
+    if batch.sequence_index is not None:  # packed rows: -1 marks padding
+        return int((batch.sequence_index >= 0).sum())
+    if batch.attention_mask is not None and batch.attention_mask.dim() == 2:
+        return int(batch.attention_mask.sum())
+    return batch.input_ids.numel()
+
+
 def trl_arguments(owner, args, config, processing_class, tokenizer, unsupported):
     """(config, tokenizer) from TRL's names (``args``, ``processing_class``) or fastalign's (``config``,
     ``tokenizer``); giving both names of one thing is an error, and so is any TRL option fastalign lacks."""
@@ -270,14 +279,16 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
         self.model.train()
         window = self._log_window  # persisted in checkpoints: a resumed run logs what an uninterrupted one does
         t0, tokens = time.perf_counter(), 0
+        self._num_tokens = self._num_tokens or 0  # input tokens of every process since the run began (TRL's key)
         while self.global_step < total and not self.control.should_training_stop:
             epoch, within = divmod(self.global_step, steps_per_epoch)
             order = self._epoch_order(epoch, self.train_examples, cfg.per_device_train_batch_size)
             micro = order[within * ga:(within + 1) * ga]
-            step_metrics = []
+            step_metrics, step_inputs = [], 0
             for k, global_batch in enumerate(micro):
                 batch = self._collate([self.train_examples[i] for i in self._local(global_batch)])
                 tokens += int((batch.labels != -100).sum())
+                step_inputs += _input_tokens(batch)
                 extra = self._extra(batch)
                 sync = contextlib.nullcontext() if (k == len(micro) - 1 or not hasattr(self.wrapped, "no_sync")) \
                     else self.wrapped.no_sync()
@@ -301,6 +312,8 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
             m = reduce_across_ranks(*micro_step_metrics(step_metrics))
+            # every process has the key once: the mean over processes times their number is the sum
+            self._num_tokens += round(reduce_across_ranks({"n": step_inputs})["n"] * self.world_size)
             m.update(step=self.global_step, epoch=self.global_step / steps_per_epoch,
                      learning_rate=self.scheduler.get_last_lr()[0])
             if grad_norm is not None:
@@ -312,7 +325,7 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
             self._event("on_step_end")
             if self.global_step % cfg.logging_steps == 0 or self.global_step == total or self.control.should_log:
                 logged = mean_by_key([{k: v for k, v in w.items() if k not in ("step", "epoch")} for w in window])
-                logged.update(step=self.global_step, epoch=m["epoch"],
+                logged.update(step=self.global_step, epoch=m["epoch"], num_tokens=self._num_tokens,
                               tokens_per_second=tokens * self.world_size / (time.perf_counter() - t0))
                 self._emit_log(logged)
                 window.clear()  # in place: the window object is the one saved in checkpoints

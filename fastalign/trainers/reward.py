@@ -68,8 +68,14 @@ class RewardTrainer(BaseTrainer):
             h_last = hidden[0, last]
         scores = inner.score(h_last).squeeze(-1).float()
         b = n // 2
-        loss = weighted_bt_loss(scores[:b], scores[b:], batch.weights)
+        loss = weighted_bt_loss(scores[:b], scores[b:], batch.weights, batch.margins)
         return _RewardOutput(loss, scores[:b], scores[b:])
 
     def _metrics_of(self, out):
-        return self._reward_metrics(out)
+        """fastalign's DPO-style keys and TRL's RewardTrainer keys (accuracy, margin, min/mean/max_reward)."""
+        metrics = self._reward_metrics(out)
+        scores = torch.cat([out.chosen_rewards, out.rejected_rewards])
+        metrics.update(accuracy=metrics["rewards/accuracies"], margin=metrics["rewards/margins"],
+                       min_reward=scores.min().item(), mean_reward=scores.mean().item(),
+                       max_reward=scores.max().item())
+        return metrics

@@ -55,6 +55,7 @@ class CheckpointMixin:
     _run_id = None
     _resumed_from = None
     _log_window = None
+    _num_tokens = None
 
     # ---- the life of a run: lock, checks, metrics segment --------------------------------------------------
     @contextlib.contextmanager
@@ -76,7 +77,7 @@ class CheckpointMixin:
                             f"{type(resume).__name__} {resume!r}")
         resume = os.fspath(resume) if resume else None
         error = None
-        self._log_window, self._resumed_from = [], None
+        self._log_window, self._resumed_from, self._num_tokens = [], None, 0
         if self.is_main:
             try:
                 resume = self._claim_output_dir(resume)
@@ -240,6 +241,7 @@ class CheckpointMixin:
                      "trainer": type(self).__name__, "world_size": self.world_size,
                      "run_id": self._run_id, "data_fingerprint": self.data_fingerprint(),
                      "train_rows": len(self.train_examples), "log_window": list(self._log_window or []),
+                     "num_tokens": int(self._num_tokens or 0),
                      **self._checkpoint_extra()}
             path = ckpt.save_checkpoint(self.config.output_dir, self.global_step,
                                         lambda tmp: self._checkpoint_payload(tmp, full), state,
@@ -326,6 +328,7 @@ class CheckpointMixin:
             self.scaler.load_state_dict(ckpt.load_torch(scaler_path))
         self.global_step = int(state["global_step"])
         self._log_window = list(state.get("log_window") or [])
+        self._num_tokens = int(state.get("num_tokens") or 0)
         self._run_id = state.get("run_id") or self._run_id
 
     def _apply_configured_schedule(self):
