@@ -287,6 +287,9 @@ class DPOConfig(CloneRobustOptions, TrainConfig):
         super().validate()
         _num("beta", self.beta, 0, low_open=True)
         if isinstance(self.loss_type, (list, tuple)):  # TRL 1.x spells one loss as a list of one
+            if [str(x) for x in self.loss_type] == ["sigmoid", "sft"]:
+                raise ConfigError("loss_type ['sigmoid', 'sft'] with loss_weights [1, a] is RPO: here "
+                                  "loss_type='sigmoid', rpo_alpha=a")
             if len(self.loss_type) != 1:
                 raise ConfigError(f"loss_type {list(self.loss_type)!r}: fastalign trains one preference loss at a time "
                                   "(TRL's weighted mixture of several, with loss_weights, is not supported); give one "

@@ -127,7 +127,9 @@ def test_trl_spellings_of_config_values_are_accepted():
     PyYAML reads as text); each means what it means there, or is refused with the reason."""
     assert DPOConfig(report_to=None).reports == ["jsonl"]
     assert DPOConfig(loss_type=["ipo"]).loss_type == "ipo"
-    with pytest.raises(ConfigError, match=r"loss_type \['sigmoid', 'sft'\]: fastalign trains one preference loss"):
+    with pytest.raises(ConfigError, match=r"loss_type \['sigmoid', 'ipo'\]: fastalign trains one preference loss"):
+        DPOConfig(loss_type=["sigmoid", "ipo"])
+    with pytest.raises(ConfigError, match=r"is RPO: here loss_type='sigmoid', rpo_alpha=a"):
         DPOConfig(loss_type=["sigmoid", "sft"])
     import yaml
     cfg = DPOConfig.from_dict(yaml.safe_load("learning_rate: 1e-3\nbeta: 5e-2\nmax_grad_norm: 1e0\n"))
