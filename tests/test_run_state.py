@@ -77,7 +77,8 @@ def test_a_fresh_run_refuses_a_used_folder_unless_resumed_or_overwritten(tmp_pat
 
 def test_resume_from_an_earlier_checkpoint_refuses_the_later_ones_of_the_abandoned_run(tmp_path):
     dpo(tmp_path, max_steps=2, save_steps=1).train()
-    with pytest.raises(RunStateError, match=r"holds the output of another run \(checkpoint-2\)"):
+    with pytest.raises(RunStateError, match=r"holds later checkpoints of this same run \(checkpoint-2\) than .*"
+                                            r"checkpoint-1: resuming from it would abandon them"):
         dpo(tmp_path, max_steps=2, save_steps=1).train(str(tmp_path / "checkpoint-1"))
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
     first_two = pathlib.Path(tmp_path / "checkpoint-2" / "trainer_state.json").read_text()

@@ -189,3 +189,16 @@ def test_reward_trainer_logs_trls_reward_keys_too():
                         args=cfg(RewardConfig, max_steps=1, report_to="none")).train()[0]
     assert row["accuracy"] == row["rewards/accuracies"] and row["margin"] == row["rewards/margins"]
     assert row["min_reward"] <= row["mean_reward"] <= row["max_reward"] and row["num_tokens"] > 0
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_at_construction(tmp_path):
+    from fastalign.checkpoint import RunStateError
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunStateError, match=r"output_dir .*afile/out: .*afile is a file, so the folder cannot be "
+                                            r"created there"):
+        dpo(tmp_path / "afile" / "out")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(RunStateError, match="is not writable by this user"):
+            dpo(locked / "out")

@@ -10,6 +10,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from fastalign.checkpoint import RunStateError
 from fastalign.config import ConfigError
 from fastalign.data import check_enough_rows, collate_preference, collate_sft, prepare_examples
 from fastalign.integrations.hf import _unwrap, run_trunk, trunk_and_head
@@ -23,6 +24,18 @@ from fastalign.trainers.callbacks import CallbackHandler, TrainerControl, Traine
 from fastalign.trainers.logging_eval import LoggingEvalMixin
 from fastalign.trainers.reporting import mean_by_key, micro_step_metrics, reduce_across_ranks
 from fastalign.trainers.state import CheckpointMixin
+
+
+def _check_output_dir_writable(output_dir):
+    """RunStateError unless output_dir is, or can become, a writable folder: its nearest existing ancestor must be
+    a writable folder (nothing is created here)."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise RunStateError(f"output_dir {output_dir}: {path} is a file, so the folder cannot be created there")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunStateError(f"output_dir {output_dir}: {path} is not writable by this user")
 
 
 def _input_tokens(batch):
@@ -69,6 +82,7 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         config.validate()
+        _check_output_dir_writable(config.output_dir)  # before the data and the model check, not at train()
         if tokenizer is None:
             raise ValueError("a tokenizer is required (processing_class=tokenizer, or tokenizer=)")
         if tokenizer.pad_token_id is None:

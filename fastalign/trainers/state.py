@@ -133,6 +133,14 @@ class CheckpointMixin:
         if not others:
             return
         names = [os.path.basename(p) for p in others]
+        later = [os.path.basename(p) for p in others if state is not None and
+                 _run_id_of(p, None) == state.get("run_id")]
+        if not cfg.overwrite_output_dir and later and len(later) == len(others):
+            raise RunStateError(
+                f"output_dir {out} holds later checkpoints of this same run ({_first_line(later)}) than {resume}: "
+                "resuming from it would abandon them. Resume from the latest (resume_from_checkpoint='latest', CLI "
+                "--resume), or pass overwrite_output_dir=True (CLI --overwrite-output-dir) to delete them and go on "
+                f"from {os.path.basename(resume)}")
         if not cfg.overwrite_output_dir:
             what = ("a fresh run" if state is None else f"a run resumed from {resume}")
             raise RunStateError(
