@@ -143,7 +143,8 @@ def group_of_names(names: Sequence[str], groups: int = 3, ordered: bool = True):
     """{name: group index} for K contiguous groups: decoder blocks split as evenly as possible (later groups
     take the extra block), names before the blocks (embeddings) in group 0, names after them (final norm,
     lm_head) in group K-1. ``ordered=False`` when the names' order is not the model's (safetensors sorts
-    keys): non-block names are then placed by name (embeddings first, everything else last)."""
+    keys): non-block names are then placed by name (embeddings first, everything else last). Raises ValueError
+    for more groups than decoder blocks (a group would hold no block)."""
     k = _check_groups(groups)
     names = list(names)
     prefix = _block_prefix(names)
@@ -156,9 +157,15 @@ def group_of_names(names: Sequence[str], groups: int = 3, ordered: bool = True):
             if m:
                 index_of[n] = int(m.group(1))
         blocks = sorted(set(index_of.values()))
+    nb = len(blocks)
+    if k > max(nb, 1):
+        # a group without a block would hold no parameter (or only the embeddings), yet its ratio would count
+        # toward the mean: the average would not be the one asked for
+        raise ValueError(f"HMA with {k} layer groups needs at least {k} decoder blocks, but the model has {nb} "
+                         f"({'under ' + repr(prefix) if prefix else 'no numbered block list found'}); "
+                         f"use at most {max(nb, 1)} group(s)")
     # blocks -> groups: contiguous, sizes differ by at most one
     block_group = {}
-    nb = len(blocks)
     for g in range(k):
         lo, hi = (g * nb) // k, ((g + 1) * nb) // k
         for b in blocks[lo:hi]:
@@ -196,7 +203,7 @@ def hma_groups(model, groups=3) -> List[List[str]]:
     parameter in exactly one group. Group 0 holds the embeddings and the first decoder blocks, group K-1 the
     last blocks, the final norm and the lm_head. A tied lm_head shares the embedding's tensor, which appears
     once (under the embedding's name) and is owned by group 0: its ratio is group 0's.
-    With fewer blocks than groups, some groups hold no decoder block."""
+    Every group holds at least one decoder block: more groups than blocks are refused (ValueError)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     k = _check_groups(groups)

@@ -10,6 +10,7 @@ training; the trainer logs per-group metrics while training (``groups/<g>/<metri
 metrics and the learning-speed analysis live in ``fastalign.group_metrics`` and are re-exported here.
 """
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -159,6 +160,20 @@ def _group_rows(rows, groups, min_pairs):
     return by
 
 
+def tokenize_pairs_with_positions(rows, tokenizer, max_length, max_prompt_length, name=None):
+    """(examples, positions): ``tokenize_preference_rows``' examples and, for each, the index in ``rows`` of the
+    row it came from. Tokenization drops rows without signal (with a warning) and its examples' "index" counts
+    examples, not rows, so callers that line results up with rows need ``positions``."""
+    from fastalign.data import tokenize_preference_rows
+    from fastalign.data.loading import Rows, locations
+    where = list(locations(rows))
+    if len(set(where)) != len(where):  # locations identify rows only when distinct
+        where = [f"{w} (row {i})" for i, w in enumerate(where)]
+    position = {w: i for i, w in enumerate(where)}
+    examples = tokenize_preference_rows(Rows(list(rows), where), tokenizer, max_length, max_prompt_length, name=name)
+    return examples, [position[e["row"]] for e in examples]
+
+
 def pool_answer_states(hidden, labels, pooling):
     """hidden [S, T, H], labels [S, T] (the answer tokens are the labelled ones; -100 elsewhere) -> [S, H]:
     the mean of the hidden states over each sequence's answer tokens ("mean"), or its last answer token ("last")."""
@@ -173,19 +188,24 @@ def pool_answer_states(hidden, labels, pooling):
 
 @torch.no_grad()
 def answer_features(model, tokenizer, rows, *, layer=-1, pooling="mean", batch_size=16, max_length=512,
-                    max_prompt_length=256, progress=True):
+                    max_prompt_length=256, progress=True, return_positions=False):
     """Pooled hidden states of each row's chosen and rejected answer (after its prompt): two float64 numpy
     arrays [n, H]. One no-grad pass over batches of pairs (chosen and rejected in one forward), through the
-    model's trunk only (no logits); layer -1 is the final hidden state (what the lm_head reads)."""
+    model's trunk only (no logits); layer -1 is the final hidden state (what the lm_head reads).
+    Rows that tokenization drops (no answer token left, or identical answers after truncation: a warning says
+    which) have no features, so n can be below len(rows); with ``return_positions`` a third value lists, for
+    each of the n pairs, the index of its row in ``rows``."""
     from tqdm.auto import tqdm
 
-    from fastalign.data import collate_preference, tokenize_preference_rows
+    from fastalign.data import collate_preference
     from fastalign.integrations.hf import run_trunk, trunk_and_head
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = tokenize_preference_rows(rows, tokenizer, max_length, max_prompt_length)
+    examples, positions = tokenize_pairs_with_positions(rows, tokenizer, max_length, max_prompt_length)
     trunk, _ = trunk_and_head(model)
     device = next(model.parameters()).device
     n_states = getattr(getattr(model, "config", None), "num_hidden_layers", None)
@@ -208,7 +228,8 @@ def answer_features(model, tokenizer, rows, *, layer=-1, pooling="mean", batch_s
             rejected.append(pooled[b:])
     finally:
         model.train(was_training)
-    return np.concatenate(chosen), np.concatenate(rejected)
+    chosen, rejected = np.concatenate(chosen), np.concatenate(rejected)
+    return (chosen, rejected, positions) if return_positions else (chosen, rejected)
 
 
 def distinguishability(model, tokenizer, data, *, groups="behaviour", layer=-1, pooling="mean", batch_size=16,
@@ -220,23 +241,36 @@ def distinguishability(model, tokenizer, data, *, groups="behaviour", layer=-1, 
     data: a .json/.jsonl path, a list of preference rows or a datasets.Dataset, in any format the trainers take
     (text or chat messages). groups: the column naming each row's group (None: one group "all"). layer: which
     hidden state (-1 the final one). pooling: "mean" over the answer's tokens or the answer's "last" token.
-    The formula is in ``distinguishability_from_features``. Raises DataError for an unknown group column or a
-    group with fewer than ``min_pairs`` (>= 2) pairs.
+    The formula is in ``distinguishability_from_features``. Pairs that tokenization drops at these lengths
+    (a warning names them) are left out of their group. Raises DataError for an unknown group column or a
+    group with fewer than ``min_pairs`` (>= 2) pairs, before or after tokenization.
     """
-    from fastalign.data import load_rows, validate_rows
+    from fastalign.data import DataError, load_rows, validate_rows
+    from fastalign.data.loading import Rows, locations
     if min_pairs < 2:
         raise ValueError(f"min_pairs must be >= 2 (a spread needs two pairs), got {min_pairs}")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, numbers.Integral) or n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     rows = load_rows(data)
-    validate_rows(rows, "preference")
+    checked = validate_rows(rows, "preference")  # one normalized row per row (it raises rather than skip)
     by = _group_rows(rows, groups, min_pairs)
     keep = sorted(i for idx in by.values() for i in idx)
-    chosen, rejected = answer_features(model, tokenizer, [rows[i] for i in keep], layer=layer, pooling=pooling,
-                                       batch_size=batch_size, max_length=max_length,
-                                       max_prompt_length=max_prompt_length, progress=progress)
-    where = {row: k for k, row in enumerate(keep)}
+    where = locations(rows)
+    chosen, rejected, positions = answer_features(
+        model, tokenizer, Rows([checked[i] for i in keep], [where[i] for i in keep]), layer=layer, pooling=pooling,
+        batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length, progress=progress,
+        return_positions=True)
+    feature_of = {keep[p]: k for k, p in enumerate(positions)}  # row -> its features; dropped rows have none
+    short = {g: [i for i in idx if i in feature_of] for g, idx in by.items()}
+    short = {g: kept for g, kept in short.items() if len(kept) < min_pairs}
+    if short:
+        desc = "; ".join(f"{g!r}: {len(kept)} of {len(by[g])} pair(s) left" for g, kept in short.items())
+        raise DataError(f"distinguishability needs at least {min_pairs} pairs per group, and tokenization dropped "
+                        f"pairs (see the warning above; max_length={max_length}, max_prompt_length="
+                        f"{max_prompt_length}): too few in {desc}")
     results = {}
     for g, idx in by.items():
-        sel = [where[i] for i in idx]
+        sel = [feature_of[i] for i in idx if i in feature_of]
         results[g] = distinguishability_from_features(chosen[sel], rejected[sel], n_bootstrap=n_bootstrap,
                                                       confidence=confidence, seed=seed)
     return dict(sorted(results.items(), key=lambda kv: (-kv[1].value, kv[0])))

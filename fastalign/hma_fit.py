@@ -90,19 +90,20 @@ def _encode_rows(data, tokenizer, max_length, max_prompt_length):
     """Token ids and labels (-100 on prompts) of alignment data: preference rows (prompt + chosen), SFT rows
     (prompt + completion, or messages), text rows ({"text": ...}), or pre-tokenized {"input_ids", "labels"}."""
     from fastalign.data import load_rows, tokenize_pair
+    from fastalign.data.loading import locations
     rows = load_rows(data)
     out = []
-    for i, r in enumerate(rows):
+    for r, where in zip(rows, locations(rows)):
         if "input_ids" in r:
             ids = list(r["input_ids"])
             labels = list(r.get("labels", ids))
         else:
             if tokenizer is None:
                 raise ValueError("data holds text: pass tokenizer= to tokenize it")
-            prompt, answer = prompt_and_answer(r, f"data row {i}")
+            prompt, answer = prompt_and_answer(r, f"fit data {where}")
             ids, labels = tokenize_pair(tokenizer, prompt, answer, max_length, max_prompt_length)
         if not any(t != -100 for t in labels):
-            raise ValueError(f"data row {i} has no labelled token after tokenization")
+            raise ValueError(f"fit data {where} has no labelled token after tokenization")
         out.append((ids, labels))
     return out
 

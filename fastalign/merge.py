@@ -146,6 +146,18 @@ def _ratio_function(post, groups, ratios):
         return _ratio_lookup(names, groups, ratios, ordered=False)
 
 
+def check_merge_output(pre_dir, post_dir, out_dir, *, overwrite=False):
+    """Refuse an output folder that is one of the inputs, that is a file, or (without ``overwrite``) that exists
+    and is not empty. Cheap: callers run it before any long work (``fastalign merge --fit-data``)."""
+    for option, d in (("--pre", pre_dir), ("--post", post_dir)):
+        if os.path.realpath(d) == os.path.realpath(out_dir):
+            raise ValueError(f"--out {out_dir} is the {option} folder; write the merge to a new folder")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"--out {out_dir} is a file; expected a new folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite")
+
+
 def streaming_merge(pre_dir, post_dir, out_dir, *, weight_on_pre, groups=None, ratios=None, overwrite=False,
                     progress=True):
     """Average two save_pretrained checkpoints tensor by tensor into ``out_dir`` (see the module docstring).
@@ -165,11 +177,7 @@ def streaming_merge(pre_dir, post_dir, out_dir, *, weight_on_pre, groups=None, r
         ratio_of = _ratio_function(post, k, ratios)
     else:
         ratio_of = lambda _name: a  # noqa: E731
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite")
-    for d in (pre_dir, post_dir):
-        if os.path.abspath(d) == os.path.abspath(out_dir):
-            raise ValueError(f"--out {out_dir} is one of the inputs; write the merge to a new folder")
+    check_merge_output(pre_dir, post_dir, out_dir, overwrite=overwrite)
     from tqdm.auto import tqdm
     total = len(post.where)
     bar = tqdm(total=total, desc="merge", unit="tensor", disable=not progress, dynamic_ncols=True)

@@ -10,21 +10,51 @@ and next-token accuracy (argmax of the logits, computed in row chunks so at most
 """
 import json
 import math
+import numbers
 import os
 
 import torch
 
 from fastalign.averaging import _pad_id, average_models, check_weight_on_pre, fit_hma_ratios, hma, prompt_and_answer
+from fastalign.averaging import hma_groups as hma_layer_groups
 
 _CHUNK_ROWS = 256  # rows of logits at a time for next-token accuracy
 
 
-def _rows(data, name):
-    from fastalign.data import load_rows
+def _load(data, name):
+    from fastalign.data import DataError, load_rows
     try:
         return load_rows(data)
-    except (ValueError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError) as exc:
         raise type(exc)(f"{name}: {exc}") from None
+
+
+def check_tax_data(align_data, general_data):
+    """(preference rows, general-text rows), each checked with every problem named by file:line (or row) and
+    field: the align data as training data is (``validate_rows``: prompt, chosen and rejected non-empty text or
+    messages, chosen != rejected), the general data as rows with a non-empty string ``text``. Raises DataError."""
+    from fastalign.data import DataError, validate_rows
+    from fastalign.data.errors import Problems, type_name
+    from fastalign.data.loading import locations
+    align_rows = validate_rows(_load(align_data, "align data"), "preference", name="align data")
+    general_rows = _load(general_data, "general data")
+    problems = Problems("general data")
+    for row, where in zip(general_rows, locations(general_rows)):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(row, dict):
+            problems.add(where, f"expected a dict (one row), got {type_name(row)}")
+        elif "text" not in row:
+            keys = ", ".join(repr(k) for k in row) or "none"
+            problems.add(where, f"missing (general-text rows are {{\"text\": \"...\"}}; the row has {keys})", "text")
+        elif not isinstance(text, str):
+            problems.add(where, f"expected a string, got {type_name(text)}", "text")
+        elif not text.strip():
+            problems.add(where, "empty: expected some text", "text")
+    problems.raise_if_any("malformed row(s)")
+    for name, rows in (("align data", align_rows), ("general data", general_rows)):
+        if not rows:
+            raise DataError(f"{name}: no rows")
+    return align_rows, general_rows
 
 
 def _batches(items, size):
@@ -132,12 +162,18 @@ def alignment_tax(pre, post, tokenizer, align_data, general_data, *, grid=None, 
     Returns {"rows": [...], "pre": {...}, "post": {...}} (the endpoints' metrics).
     """
     grid = [i / 10 for i in range(11)] if grid is None else [check_weight_on_pre(g, "grid value") for g in grid]
-    align_rows = _rows(align_data, "align data")
-    general_rows = _rows(general_data, "general data")
-    for i, r in enumerate(align_rows):
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in r]
-        if missing:
-            raise ValueError(f"align data row {i}: missing field(s) {', '.join(missing)} (preference rows expected)")
+    if not grid:
+        raise ValueError("grid is empty: pass weights on pre, e.g. [0, 0.5, 1]")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < math.inf:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    align_rows, general_rows = check_tax_data(align_data, general_data)
+    if hma_groups is not None:  # a bad K (or more groups than blocks) or unusable fit data: before any evaluation
+        from fastalign.hma_fit import _encode_rows
+        hma_layer_groups(post, hma_groups)
+        if fit_data is not None:
+            _encode_rows(fit_data, tokenizer, max_length, max_prompt_length)
     pairs = _pair_examples(align_rows, tokenizer, max_length, max_prompt_length)
     pre.eval()
     post.eval()

@@ -1,4 +1,5 @@
 """Model averaging and HMA (issue: the alignment tax): exactness, groups, the ratio gradient, streaming merge."""
+import argparse
 import json
 import os
 import subprocess
@@ -82,7 +83,7 @@ def test_mismatch_errors_name_the_tensor(pair):
         fa.average_models(pre, sd_post, weight_on_pre=0.5)
 
 
-@pytest.mark.parametrize("layers, k", [(4, 3), (2, 3), (6, 3), (5, 2), (4, 1)])
+@pytest.mark.parametrize("layers, k", [(4, 3), (2, 2), (6, 3), (5, 2), (4, 1)])
 def test_hma_groups_cover_every_parameter_once_and_are_contiguous(layers, k):
     model, _ = tiny(0, layers=layers)
     groups = fa.hma_groups(model, groups=k)
@@ -97,6 +98,21 @@ def test_hma_groups_cover_every_parameter_once_and_are_contiguous(layers, k):
     assert seq == sorted(seq)  # contiguous, bottom to top
     sizes = [len(set(b)) for b in blocks]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_more_groups_than_blocks_is_refused(tmp_path):
+    """A group with no decoder block holds no parameter (or only the embeddings), yet its ratio counts toward the
+    mean: 2 blocks split 5 ways gave group sizes [1, 0, 9, 0, 11]. Every entry point refuses it."""
+    (pre, tok), (post, _) = tiny(0, layers=2), tiny(1, layers=2)
+    assert [len(g) for g in fa.hma_groups(pre, groups=2)] == [10, 11]  # every group holds a block
+    with pytest.raises(ValueError, match="5 layer groups needs at least 5 decoder blocks, but the model has 2"):
+        fa.hma_groups(pre, groups=5)
+    with pytest.raises(ValueError, match="at least 3 decoder blocks"):
+        fa.hma(pre, post, weight_on_pre=0.5, groups=3)
+    a, b = _save(pre, tok, tmp_path / "pre"), _save(post, tok, tmp_path / "post")
+    with pytest.raises(ValueError, match="at least 5 decoder blocks"):
+        streaming_merge(a, b, str(tmp_path / "m"), weight_on_pre=0.5, groups=5, progress=False)
+    assert not os.path.exists(tmp_path / "m")
 
 
 def test_tied_lm_head_is_owned_by_the_embedding_group():
@@ -262,6 +278,12 @@ def test_grid_parser():
     assert parse_grid("0,0.25,...,1") == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert parse_grid("0,0.1,...,1") == [round(i / 10, 10) for i in range(11)]
     assert parse_grid("0.2, 0.8") == [0.2, 0.8]
+    assert parse_grid("0.2,0.4,...,0.8") == [0.2, 0.4, 0.6, 0.8]
+    # the documented end is included or the grid is refused: 0,0.3,... never reaches 1 (it used to stop at 0.9)
+    for text, match in (("0,0.3,...,1", "end 1 is not on the progression"), ("0.5,0.4,...,1", "start < second"),
+                        ("0,0.5,2", r"each in \[0, 1\]"), ("", "expected numbers"), ("0,a", "expected numbers")):
+        with pytest.raises(argparse.ArgumentTypeError, match=match):
+            parse_grid(text)
 
 
 def test_cli_merge_and_tax(pair, tmp_path, capsys):

@@ -99,3 +99,41 @@ def test_cli_flags_come_from_the_config():
     assert args.clone_robust is True and args.clone_robust_dim == 4 and args.clone_robust_group_by == "none"
     args = build_parser().parse_args(["train", "dpo", "--clone-robust", "true", "--clone-robust-encoder", "ngram"])
     assert args.clone_robust is True and args.clone_robust_encoder == "ngram"
+
+
+def test_cli_weights_keeps_rows_aligned_when_tokenization_drops_a_pair(tmp_path, capsys):
+    """Row 1's answers are identical once cut to --max-length, so tokenization drops it: every other row must
+    keep its own weight (they used to shift up by one, the last row was lost) and row 1 is written unchanged."""
+    from fastalign.cli import main
+    long = "a" * 40
+    data = [dict(prompt="Q1", chosen="short yes", rejected="nope"),
+            dict(prompt="Q1", chosen=long + "X", rejected=long + "Y"),
+            dict(prompt="Q1", chosen="short yes", rejected="maybe later"),
+            dict(prompt="Q2", chosen="blue", rejected="red"),
+            dict(prompt="Q2", chosen="green", rejected="red", weight=2.0)]
+    src, kept_src = tmp_path / "prefs.jsonl", tmp_path / "kept.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in data))
+    kept_src.write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(data) if i != 1))
+    flags = ["--max-length", "24", "--max-prompt-length", "8", "--num-samples", "2000"]
+    with pytest.warns(UserWarning, match=r"1 of 5 pair\(s\) were dropped in tokenization .*prefs.jsonl:2"):
+        assert main(["weights", "--data", str(src), "--out", str(tmp_path / "w.jsonl")] + flags) == 0
+    assert "wrote 5 rows" in capsys.readouterr().out
+    assert main(["weights", "--data", str(kept_src), "--out", str(tmp_path / "kept.w.jsonl")] + flags) == 0
+    written = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "kept.w.jsonl").read_text().splitlines()]
+    assert len(written) == 5 and [r["chosen"] for r in written] == [r["chosen"] for r in data]
+    assert written[1] == dict(data[1], weight=1.0)  # unweighted: no chosen_weight / rejected_weight
+    assert [written[i] for i in (0, 2, 3, 4)] == reference  # the weights of the rows that remain, each on its row
+
+
+def test_cli_weights_refuses_to_write_over_its_input(tmp_path):
+    from fastalign.cli import main
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    before = data.read_text()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(data)
+    for out in (data, tmp_path / "sub" / ".." / "prefs.jsonl", tmp_path / "link.jsonl"):
+        with pytest.raises(ValueError, match="is the --data file"):
+            main(["weights", "--data", str(data), "--out", str(out), "--num-samples", "2000", "--debug"])
+    assert data.read_text() == before

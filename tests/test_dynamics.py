@@ -128,6 +128,25 @@ def test_distinguishability_of_a_model_on_rows_and_bad_input(tmp_path):
         fa.distinguishability(model, tok, rows, layer=9)
 
 
+def test_distinguishability_leaves_out_pairs_that_tokenization_drops():
+    """Row 0's answers are identical once cut to max_length, so tokenization drops it: its group keeps the rest
+    (this used to raise IndexError: the features were looked up as if every row had one)."""
+    model, tok = default_model_and_tokenizer(seed=0)
+    long = "a" * 60
+    rows = [dict(prompt="Q", chosen=long + "X", rejected=long + "Y", behaviour="A")]
+    rows += [dict(prompt=f"Say {i}", chosen=f"yes yes {i}", rejected=f"no no {i}", behaviour="AB"[i % 2])
+             for i in range(6)]
+    opts = dict(max_length=40, max_prompt_length=8, n_bootstrap=0, progress=False)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 7 pair\(s\).*row 0"):
+        res = fa.distinguishability(model, tok, rows, **opts)
+    assert {g: r.n_pairs for g, r in res.items()} == {"A": 3, "B": 3}
+    without = fa.distinguishability(model, tok, rows[1:], **opts)
+    assert {g: r.value for g, r in res.items()} == pytest.approx({g: r.value for g, r in without.items()}, rel=1e-9)
+    with pytest.warns(UserWarning, match="dropped"), \
+            pytest.raises(DataError, match=r"tokenization dropped.*'A': 1 of 2 pair\(s\) left"):
+        fa.distinguishability(model, tok, rows[:2] + [r for r in rows if r["behaviour"] == "B"], **opts)
+
+
 # ---- per-group training metrics --------------------------------------------------------------------------
 def _recorded_trainer(tmp_path, rows=ROWS, **kw):
     """A DPOTrainer whose every training micro-batch's per-pair outputs and groups are recorded."""
