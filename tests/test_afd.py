@@ -180,7 +180,7 @@ def test_cli_bad_inputs(saved_models, capsys):
         main(["afd", "--init-model", str(d / "init"), "--sft-model", str(d / "sft"), "--demos",
               str(d / "demos.jsonl"), "--n", "0", "--output-dir", str(d / "o")])
     assert exit_info.value.code == 2
-    assert "argument --n: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "argument --n: expected an integer >= 1, got '0'" in capsys.readouterr().err
     assert main(["sample", "--model", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--n", "2",
                  "--max-new-tokens", "2", "--output", str(d / "s.jsonl")]) == 0
     assert len(open(d / "s.jsonl").readlines()) == 4

@@ -184,4 +184,4 @@ def test_score_batch_size_checked_at_parsing(fx, capsys):  # bug 9
         build_parser().parse_args(["best-of-n", "--policy", "p", "--reward-model", "r", "--prompts", "x.jsonl",
                                    "--output", "o.jsonl", "--score-batch-size", "0"])
     assert info.value.code == 2
-    assert "argument --score-batch-size: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "argument --score-batch-size: expected an integer >= 1, got '0'" in capsys.readouterr().err

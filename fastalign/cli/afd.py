@@ -3,17 +3,7 @@ import argparse
 import os
 
 from fastalign.cli.common import _add_config_flags, load_config_file
-
-
-def positive_int(text):
-    """argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+from fastalign.cli.inputs import positive_int
 
 
 def _output_flags(p, what):
