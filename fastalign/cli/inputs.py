@@ -1,5 +1,6 @@
-"""Checks the research commands (weights, merge, tax, diagnose, afd, sample, best-of-n) share: number options refused at parse time
-(argparse names the option), and report folders held by one run and never overwritten by accident."""
+"""Checks the research commands (weights, merge, tax, diagnose, afd, sample, best-of-n) share: number options
+refused at parse time (argparse names the option), and report folders held by one run and never overwritten by
+accident."""
 import argparse
 import contextlib
 import math
