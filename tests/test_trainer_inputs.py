@@ -202,3 +202,12 @@ def test_an_output_dir_that_cannot_be_written_is_refused_at_construction(tmp_pat
         locked.mkdir(mode=0o500)
         with pytest.raises(RunStateError, match="is not writable by this user"):
             dpo(locked / "out")
+
+
+def test_trainer_speaks_trls_attribute_names_and_train_returns_a_train_output(tmp_path):
+    t = dpo(tmp_path, max_steps=2)
+    assert t.args is t.config and t.processing_class is t.tokenizer
+    result = t.train()
+    assert isinstance(result, list) and [r["step"] for r in result] == [1, 2]  # the rows, as before
+    assert result.global_step == 2 and result.metrics == result[-1]
+    assert result.training_loss == pytest.approx((result[0]["loss"] + result[1]["loss"]) / 2)

@@ -26,6 +26,19 @@ from fastalign.trainers.reporting import mean_by_key, micro_step_metrics, reduce
 from fastalign.trainers.state import CheckpointMixin
 
 
+class TrainResult(list):
+    """What train() returns: the logged rows (a list, as before), plus transformers' TrainOutput fields:
+    ``global_step``, ``training_loss`` (the mean of the logged training losses) and ``metrics`` (the last
+    training row)."""
+
+    def __init__(self, rows, global_step):
+        super().__init__(rows)
+        self.global_step = global_step
+        losses = [r["loss"] for r in rows if "loss" in r]
+        self.training_loss = sum(losses) / len(losses) if losses else float("nan")
+        self.metrics = next((dict(r) for r in reversed(rows) if "loss" in r), {})
+
+
 def _check_output_dir_writable(output_dir):
     """RunStateError unless output_dir is, or can become, a writable folder: its nearest existing ancestor must be
     a writable folder (nothing is created here)."""
@@ -248,11 +261,22 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
         raise NotImplementedError
 
     def train(self, resume_from_checkpoint=None):
-        """Train for max_steps (or num_train_epochs); returns the list of logged metric dicts.
+        """Train for max_steps (or num_train_epochs); returns the trainer's logged metric dicts as a ``TrainResult``
+        (a list, with transformers' ``global_step``, ``training_loss`` and ``metrics`` too).
         resume_from_checkpoint: a checkpoint folder, or "latest" (or True, as in transformers) for output_dir's
         newest."""
         with self._run(resume_from_checkpoint) as resume:  # the output folder's lock and checks (state.py)
-            return self._train(resume)
+            return TrainResult(self._train(resume), self.global_step)
+
+    @property
+    def args(self):
+        """The config, under transformers' and TRL's name."""
+        return self.config
+
+    @property
+    def processing_class(self):
+        """The tokenizer, under TRL's name."""
+        return self.tokenizer
 
     def _train(self, resume):
         cfg = self.config
