@@ -211,3 +211,16 @@ def test_trainer_speaks_trls_attribute_names_and_train_returns_a_train_output(tm
     assert isinstance(result, list) and [r["step"] for r in result] == [1, 2]  # the rows, as before
     assert result.global_step == 2 and result.metrics == result[-1]
     assert result.training_loss == pytest.approx((result[0]["loss"] + result[1]["loss"]) / 2)
+
+
+def test_fsdp_on_a_torch_known_not_to_run_it_is_a_clear_config_error(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+    from fastalign.trainers.models import fsdp2_fully_shard
+    assert fsdp2_fully_shard(torch.device("cpu")) is fsdp.fully_shard
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cpu")
+    with pytest.raises(ConfigError, match=r"fsdp=True on CPU fails with torch 2.6.0\+cpu .*record_event"):
+        fsdp2_fully_shard(torch.device("cpu"))
+    assert fsdp2_fully_shard(torch.device("cuda")) is fsdp.fully_shard  # 2.6 on a GPU: not known to fail
+    monkeypatch.delattr(fsdp, "fully_shard")  # torch 2.4: no public FSDP2
+    with pytest.raises(ConfigError, match=r"needs FSDP2's torch.distributed.fsdp.fully_shard \(torch >= 2.6\)"):
+        fsdp2_fully_shard(torch.device("cuda"))

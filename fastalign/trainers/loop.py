@@ -19,7 +19,7 @@ from fastalign.trainers.models import StepModule as _StepModule
 from fastalign.trainers.models import flash_varlen_ready as _flash_varlen_ready
 from fastalign.trainers.models import disable_dropout as _disable_dropout
 from fastalign.trainers.models import apply_peft_config as _apply_peft_config
-from fastalign.trainers.models import model_from_folder
+from fastalign.trainers.models import fsdp2_fully_shard, model_from_folder
 from fastalign.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from fastalign.trainers.logging_eval import LoggingEvalMixin
 from fastalign.trainers.reporting import mean_by_key, micro_step_metrics, reduce_across_ranks
@@ -164,7 +164,7 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
             if not self.distributed:
                 warnings.warn("fsdp=True outside torchrun: running unsharded on one process", stacklevel=2)
                 return module
-            from torch.distributed.fsdp import fully_shard
+            fully_shard = fsdp2_fully_shard(self.device)
             trunk, _ = trunk_and_head(self.model) if self.data_kind != "reward" else (None, None)
             layers = getattr(trunk, "layers", None) if trunk is not None else None
             for layer in layers or []:

@@ -1,4 +1,6 @@
 """Model plumbing the trainers share: unwrapping DDP/FSDP/peft, the step module DDP wraps."""
+import re
+
 import torch
 
 from fastalign.integrations.hf import _unwrap, is_peft, strip_parallel  # noqa: F401 (re-exported)
@@ -66,3 +68,21 @@ def model_from_folder(trainer_name, path, kind, what="model"):
     from fastalign.cli.common import load_model
     model, tokenizer, _ = load_model("rm" if kind == "rm" else "dpo", path)
     return model, tokenizer
+
+
+def fsdp2_fully_shard(device):
+    """FSDP2's ``fully_shard``, or a ConfigError where this torch is known not to run it (checked 2026-12-07: torch
+    2.4 has no public ``torch.distributed.fsdp.fully_shard``; 2.6's fails on CPU in its first forward, calling
+    ``Stream.record_event``, which CPU streams lack; 2.13 runs both)."""
+    from fastalign.config import ConfigError
+    version = tuple(int(p) for p in re.findall(r"\d+", str(torch.__version__))[:2])
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ConfigError(f"fsdp=True needs FSDP2's torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch "
+                          f"{torch.__version__}. Upgrade torch, or train with DDP (fsdp=False)") from None
+    if device.type == "cpu" and version < (2, 7):
+        raise ConfigError(f"fsdp=True on CPU fails with torch {torch.__version__} (its FSDP2 calls Stream.record_event, "
+                          "which CPU streams lack); it runs with torch 2.13. Upgrade torch, or train with DDP "
+                          "(fsdp=False)")
+    return fully_shard
