@@ -17,6 +17,10 @@ import torch
 from fastalign.averaging import AveragingError, _check_groups, _ratio_lookup, check_ratios, check_weight_on_pre, mix
 from fastalign.checkpoint import write_dir_atomically
 
+# a trainer checkpoint's files beside the model's: left out of a merged folder (trainers/state.py writes them)
+TRAINING_STATE_FILES = frozenset(("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pt", "scaler.pt",
+                                  ".fastalign.lock"))
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -185,7 +189,8 @@ def streaming_merge(pre_dir, post_dir, out_dir, *, weight_on_pre, groups=None, r
     def write(tmp):
         for fname in os.listdir(post.path):  # config, tokenizer, generation config, the index ...
             src = os.path.join(post.path, fname)
-            if os.path.isfile(src) and fname not in post.files:
+            # not a training checkpoint's state: the merged model was never trained with that optimizer
+            if os.path.isfile(src) and fname not in post.files and fname not in TRAINING_STATE_FILES:
                 shutil.copy2(src, os.path.join(tmp, fname))
         handles = {}
         try:

@@ -213,6 +213,10 @@ def test_streaming_merge_equals_in_memory_bit_for_bit(pair, tmp_path, sharded):
     assert all(torch.equal(got[k], want[k]) for k in got)
     assert os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, "tokenizer.json"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    for name in ("trainer_state.json", "optimizer.pt", "rng_state.pt"):  # post as a trainer checkpoint holds them
+        (tmp_path / "post" / name).write_text("{}")
+    out = streaming_merge(a, b, str(tmp_path / "from_checkpoint"), weight_on_pre=0.3, progress=False)
+    assert not {"trainer_state.json", "optimizer.pt", "rng_state.pt"} & set(os.listdir(out))
     assert all(torch.equal(p, want[n]) for n, p in reloaded.named_parameters())
 
 
