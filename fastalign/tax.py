@@ -242,7 +242,8 @@ def plot_tax(result, path, y="reward_accuracy", x="nll"):
                             textcoords="offset points")
     ax.set_xlabel("general-text NLL (forgetting: higher is worse)")
     ax.set_ylabel({"reward_accuracy": "held-out reward accuracy vs pre (alignment)",
-                   "reward_margin": "held-out reward margin vs pre"}.get(y, y))
+                   "reward_margin": "held-out reward margin vs pre",
+                   "reward_model_score": "reward model's mean score of greedy answers (alignment)"}.get(y, y))
     ax.set_title("alignment tax: labels = weight on the pre-alignment model")
     ax.legend()
     fig.tight_layout()
@@ -262,10 +263,14 @@ def write_json(result, path):
 
 
 def markdown_table(result):
-    lines = ["| method | weight on pre | reward accuracy | reward margin | general NLL | perplexity | token accuracy |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """One row per averaged model; a reward-model column when the result has one (tax --reward-model)."""
+    scored = any("reward_model_score" in r for r in result["rows"])
+    lines = ["| method | weight on pre | reward accuracy | reward margin | " + ("reward model score | " if scored else "")
+             + "general NLL | perplexity | token accuracy |",
+             "|---|---:|---:|---:|" + ("---:|" if scored else "") + "---:|---:|---:|"]
     for r in result["rows"]:
+        score = f"{r.get('reward_model_score', float('nan')):.3f} | " if scored else ""
         lines.append(f"| {r['method']}{' ' + ','.join(f'{x:.2f}' for x in r['ratios']) if 'ratios' in r else ''} | "
-                     f"{r['weight_on_pre']:.2f} | {r['reward_accuracy']:.3f} | {r['reward_margin']:.3f} | "
+                     f"{r['weight_on_pre']:.2f} | {r['reward_accuracy']:.3f} | {r['reward_margin']:.3f} | {score}"
                      f"{r['nll']:.4f} | {r['perplexity']:.3f} | {r['token_accuracy']:.3f} |")
     return "\n".join(lines)

@@ -334,3 +334,17 @@ def test_ratio_fitting_still_imports_from_averaging_as_the_same_objects():
         assert getattr(averaging, name) is getattr(hma_fit, name), name
     with pytest.raises(AttributeError, match="has no attribute 'fit_nope'"):
         averaging.fit_nope
+
+
+def test_tax_table_and_plot_show_the_reward_model_score_when_there_is_one(tmp_path):
+    from fastalign.tax import markdown_table, plot_tax
+    row = dict(method="average", weight_on_pre=0.5, reward_accuracy=0.75, reward_margin=0.2, nll=3.0, perplexity=20.1,
+               token_accuracy=0.4)
+    plain = markdown_table({"rows": [row]})
+    assert "reward model score" not in plain and "| 0.750 | 0.200 | 3.0000 |" in plain
+    scored = markdown_table({"rows": [dict(row, reward_model_score=1.234)]})
+    assert "| reward accuracy | reward margin | reward model score | general NLL |" in scored
+    assert "| 0.750 | 0.200 | 1.234 | 3.0000 |" in scored
+    pytest.importorskip("matplotlib")
+    assert os.path.isfile(plot_tax({"rows": [dict(row, reward_model_score=1.0)]}, str(tmp_path / "t.png"),
+                                   y="reward_model_score"))

@@ -101,7 +101,8 @@ def cmd_tax(args):
                                hma_groups=args.hma, fit_data=args.fit_data, fit_steps=args.fit_steps,
                                fit_lr=args.fit_lr, reward_model=rm, batch_size=args.batch_size)
         js = write_json(result, os.path.join(args.output_dir, "tax.json"))
-        png = plot_tax(result, os.path.join(args.output_dir, "tax.png"))
+        png = plot_tax(result, os.path.join(args.output_dir, "tax.png"),
+                       y="reward_model_score" if rm is not None else "reward_accuracy")
     print(markdown_table(result))
     print(f"\nJSON: {js}" + (f"; plot: {png}" if png else " (install matplotlib for the plot)"))
     return 0
@@ -152,8 +153,9 @@ def register(sub):
     pt.add_argument("--fit-lr", dest="fit_lr", type=positive_float, default=0.05,
                     help="HMA fit learning rate (default 0.05)")
     pt.add_argument("--beta", type=positive_float, default=0.1, help="beta of the implicit reward, > 0 (default 0.1)")
-    pt.add_argument("--reward-model", dest="reward_model", default=None, help="score alignment with this reward "
-                    "model (sequence classification, one label) on greedy answers instead")
+    pt.add_argument("--reward-model", dest="reward_model", default=None, help="also score alignment with this reward "
+                    "model (sequence classification, one label): its mean score of greedy answers is a column of the "
+                    "table, the plot's y axis and reward_model_score in tax.json (the implicit-reward columns stay)")
     pt.add_argument("--batch-size", dest="batch_size", type=positive_int, default=16,
                     help="evaluation batch size (default 16)")
     pt.add_argument("--output-dir", dest="output_dir", default="runs/tax", help="where tax.json and tax.png go "
