@@ -407,6 +407,11 @@ def test_evaluate_never_writes_into_another_runs_folder(tmp_path):
     assert runlog.read_metrics(str(tmp_path)) == history
     quiet = dpo(tmp_path, report_to="none").evaluate(eval_dataset=OTHER_ROWS[:4])  # no file: allowed
     assert "eval_loss" in quiet and runlog.read_metrics(str(tmp_path)) == history
+    over = dpo(tmp_path, max_steps=2, overwrite_output_dir=True)  # starting over there: its own rows stay
+    over.evaluate(eval_dataset=OTHER_ROWS[:4])
+    with pytest.warns(UserWarning, match=r"overwrite_output_dir: deleted checkpoint-3, metrics.jsonl from"):
+        over.train()
+    assert [r["step"] for r in runlog.read_metrics(str(tmp_path))] == [0, 1, 2]
 
     read, write = os.pipe()
     pid = os.fork()

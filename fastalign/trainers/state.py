@@ -175,12 +175,13 @@ class CheckpointMixin:
                 others += [p for _, p in ckpt.list_checkpoints(out)]
                 others += [os.path.join(out, n) for n in _RUN_OUTPUTS if os.path.exists(os.path.join(out, n))
                            and os.path.realpath(os.path.join(out, n)) not in self._own_outputs()]
-                if others:
+                if others and not self.config.overwrite_output_dir:  # with it, train() clears them (not ours)
                     raise RunStateError(
                         f"output_dir {out} holds the output of another run "
                         f"({_first_line([os.path.basename(p) for p in others])}): this trainer's metrics would mix "
-                        "with its history. Pass another output_dir to evaluate into, or report_to='none' to write "
-                        "no metrics file (evaluate() still returns the metrics)")
+                        "with its history. Pass another output_dir to evaluate into, report_to='none' to write "
+                        "no metrics file (evaluate() still returns the metrics), or overwrite_output_dir=True when "
+                        "this trainer's train() is to start over there")
                 self._run_id = self._run_id or runlog.new_run_id()
                 self._runlog = runlog.RunLog(out, self._run_id)
             self._runlog.write(metrics)
