@@ -20,3 +20,15 @@ class ModelCheckError(UnsupportedModelError):
 
 
 __all__ = ["FastalignError", "UnsupportedModelError", "ModelCheckError"]
+
+
+def caller_stacklevel():
+    """The ``stacklevel`` for warnings.warn, called right here, that points at the first frame outside fastalign:
+    the user's line (their DPOTrainer(...) call, say), however deep inside fastalign the warning is raised."""
+    import os
+    import sys
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # the function that called this one, which calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -195,3 +195,13 @@ def test_max_prompt_length_defaults_to_half_of_max_length_and_cut_prompts_are_co
                                          r"\(max_prompt_length=16; by default half of max_length"):
         examples = prepare_examples([long_prompt, ROW], "preference", byte_tokenizer(), DPOConfig(max_length=32))
     assert examples[0]["chosen_ids"][:16] == _bytes(byte_tokenizer(), "p" * 16)
+
+
+def test_data_warnings_point_at_the_users_line():
+    import warnings
+    rows = [ROW, {"prompt": "p", "chosen": "same start A", "rejected": "same start B"}]
+    cfg = SimpleNamespace(max_length=64, max_prompt_length=4, max_completion_length=5, truncation_mode="keep_start")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_examples(rows, "preference", byte_tokenizer(), cfg)
+    assert len(caught) == 2 and all(w.filename == __file__ for w in caught)  # not fastalign/data/*.py

@@ -21,6 +21,7 @@ import warnings
 from fastalign.data.errors import DataError, Problems
 from fastalign.data.loading import locations
 from fastalign.data.validation import is_messages
+from fastalign.errors import caller_stacklevel
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -159,13 +160,15 @@ class _Tokenizer:
         n_dropped = sum(len(v) for v in self.dropped.values())
         lim = {k: v for k, v in self.limits.items() if v is not None}
         if self.prompts_cut:
+            limit = self.limits["max_prompt_length"]
             warnings.warn(f"{self.name or 'data'}: cut the prompt of {self.prompts_cut} of {n_rows} {what} to its last "
-                          f"{self.limits['max_prompt_length']} tokens (max_prompt_length={self.limits['max_prompt_length']}; "
-                          "by default half of max_length: raise either to keep more)", UserWarning, stacklevel=3)
+                          f"{limit} tokens (max_prompt_length={limit}; by default half of max_length: raise either to "
+                          "keep more)", UserWarning, stacklevel=caller_stacklevel())
         for reason, places in self.dropped.items():
             shown = ", ".join(places[:SHOWN_LOCATIONS]) + (" ..." if len(places) > SHOWN_LOCATIONS else "")
             warnings.warn(f"{self.name or 'data'}: dropped {len(places)} of {n_rows} {what}: {reason} "
-                          f"({', '.join(f'{k}={v}' for k, v in lim.items())}); {shown}", UserWarning, stacklevel=3)
+                          f"({', '.join(f'{k}={v}' for k, v in lim.items())}); {shown}", UserWarning,
+                          stacklevel=caller_stacklevel())
         if n_dropped == n_rows:
             raise DataError(f"{self.name or 'data'}: no usable {what} left: all {n_rows} were dropped ("
                             + "; ".join(f"{len(v)}: {r}" for r, v in self.dropped.items()) + ")")
