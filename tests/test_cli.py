@@ -175,3 +175,17 @@ def test_eval_data_alone_is_the_evaluation_set(tmp_path, capsys):
     rc = main(["train", "dpo", "--eval-data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
                "--per-device-train-batch-size", "2", "--disable-tqdm", "--report-to", "none"])
     assert rc == 0 and re.search(r"(?<!\d)3 eval rows", capsys.readouterr().out)
+
+
+def test_train_banner_says_it_resumes_and_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "dpo", "--output-dir", str(out), "--per-device-train-batch-size", "2", "--disable-tqdm",
+            "--report-to", "none", "--lr-scheduler-type", "constant"]
+    assert main(base + ["--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--max-steps", "2", "--resume"]) == 0
+    assert f"resume: from {out / 'checkpoint-1'}" in capsys.readouterr().out
+    weighted = ["train", "dpo", "--output-dir", str(tmp_path / "w"), "--per-device-train-batch-size", "2",
+                "--disable-tqdm", "--report-to", "none", "--max-steps", "1", "--clone-robust", "true"]
+    assert main(weighted) == 0
+    assert "weighting: clone-robust pair weights (encoder model, groups by prompt)" in capsys.readouterr().out

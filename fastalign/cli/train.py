@@ -55,6 +55,15 @@ def banner(trainer, train_rows, eval_rows):
     ]
     if check is not None:
         rows.append(("model check", f"fused log-probs match the model's own (max |diff| {check.max_abs_diff:.1e})"))
+    if getattr(cfg, "clone_robust", False):
+        rows.append(("weighting", f"clone-robust pair weights (encoder {cfg.clone_robust_encoder or 'model'}, groups "
+                                  f"by {cfg.clone_robust_group_by})"))
+    if cfg.resume_from_checkpoint:
+        from fastalign import checkpoint as ckpt
+        where = cfg.resume_from_checkpoint
+        if where in ("latest", True):
+            where = ckpt.latest_checkpoint(cfg.output_dir) or "latest (none yet: the run will refuse to start)"
+        rows.append(("resume", f"from {where}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:>{width}}: {v}" for k, v in rows)
 
