@@ -160,20 +160,6 @@ def _group_rows(rows, groups, min_pairs):
     return by
 
 
-def tokenize_pairs_with_positions(rows, tokenizer, max_length, max_prompt_length, name=None):
-    """(examples, positions): ``tokenize_preference_rows``' examples and, for each, the index in ``rows`` of the
-    row it came from. Tokenization drops rows without signal (with a warning) and its examples' "index" counts
-    examples, not rows, so callers that line results up with rows need ``positions``."""
-    from fastalign.data import tokenize_preference_rows
-    from fastalign.data.loading import Rows, locations
-    where = list(locations(rows))
-    if len(set(where)) != len(where):  # locations identify rows only when distinct
-        where = [f"{w} (row {i})" for i, w in enumerate(where)]
-    position = {w: i for i, w in enumerate(where)}
-    examples = tokenize_preference_rows(Rows(list(rows), where), tokenizer, max_length, max_prompt_length, name=name)
-    return examples, [position[e["row"]] for e in examples]
-
-
 def pool_answer_states(hidden, labels, pooling):
     """hidden [S, T, H], labels [S, T] (the answer tokens are the labelled ones; -100 elsewhere) -> [S, H]:
     the mean of the hidden states over each sequence's answer tokens ("mean"), or its last answer token ("last")."""
@@ -197,7 +183,7 @@ def answer_features(model, tokenizer, rows, *, layer=-1, pooling="mean", batch_s
     each of the n pairs, the index of its row in ``rows``."""
     from tqdm.auto import tqdm
 
-    from fastalign.data import collate_preference
+    from fastalign.data import collate_preference, tokenize_pairs_with_positions
     from fastalign.integrations.hf import run_trunk, trunk_and_head
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")

@@ -15,9 +15,8 @@ def cmd_weights(args):
 
     from fastalign.clone_robust_train import alternative_weights, pair_weights
     from fastalign.cli.common import load_model
-    from fastalign.data import byte_tokenizer, load_rows, validate_rows
+    from fastalign.data import byte_tokenizer, load_rows, tokenize_pairs_with_positions, validate_rows
     from fastalign.data.loading import locations
-    from fastalign.dynamics import tokenize_pairs_with_positions
     if _same_file(args.out, args.data):
         raise ValueError(f"--out {args.out} is the --data file: writing would replace the input (and a second run "
                          "would multiply the weights again); write the weighted rows to a new file")

@@ -19,7 +19,7 @@
 import warnings
 
 from fastalign.data.errors import DataError, Problems
-from fastalign.data.loading import locations
+from fastalign.data.loading import Rows, locations
 from fastalign.data.validation import is_messages
 from fastalign.errors import caller_stacklevel
 
@@ -220,6 +220,18 @@ def _sft_prompt_and_answer(r):
         last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
         return msgs[:last], [msgs[last]]
     return r["prompt"], r.get("completion", r.get("chosen"))
+
+
+def tokenize_pairs_with_positions(rows, tokenizer, max_length, max_prompt_length, name=None):
+    """(examples, positions): ``tokenize_preference_rows``' examples and, for each, the index in ``rows`` of the
+    row it came from. Tokenization drops rows without signal (with a warning) and its examples' "index" counts
+    examples, not rows, so callers that line results up with rows need ``positions``."""
+    where = list(locations(rows))
+    if len(set(where)) != len(where):  # locations identify rows only when distinct
+        where = [f"{w} (row {i})" for i, w in enumerate(where)]
+    position = {w: i for i, w in enumerate(where)}
+    examples = tokenize_preference_rows(Rows(list(rows), where), tokenizer, max_length, max_prompt_length, name=name)
+    return examples, [position[e["row"]] for e in examples]
 
 
 def tokenize_sft_rows(rows, tokenizer, max_length, max_prompt_length, max_completion_length=None,
