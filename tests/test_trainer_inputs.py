@@ -161,14 +161,14 @@ def test_a_model_given_as_a_local_folder_is_loaded_as_trl_loads_a_model_name(tmp
         DPOTrainer(3, processing_class=t.tokenizer, train_dataset=ROWS, args=cfg(output_dir=str(tmp_path / "y")))
 
 
-def test_reward_data_margin_column_reaches_the_loss_and_bad_margins_are_refused():
+def test_reward_data_margin_column_reaches_the_loss_and_bad_margins_are_refused(tmp_path):
     """TRL's RewardTrainer subtracts a row's ``margin`` inside the sigmoid; it used to be silently ignored here."""
     from fastalign.config import RewardConfig
     from fastalign.trainer import RewardTrainer
     model, tok = default_model_and_tokenizer("reward", seed=0)
     with_margin = [dict(r, margin=2.0 + i % 3) for i, r in enumerate(ROWS[:8])]
     t = RewardTrainer(model, processing_class=tok, train_dataset=with_margin,
-                      args=cfg(RewardConfig, max_steps=1, per_device_train_batch_size=8))
+                      args=cfg(RewardConfig, tmp_path, max_steps=1, per_device_train_batch_size=8))
     batch = t._collate(t.train_examples[:8])
     assert batch.margins.tolist() == [2.0 + i % 3 for i in range(8)]
     plain = t._collate([dict(e, margin=0.0) for e in t.train_examples[:8]])
@@ -178,15 +178,15 @@ def test_reward_data_margin_column_reaches_the_loss_and_bad_margins_are_refused(
     for bad, found in (("2", "str '2'"), (float("nan"), "nan"), (None, "null")):
         with pytest.raises(DataError, match=rf"row 1.*margin.*expected a finite number, got {found}"):
             RewardTrainer(model, processing_class=tok, train_dataset=[ROWS[0], dict(ROWS[1], margin=bad)],
-                          args=cfg(RewardConfig, max_steps=1, per_device_train_batch_size=1))
+                          args=cfg(RewardConfig, tmp_path, max_steps=1, per_device_train_batch_size=1))
 
 
-def test_reward_trainer_logs_trls_reward_keys_too():
+def test_reward_trainer_logs_trls_reward_keys_too(tmp_path):
     from fastalign.config import RewardConfig
     from fastalign.trainer import RewardTrainer
     model, tok = default_model_and_tokenizer("reward", seed=0)
     row = RewardTrainer(model, processing_class=tok, train_dataset=ROWS,
-                        args=cfg(RewardConfig, max_steps=1, report_to="none")).train()[0]
+                        args=cfg(RewardConfig, tmp_path, max_steps=1, report_to="none")).train()[0]
     assert row["accuracy"] == row["rewards/accuracies"] and row["margin"] == row["rewards/margins"]
     assert row["min_reward"] <= row["mean_reward"] <= row["max_reward"] and row["num_tokens"] > 0
 
