@@ -31,4 +31,6 @@ def caller_stacklevel():
     frame, level = sys._getframe(1), 1  # the function that called this one, which calls warnings.warn
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
+    if frame is None or frame.f_code.co_filename.startswith("<"):  # fastalign's own script (python -m ...): its
+        return max(1, level - 1)                                    # outermost line, not <frozen runpy>
     return level
