@@ -50,6 +50,17 @@ def test_malformed_jsonl_lines_are_all_listed(tmp_path):
     assert lines[2].startswith(f"{p}:5: not valid JSON: Expecting property name enclosed in double quotes")
 
 
+def test_a_training_file_reports_its_unreadable_lines_and_its_bad_rows_at_once(tmp_path):
+    from fastalign.data import byte_tokenizer, prepare_examples
+    p = _jsonl(tmp_path / "prefs.jsonl", [json.dumps(PAIR), '{"prompt": "a", "chosen": "b" "rejected": "c"}',
+                                          json.dumps(dict(PAIR, chosen=3))])
+    with pytest.raises(DataError) as err:
+        prepare_examples(p, "preference", byte_tokenizer(), None)
+    text = str(err.value)
+    assert text.startswith(f"train_dataset: {p}: 1 unreadable line(s):\n  {p}:2: not valid JSON")
+    assert f"\ntrain_dataset: 1 malformed row(s):\n  {p}:3: field 'chosen': expected a string" in text
+
+
 def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
     p = _jsonl(tmp_path / "prefs.jsonl", [json.dumps(PAIR), b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'])
     with pytest.raises(DataError, match=rf"{p}:2: not valid UTF-8 \(byte 0xe9 at byte column 16\)"):

@@ -39,8 +39,10 @@ class Problems:
     def __len__(self):
         return len(self.items)
 
-    def raise_if_any(self, what="row(s) with problems"):
-        """Raise DataError: '<name>: <number of rows or lines> <what>:' then one problem per line."""
+    def raise_if_any(self, what="row(s) with problems", partial_rows=None):
+        """Raise DataError: '<name>: <number of rows or lines> <what>:' then one problem per line. A loader passes
+        the rows it could read as ``partial_rows`` (kept on the error), so that a caller can check those too and
+        report every problem of the file at once."""
         if not self.items:
             return
         shown = self.items[:self.max_report]
@@ -49,4 +51,6 @@ class Problems:
         text = f"{head}{len(self.places)} {what}:\n  " + "\n  ".join(shown)
         if more:
             text += f"\n  ... and {more} more problem(s)"
-        raise DataError(text)
+        error = DataError(text)
+        error.partial_rows = partial_rows
+        raise error

@@ -121,7 +121,7 @@ def _parse_jsonl(path, raw):
             continue
         rows.append(obj)
         where.append(f"{path}:{n}")
-    problems.raise_if_any("unreadable line(s)")
+    problems.raise_if_any("unreadable line(s)", partial_rows=Rows(rows, where, path))
     return Rows(rows, where, path)
 
 
@@ -217,7 +217,7 @@ def _parse_csv(path, text):
                 pass  # validation reports the string
         rows.append(row)
         where.append(loc)
-    problems.raise_if_any("unreadable line(s)")
+    problems.raise_if_any("unreadable line(s)", partial_rows=Rows(rows, where, path))
     return Rows(rows, where, path)
 
 

@@ -16,7 +16,14 @@ def prepare_examples(data, kind, tokenizer, config, name="train_dataset"):
     try:
         rows = load_rows(data)
     except DataError as exc:
-        raise DataError(f"{name}: {exc}") from None
+        more = ""
+        partial = getattr(exc, "partial_rows", None)
+        if partial:  # the lines that could be read are checked too: every problem of the file in one report
+            try:
+                validate_rows(partial, "sft" if kind == "sft" else "preference", name=name)
+            except DataError as found:
+                more = f"\n{found}"
+        raise DataError(f"{name}: {exc}{more}") from None
     rows = validate_rows(rows, "sft" if kind == "sft" else "preference", name=name)
     tok = tokenize_sft_rows if kind == "sft" else tokenize_preference_rows
     max_prompt_length = getattr(config, "resolved_max_prompt_length", getattr(config, "max_prompt_length", None))
