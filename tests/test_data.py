@@ -240,3 +240,18 @@ def test_implicit_prompt_is_the_shared_start_as_in_trl():
         validate_rows([{"chosen": "Same", "rejected": "Same, but longer"}], "preference")
     with pytest.raises(DataError, match="field 'rejected': is a list of messages but 'chosen' is a string"):
         validate_rows([{"chosen": "x", "rejected": [q, b]}], "preference")
+
+
+def test_csv_short_rows_and_unclosed_quotes_are_named_as_such(tmp_path):
+    short = tmp_path / "short.csv"
+    short.write_text("prompt,chosen,rejected\na,b,c\nx,y\n")
+    with pytest.raises(DataError, match=rf"{short}:3: 2 value\(s\) where the header has 3 columns: none for rejected"):
+        load_rows(str(short))
+    quote = tmp_path / "quote.csv"
+    quote.write_text('prompt,chosen,rejected\na,b,c\n"x,y,z\nq,r,s\nt,u,v\n')
+    with pytest.raises(DataError, match=rf"{quote}:3: 1 value\(s\) where the header has 3 columns: none for chosen, "
+                                        r"rejected \(the row runs to line 5: an unclosed quote\?\)"):
+        load_rows(str(quote))
+    multi = tmp_path / "multi.csv"  # a quoted cell over two lines: the next row is located by its own first line
+    multi.write_text('prompt,chosen,rejected\n"a\nb",c,d\ne,f,g\n')
+    assert list(load_rows(str(multi)).where) == [f"{multi}:2", f"{multi}:4"]

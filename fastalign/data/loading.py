@@ -202,11 +202,19 @@ def _parse_csv(path, text):
         raise DataError(f"{path}: the file is empty; expected a header line and one row per line")
     problems = Problems(path)
     rows, where = [], []
+    ended = reader.line_num
     for rec in reader:
-        loc = f"{path}:{reader.line_num}"
+        start, ended = ended + 1, reader.line_num  # a quoted cell may span lines: the row starts after the last
+        loc = f"{path}:{start}"
         if None in rec:
             problems.add(loc, f"{len(rec[None])} more value(s) than the header has columns "
                               f"({', '.join(reader.fieldnames)})")
+            continue
+        short = [k for k, v in rec.items() if v is None]
+        if short:
+            spans = f" (the row runs to line {ended}: an unclosed quote?)" if ended > start else ""
+            problems.add(loc, f"{len(reader.fieldnames) - len(short)} value(s) where the header has "
+                              f"{len(reader.fieldnames)} columns: none for {', '.join(short)}{spans}")
             continue
         row = {k: v for k, v in rec.items()}
         w = row.get("weight")
