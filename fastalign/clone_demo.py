@@ -116,9 +116,11 @@ def plot(result, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--copies", type=int, default=30)
-    p.add_argument("--num-samples", type=int, default=200_000)
-    p.add_argument("--out", default="runs/clone_demo.png")
+    from fastalign.cli.inputs import positive_int
+    p.add_argument("--copies", type=positive_int, default=30, help="copies of cluster A added (>= 1; default 30)")
+    p.add_argument("--num-samples", type=positive_int, default=200_000,
+                   help="uniform samples of the Voronoi estimate (default 200000)")
+    p.add_argument("--out", default="runs/clone_demo.png", help="the PNG (default runs/clone_demo.png)")
     args = p.parse_args(argv)
     res = run(copies=args.copies, num_samples=args.num_samples)
     n = res["n_original"]

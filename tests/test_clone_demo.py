@@ -34,3 +34,14 @@ def test_fit_recovers_a_consistent_model():
         demo.preference_probs = orig
     true = 4.0 * pts[:, 0]
     assert torch.allclose(r - r.mean(), true - true.mean(), atol=1e-4)
+
+
+def test_demo_options_are_checked_when_parsed(capsys):
+    import pytest
+
+    from fastalign.clone_demo import main
+    for argv, message in ((["--copies", "0"], "argument --copies: expected an integer >= 1, got '0'"),
+                          (["--num-samples", "x"], "argument --num-samples: expected an integer, got 'x'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
