@@ -1,4 +1,5 @@
 """fastalign: fused linear -> token log-prob kernels and the preference losses built on them."""
+from fastalign._lazy import lazy_attributes
 from fastalign._version import __version__
 from fastalign.averaging import average_models, fit_hma_ratios, hma, hma_groups
 from fastalign.backends import available_backends
@@ -38,8 +39,4 @@ _LAZY = {"DPOTrainer": "fastalign.trainers", "RewardTrainer": "fastalign.trainer
 __all__ += list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

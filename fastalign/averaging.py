@@ -17,6 +17,7 @@ from typing import List, Mapping, Sequence
 
 import torch
 
+from fastalign._lazy import lazy_attributes
 from fastalign.integrations.hf import is_peft
 
 # The first "<prefix>.<index>." in a parameter name: decoder blocks live in a ModuleList such as model.layers.
@@ -267,11 +268,7 @@ _MOVED_TO_HMA_FIT = ("_AveragedModel", "_encode_rows", "_nll", "_pad_id", "fit_h
                      "project_ratios", "prompt_and_answer")
 
 
-def __getattr__(name):
-    if name in _MOVED_TO_HMA_FIT:
-        from fastalign import hma_fit
-        return getattr(hma_fit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(_MOVED_TO_HMA_FIT, "fastalign.hma_fit"))
 
 
 __all__ = ["average_models", "hma", "hma_groups", "fit_hma_ratios", "hma_ratio_grad", "project_ratios",

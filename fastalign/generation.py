@@ -10,6 +10,7 @@ import json
 import os
 import torch
 
+from fastalign._lazy import lazy_attributes
 from fastalign.data import is_messages as _is_messages
 from fastalign.data import leading_special_ids as _leading_special_ids
 from fastalign.data import render as _render
@@ -232,8 +233,4 @@ _SCORING = ("log_ratio_score", "log_ratio_scorer", "sequence_scores", "reward_sc
             "score_answers", "last_token_hidden")
 
 
-def __getattr__(name):
-    if name in _SCORING:
-        from fastalign import scoring
-        return getattr(scoring, name)
-    raise AttributeError(f"module 'fastalign.generation' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(_SCORING, "fastalign.scoring"))

@@ -11,6 +11,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from fastalign._lazy import lazy_attributes
 from fastalign.ops import linear_logprobs, sequence_logprobs  # noqa: F401  (importable from here, as before)
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -227,8 +228,4 @@ _MOVED_TO_FUSED_LOSSES = ("FusedDPOLoss", "FusedORPOLoss", "FusedSFTLoss", "Fuse
                           "SFTLossOutput", "_FusedLogprobs", "_FusedPreferenceLoss")
 
 
-def __getattr__(name):
-    if name in _MOVED_TO_FUSED_LOSSES:
-        from fastalign import fused_losses
-        return getattr(fused_losses, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(_MOVED_TO_FUSED_LOSSES, "fastalign.fused_losses"))
