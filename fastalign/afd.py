@@ -20,6 +20,7 @@ from fastalign.config import ConfigError
 from fastalign.data import DataError, Rows, is_nonempty, load_rows, locations
 from fastalign.data.errors import Problems, type_name
 from fastalign.generation import sample, write_jsonl
+from fastalign.model_folders import require_local_folder
 from fastalign.scoring import _check_same_tokenizer, best_of_n
 from fastalign.trainers.afd_reward import RM_KINDS, AfDRewardConfig
 from fastalign.trainers.runlog import OutputDirLock
@@ -187,19 +188,9 @@ def _device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _check_model_dir(path, what):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist (expected a local folder written by "
-                                "save_pretrained; fastalign never downloads)")
-    if not os.path.isdir(path):
-        raise NotADirectoryError(f"{what} {path!r} is a file; expected a folder written by save_pretrained")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{what} {path!r} holds no config.json; expected a folder written by save_pretrained")
-
-
 def load_causal_lm(path):
     import transformers
-    _check_model_dir(path, "model")
+    require_local_folder(path, "model")
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     return model.to(_device()), tok
@@ -210,7 +201,7 @@ def load_reward_model(path, tokenizer=None, *, new_head=False):
     reward head (e.g. a causal LM) is refused: its scores would come from a randomly initialised head.
     new_head=True (the start of reward-model training): such a folder is fine, its head is initialised fresh."""
     import transformers
-    _check_model_dir(path, "reward model")
+    require_local_folder(path, "reward model")
     tok = tokenizer or transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, local_files_only=True, output_loading_info=True)

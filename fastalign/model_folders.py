@@ -30,10 +30,13 @@ def _is_causal_lm(arch):
 
 
 def require_local_folder(path, option):
-    """FileNotFoundError unless ``path`` is a local folder with a config.json (``option`` names it: '--post')."""
+    """``path`` unless it is not a local folder with a config.json: FileNotFoundError (missing, or no config.json)
+    or NotADirectoryError (a file), each naming ``option`` ('--post', 'reward model')."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path!r} does not exist: no such local folder (expected a folder written "
+                                "by save_pretrained; fastalign never downloads)")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{option} {path!r}: no such local folder (expected a folder written by "
-                                "save_pretrained; fastalign never downloads)")
+        raise NotADirectoryError(f"{option} {path!r} is a file; expected a folder written by save_pretrained")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{option} {path!r} holds no config.json: expected a folder written by "
                                 "save_pretrained")

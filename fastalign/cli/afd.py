@@ -47,8 +47,9 @@ def cmd_sample(args):
 
 
 def cmd_best_of_n(args):
-    from fastalign.afd import _check_model_dir, load_causal_lm, load_prompts, load_reward_model
+    from fastalign.afd import load_causal_lm, load_prompts, load_reward_model
     from fastalign.generation import check_output_path
+    from fastalign.model_folders import require_local_folder
     from fastalign.scoring import _check_same_tokenizer, best_of_n, log_ratio_scorer
     if (args.reward_model is None) == (args.log_ratio is None):
         from fastalign.config import ConfigError
@@ -57,7 +58,7 @@ def cmd_best_of_n(args):
     for what, path in [("--policy", args.policy), ("--reward-model", args.reward_model)] + \
             [("--log-ratio", m) for m in args.log_ratio or ()]:
         if path is not None:
-            _check_model_dir(path, what)
+            require_local_folder(path, what)
     prompts = load_prompts(args.prompts)
     policy, tok = load_causal_lm(args.policy)
     if args.reward_model:
