@@ -238,7 +238,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
                               f"valid: {', '.join(sorted(names))}")
-        return cls(**{k: _number_from_text(v) if k in _float_fields(cls) else v for k, v in d.items()})
+        floats = _float_fields(cls)
+        return cls(**{k: _number_from_text(v) if k in floats else v for k, v in d.items()})
 
     def to_dict(self):
         return dataclasses.asdict(self)

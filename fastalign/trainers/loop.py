@@ -349,9 +349,11 @@ class BaseTrainer(CheckpointMixin, LoggingEvalMixin):
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
-            m = reduce_across_ranks(*micro_step_metrics(step_metrics))
+            means, counts = micro_step_metrics(step_metrics)
+            means["_input_tokens"], counts["_input_tokens"] = step_inputs, 1  # in the same collective
+            m = reduce_across_ranks(means, counts)
             # every process has the key once: the mean over processes times their number is the sum
-            self._num_tokens += round(reduce_across_ranks({"n": step_inputs})["n"] * self.world_size)
+            self._num_tokens += round(m.pop("_input_tokens") * self.world_size)
             m.update(step=self.global_step, epoch=self.global_step / steps_per_epoch,
                      learning_rate=self.scheduler.get_last_lr()[0])
             if grad_norm is not None:

@@ -56,6 +56,7 @@ class CheckpointMixin:
     _resumed_from = None
     _log_window = None
     _num_tokens = None
+    _own_output_paths = None  # what save_model() wrote, as real paths: not another run's when train() starts
 
     # ---- the life of a run: lock, checks, metrics segment --------------------------------------------------
     @contextlib.contextmanager
@@ -123,13 +124,11 @@ class CheckpointMixin:
         for step, path in ckpt.list_checkpoints(out):
             if same(path):
                 continue
-            if state is None or step > int(state["global_step"]) or _run_id_of(path, state.get("run_id")) != state.get("run_id"):
+            if state is None or step > int(state["global_step"]) or \
+                    _run_id_of(path, state.get("run_id")) != state.get("run_id"):
                 others.append(path)
-        if state is None:  # this trainer's own rows (evaluate() before train()) and save_model() output are its own
-            others += [p for _, p in runlog.metrics_files(out)
-                       if self._run_id is None or runlog.metrics_run_id(p) != self._run_id]
-            others += [os.path.join(out, n) for n in _RUN_OUTPUTS if os.path.exists(os.path.join(out, n))
-                       and os.path.realpath(os.path.join(out, n)) not in self._own_outputs()]
+        if state is None:
+            others += self._other_runs_files(out)
         if not others:
             return
         names = [os.path.basename(p) for p in others]
@@ -156,10 +155,13 @@ class CheckpointMixin:
             self._lock.release()
             self._lock = None
 
-    def _own_outputs(self):
-        if self.__dict__.get("_own_output_paths") is None:
-            self._own_output_paths = set()
-        return self._own_output_paths
+    def _other_runs_files(self, out):
+        """out's metrics files and run outputs (final/, tensorboard/) that are not this trainer's own: its
+        evaluate() rows and save_model() output before train() are (run id, remembered paths)."""
+        metrics = [p for _, p in runlog.metrics_files(out)
+                   if self._run_id is None or runlog.metrics_run_id(p) != self._run_id]
+        outputs = [os.path.join(out, n) for n in _RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+        return metrics + [p for p in outputs if os.path.realpath(p) not in (self._own_output_paths or ())]
 
     def _write_metrics_row(self, metrics):
         """One row of the current segment's metrics file. Outside train() (evaluate() before or after it) the row
@@ -171,10 +173,7 @@ class CheckpointMixin:
         out = self.config.output_dir
         with runlog.OutputDirLock(out):
             if self._runlog is None:
-                others = [p for _, p in runlog.metrics_files(out) if runlog.metrics_run_id(p) != self._run_id]
-                others += [p for _, p in ckpt.list_checkpoints(out)]
-                others += [os.path.join(out, n) for n in _RUN_OUTPUTS if os.path.exists(os.path.join(out, n))
-                           and os.path.realpath(os.path.join(out, n)) not in self._own_outputs()]
+                others = self._other_runs_files(out) + [p for _, p in ckpt.list_checkpoints(out)]
                 if others and not self.config.overwrite_output_dir:  # with it, train() clears them (not ours)
                     raise RunStateError(
                         f"output_dir {out} holds the output of another run "
@@ -369,7 +368,7 @@ class CheckpointMixin:
                 else contextlib.nullcontext()
             with hold:
                 ckpt.write_dir_atomically(out, write)
-            self._own_outputs().add(os.path.realpath(out))
+            self._own_output_paths = (self._own_output_paths or set()) | {os.path.realpath(out)}
         if self.distributed:
             dist.barrier()
         return out
