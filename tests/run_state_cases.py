@@ -1,9 +1,15 @@
 """The rows and the tiny DPO run the run-state tests use (test_run_state.py, and the child processes it starts,
 which import this module rather than the test module): 16 training rows of the embedded preference data, 16 others
-for a resume with different data, and a 2-step DPOTrainer on the embedded tiny model that each test amends."""
+for a resume with different data, a 2-step DPOTrainer on the embedded tiny model that each test amends, and a
+process that holds an output folder."""
+import contextlib
+import os
+import signal
+
 from fastalign.config import DPOConfig
 from fastalign.data import DEFAULT_PREFERENCES, default_model_and_tokenizer, load_rows
 from fastalign.trainer import DPOTrainer
+from fastalign.trainers import runlog
 
 ROWS = load_rows(DEFAULT_PREFERENCES, "train")[:16]
 OTHER_ROWS = load_rows(DEFAULT_PREFERENCES, "train")[16:32]
@@ -16,3 +22,24 @@ def dpo(out, rows=ROWS, **kw):
     base.update(kw)
     model, tok = default_model_and_tokenizer(seed=0)
     return DPOTrainer(model, tokenizer=tok, train_dataset=rows, config=DPOConfig(**base))
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder):
+    """A forked process holds ``folder``'s output lock for the block (yields its pid) and is SIGKILLed at its end,
+    without releasing it, as a crashed run would."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            runlog.OutputDirLock(str(folder)).acquire()
+            os.write(write, b"1")
+            signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(read, 1) == b"1"
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -18,7 +18,7 @@ from fastalign.checkpoint import DamagedCheckpointError, NoSpaceLeftError, RunSt
 from fastalign.config import ConfigError, DPOConfig
 from fastalign.trainers import runlog
 from fastalign.trainers.state import ResumeMismatchError
-from tests.run_state_cases import OTHER_ROWS, ROWS, dpo
+from tests.run_state_cases import OTHER_ROWS, ROWS, dpo, held_by_another_process
 
 
 def _rows(path):
@@ -27,25 +27,12 @@ def _rows(path):
 
 # ---- one run per output folder ---------------------------------------------------------------------------------
 def test_second_run_fails_at_once_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path):
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # another process holds the folder until it is killed
-        try:
-            runlog.OutputDirLock(str(tmp_path)).acquire()
-            os.write(write, b"1")
-            signal.pause()
-        finally:
-            os._exit(0)
-    try:
-        assert os.read(read, 1) == b"1"
+    with held_by_another_process(tmp_path) as pid:  # until it is killed
         t = dpo(tmp_path)
         with pytest.raises(RunStateError, match=rf"in use by another run \(pid {pid} on host "
                                                 rf"{socket.gethostname()}"):
             t.train()
         assert not os.path.exists(tmp_path / "metrics.jsonl")  # it stopped before writing anything
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
     # the holder died without releasing: its record stays, the kernel dropped the flock -> taken over
     assert json.loads((tmp_path / runlog.LOCK_FILE).read_text())["pid"] == pid
     with pytest.warns(UserWarning, match=rf"taking over the stale lock .* \(pid {pid} "):
@@ -413,23 +400,10 @@ def test_evaluate_never_writes_into_another_runs_folder(tmp_path):
         over.train()
     assert [r["step"] for r in runlog.read_metrics(str(tmp_path))] == [0, 1, 2]
 
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a run in progress holds a fresh folder
-        try:
-            runlog.OutputDirLock(str(tmp_path / "busy")).acquire()
-            os.write(write, b"1")
-            signal.pause()
-        finally:
-            os._exit(0)
-    try:
-        assert os.read(read, 1) == b"1"
+    with held_by_another_process(tmp_path / "busy") as pid:  # a run in progress holds a fresh folder
         with pytest.raises(RunStateError, match=rf"in use by another run \(pid {pid}"):
             dpo(tmp_path / "busy").evaluate(eval_dataset=OTHER_ROWS[:4])
         assert runlog.metrics_files(str(tmp_path / "busy")) == []
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
 
 def test_a_segment_of_evaluation_rows_replaces_no_history(tmp_path):
