@@ -1,5 +1,4 @@
 """`fastalign weights`: write a preference dataset with clone-robust pair weights in a `weight` column."""
-import json
 import os
 
 from fastalign.cli.inputs import nonnegative_int, positive_int
@@ -17,11 +16,11 @@ def cmd_weights(args):
     from fastalign.cli.common import load_model
     from fastalign.data import byte_tokenizer, load_rows, tokenize_pairs_with_positions, validate_rows
     from fastalign.data.loading import locations
+    from fastalign.generation import check_output_path, write_jsonl
     if _same_file(args.out, args.data):
         raise ValueError(f"--out {args.out} is the --data file: writing would replace the input (and a second run "
                          "would multiply the weights again); write the weighted rows to a new file")
-    if os.path.isdir(args.out):
-        raise IsADirectoryError(f"--out {args.out} is a folder; expected the path of the output .jsonl file")
+    check_output_path(args.out, True, "--out")  # a folder, or a folder that cannot be written: before any work
     rows = load_rows(args.data)
     checked = validate_rows(rows, "preference", name=args.data)  # one normalized row per row
     encoder = args.encoder
@@ -46,21 +45,15 @@ def cmd_weights(args):
     # line the weights up with the rows: a row that tokenization dropped has no pair weight
     weighted = {pos: (w, float(weights[c]), float(weights[rj]))
                 for pos, w, c, rj in zip(positions, pw, chosen.tolist(), rejected.tolist())}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp-{os.getpid()}"  # written whole, then renamed: no half-written --out
-    try:
-        with open(tmp, "w") as f:
-            for i, (r, c) in enumerate(zip(rows, checked)):
-                out = dict(r)
-                out["weight"] = c.get("weight", 1.0)  # a dropped row keeps its own weight (1 without one)
-                if i in weighted:
-                    w, out["chosen_weight"], out["rejected_weight"] = weighted[i]
-                    out["weight"] *= w
-                f.write(json.dumps(out) + "\n")
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    written = []
+    for i, (r, c) in enumerate(zip(rows, checked)):
+        out = dict(r)
+        out["weight"] = c.get("weight", 1.0)  # a dropped row keeps its own weight (1 without one)
+        if i in weighted:
+            w, out["chosen_weight"], out["rejected_weight"] = weighted[i]
+            out["weight"] *= w
+        written.append(out)
+    write_jsonl(args.out, written)  # whole, then renamed: no half-written --out
     kept = len(weighted)
     if kept < len(rows):
         where = [w for i, w in enumerate(locations(rows)) if i not in weighted]
