@@ -173,6 +173,9 @@ def test_reward_data_margin_column_reaches_the_loss_and_bad_margins_are_refused(
     assert batch.margins.tolist() == [2.0 + i % 3 for i in range(8)]
     plain = t._collate([dict(e, margin=0.0) for e in t.train_examples[:8]])
     assert plain.margins is None
+    # rows without a margin give the examples they gave before it existed (so checkpoints' data fingerprints hold)
+    from fastalign.data import byte_tokenizer, prepare_examples
+    assert "margin" not in prepare_examples(ROWS[:2], "preference", byte_tokenizer(), None)[0]
     with torch.no_grad():
         assert t._loss(t.model, batch, None).loss > t._loss(t.model, plain, None).loss  # a margin raises the loss
     for bad, found in (("2", "str '2'"), (float("nan"), "nan"), (None, "null")):

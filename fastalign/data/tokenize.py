@@ -207,9 +207,12 @@ def tokenize_preference_rows(rows, tokenizer, max_length, max_prompt_length, max
             continue
         c_ids, c_lab = _labelled(p_ids, c_ids)
         r_ids, r_lab = _labelled(p_ids, r_ids)
-        out.append({"index": len(out), "row": where, "chosen_ids": c_ids, "chosen_labels": c_lab,
-                    "rejected_ids": r_ids, "rejected_labels": r_lab, "weight": float(r.get("weight", 1.0)),
-                    "behaviour": r.get("behaviour"), "margin": float(r.get("margin", 0.0))})
+        example = {"index": len(out), "row": where, "chosen_ids": c_ids, "chosen_labels": c_lab,
+                   "rejected_ids": r_ids, "rejected_labels": r_lab, "weight": float(r.get("weight", 1.0)),
+                   "behaviour": r.get("behaviour")}
+        if "margin" in r:  # only then: examples without one (and so checkpoints' data fingerprints) stay as they were
+            example["margin"] = float(r["margin"])
+        out.append(example)
     t.finish(len(rows), "pair(s)")
     return out
 
@@ -222,16 +225,31 @@ def _sft_prompt_and_answer(r):
     return r["prompt"], r.get("completion", r.get("chosen"))
 
 
+def with_distinct_locations(rows):
+    """``rows`` as ``Rows`` whose locations tell every row apart (they are what row_positions reads): the same
+    rows when they already do, else each location suffixed with its row index."""
+    where = list(locations(rows))
+    if len(set(where)) != len(where):
+        where = [f"{w} (row {i})" for i, w in enumerate(where)]
+    if isinstance(rows, Rows) and list(rows.where) == where:
+        return rows
+    return Rows(list(rows), where, getattr(rows, "source", None))
+
+
+def row_positions(rows, examples):
+    """For each example, the index in ``rows`` (with distinct locations) of the row it came from. Tokenization
+    drops rows without signal, and an example's "index" counts examples, not rows: whatever lines results or
+    columns up with the rows goes through this."""
+    position = {w: i for i, w in enumerate(locations(rows))}
+    return [position[e["row"]] for e in examples]
+
+
 def tokenize_pairs_with_positions(rows, tokenizer, max_length, max_prompt_length, name=None):
     """(examples, positions): ``tokenize_preference_rows``' examples and, for each, the index in ``rows`` of the
-    row it came from. Tokenization drops rows without signal (with a warning) and its examples' "index" counts
-    examples, not rows, so callers that line results up with rows need ``positions``."""
-    where = list(locations(rows))
-    if len(set(where)) != len(where):  # locations identify rows only when distinct
-        where = [f"{w} (row {i})" for i, w in enumerate(where)]
-    position = {w: i for i, w in enumerate(where)}
-    examples = tokenize_preference_rows(Rows(list(rows), where), tokenizer, max_length, max_prompt_length, name=name)
-    return examples, [position[e["row"]] for e in examples]
+    row it came from (row_positions)."""
+    rows = with_distinct_locations(rows)
+    examples = tokenize_preference_rows(rows, tokenizer, max_length, max_prompt_length, name=name)
+    return examples, row_positions(rows, examples)
 
 
 def tokenize_sft_rows(rows, tokenizer, max_length, max_prompt_length, max_completion_length=None,
