@@ -330,3 +330,16 @@ def test_dynamics_demo_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "differ-8" in out and "Spearman rho" in out
     assert (tmp_path / "separation_speed_vs_distinguishability.png").exists()
+
+
+def test_group_column_labels_stay_with_their_rows_when_tokenization_drops_one(tmp_path):
+    """Row 1's answers are identical once cut to max_length, so it is dropped: every later example must keep its
+    own row's group (they were read by example count, so each took the group of the row before it)."""
+    long = "a" * 80
+    rows = [dict(r, topic=f"t{i}") for i, r in enumerate(ROWS[:6])]
+    rows[1] = dict(rows[1], prompt="Q", chosen=long + "X", rejected=long + "Y")
+    with pytest.warns(UserWarning, match=r"dropped 1 of 6 pair\(s\).*row 1"):
+        t, _ = _recorded_trainer(tmp_path, rows=rows, group_column="topic", max_length=64, max_prompt_length=16,
+                                 per_device_train_batch_size=1)
+    assert [(e["row"], e["behaviour"]) for e in t.train_examples] == \
+        [(f"row {i}", f"t{i}") for i in (0, 2, 3, 4, 5)]

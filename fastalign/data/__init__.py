@@ -14,8 +14,9 @@ from fastalign.data.errors import DataError  # noqa: F401
 from fastalign.data.loading import Rows, load_rows, locations  # noqa: F401
 from fastalign.data.prepare import check_enough_rows, prepare_examples  # noqa: F401
 from fastalign.data.tokenize import (IGNORE_INDEX, TRUNCATION_MODES, leading_special_ids, render,  # noqa: F401
-                                     tokenize_pair, tokenize_pairs_with_positions, tokenize_preference_rows,
-                                     tokenize_sft_rows, truncate)
+                                     row_positions, tokenize_pair, tokenize_pairs_with_positions,
+                                     tokenize_preference_rows, tokenize_sft_rows, truncate,
+                                     with_distinct_locations)
 from fastalign.data.validation import extract_prompt, is_messages, is_nonempty, validate_rows  # noqa: F401
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -8,7 +8,7 @@ import os
 import torch
 
 from fastalign.config import DPOConfig
-from fastalign.data import DataError, load_rows
+from fastalign.data import DataError, load_rows, row_positions, with_distinct_locations
 from fastalign.dynamics import finalize_group_metrics, group_sums
 from fastalign.integrations.hf import _unwrap, hash_model, lm_head_config
 from fastalign.losses import FusedDPOLoss, FusedORPOLoss, FusedSimPOLoss
@@ -48,13 +48,14 @@ class DPOTrainer(BaseTrainer):
         col = self.config.group_column
         if col == "behaviour":
             return super()._prepare(data, name)
-        rows = load_rows(data)
+        rows = with_distinct_locations(load_rows(data))
         if col is not None and name == "train_dataset" and not any(col in r for r in rows):
             cols = sorted({k for r in rows for k in r})
             raise DataError(f"{name}: group_column {col!r} is in no row; the rows have columns: {', '.join(cols)}")
         examples = super()._prepare(rows, name)
-        for e in examples:
-            g = rows[e["index"]].get(col) if col is not None else None
+        # by each example's own row: tokenization may drop rows, and then "index" no longer counts rows
+        for e, i in zip(examples, row_positions(rows, examples)):
+            g = rows[i].get(col) if col is not None else None
             e["behaviour"] = None if g is None or g == "" else str(g)
         return examples
 
