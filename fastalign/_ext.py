@@ -108,7 +108,8 @@ def _ninja_on_path():
 
 
 def jit_build(verbose=False):
-    """Compile the shipped sources once per (sources, torch, Python, compiler, architecture) into the cache; return (module, .so path)."""
+    """Compile the shipped sources once per (sources, torch, Python, compiler, architecture) into the cache;
+    return (module, .so path)."""
     import torch  # noqa: F401  (libtorch must be loaded before the extension)
     src = sources_dir()
     if src is None:
