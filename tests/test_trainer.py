@@ -214,7 +214,11 @@ def test_lora_uses_disabled_adapters_as_reference_and_skips_frozen_head(tmp_path
     batch = t._collate(t.train_examples[:4])
     with model.disable_adapter():
         out = t.step_module(batch, t._extra(batch))
-    torch.testing.assert_close(out.chosen_rewards, torch.zeros_like(out.chosen_rewards), atol=1e-5, rtol=0)
+    # fp32 rounding only: the policy's and the reference's log-probs come from different passes (with and without
+    # gradients), whose GEMMs may round differently (1.5e-5 on a 2-core AMD EPYC's MKL); the trained adapters' own
+    # rewards are far above this bound (0.06-0.12 on the same batch)
+    torch.testing.assert_close(out.chosen_rewards, torch.zeros_like(out.chosen_rewards), atol=1e-4, rtol=0)
+    assert t.step_module(batch, t._extra(batch)).chosen_rewards.abs().min() > 1e-2
     path = t.save_checkpoint()
     assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
     # resuming loads the adapters back into a fresh LoRA model: same rewards on the same batch
