@@ -36,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this CPU and OS run chunk_gemms_'s d_weight update on AMX (AMX-TILE, AMX-BF16, AVX512-BF16)", no_gil());
   m.def("set_chunk_amx", &set_chunk_amx, "turn chunk_gemms_'s AMX path on or off (on by default); returns the old "
         "setting", no_gil(), py::arg("enabled"));
+  m.def("set_chunk_avx512", &set_chunk_avx512, "let chunk_gemms_ use AVX-512 where the CPU has it (on by default; "
+        "off, the AVX2 tiles run); returns the old setting", no_gil(), py::arg("enabled"));
+  m.def("chunk_gemms_isa", &chunk_gemms_isa, "the tiles chunk_gemms_ runs now: avx512+amx, avx512, avx2 or '' "
+        "(unsupported)", no_gil());
   // the Python side uses chunk_gemms_ only from an extension with this contract (an older prebuilt one had another;
   // 4: chunk_step_ is there too)
   m.attr("chunk_gemms_version") = 4;

@@ -3,6 +3,7 @@
 
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 // linear_logprobs.cpp: fused linear -> token log-prob (forward {logp, lse}; backward {d_hidden, d_weight, d_bias}).
@@ -23,12 +24,15 @@ std::vector<at::Tensor> rows_logsumexp_(at::Tensor& tile, const at::Tensor& targ
 void rows_dlogits_(at::Tensor& tile, const at::Tensor& lse, const at::Tensor& shift, const at::Tensor& targets,
                    const at::Tensor& coeff, double softcap, double inv_temp);
 
-// linear_logprobs_chunk.cpp: a thin chunk's three GEMMs in one pass over the vocabulary (fp32, AVX-512): tile
-// logits -> E' (exp_shift), d_weight (+)= E' scaled_hidden, P = E'^T W [rows, H] (need_p), then tile <- alpha W
-// next_hidden^T + bias with the new logits' column max and sum of exp. Returns {P or [0, H], max [Cn], sumexp [Cn]}.
+// linear_logprobs_chunk.cpp: a thin chunk's three GEMMs in one pass over the vocabulary (fp32; AVX-512, or AVX2 and
+// FMA): tile logits -> E' (exp_shift), d_weight (+)= E' scaled_hidden, P = E'^T W [rows, H] (need_p), then tile <-
+// alpha W next_hidden^T + bias with the new logits' column max and sum of exp. Returns {P or [0, H], max [Cn],
+// sumexp [Cn]}. chunk_gemms_isa(): the tiles it runs now ("avx512+amx", "avx512", "avx2"; "" where unsupported).
 bool chunk_gemms_supported();
 bool chunk_amx_supported();
 bool set_chunk_amx(bool enabled);
+bool set_chunk_avx512(bool enabled);
+std::string chunk_gemms_isa();
 std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first,
                                      bool need_p, const c10::optional<at::Tensor>& next_hidden,

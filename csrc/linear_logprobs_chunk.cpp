@@ -35,29 +35,84 @@
 // scaled_hidden once per chunk, and d_W's 16 x 16 tiles are loaded, added to and stored by the tile unit (blocks are
 // then a multiple of 48 lines). (a) alone took 0.8x its AVX-512 time (ad hoc, one 64-row chunk, H=1024).
 //
-// AVX-512 register tiles (in chunk_tiles.h; 24 of the 32 zmm registers accumulate): (a) 8 lines x 48 columns, (b)
-// and (c) 6 lines x 64 columns (one micro-kernel; (b) broadcasts W[v, h..h+5] along a line of W instead of down a
-// column; it took 0.9x the time of (b) with W packed into strips, ad hoc). H must be a multiple of 16 and ld of 16;
-// chunk_gemms_supported() says whether this CPU has AVX-512F and AVX-512BW (always false in a build for another
-// architecture than x86-64, see arch.h); where it has not, or a chunk is wider
-// than 128 rows, fastalign/chunk_pass_fused.py's fused_chunks_usable sends the pass to BLAS calls instead.
+// Register tiles (chunk_tiles.h, compiled once per instruction set against chunk_isa.h). AVX-512 (24 of the 32 zmm
+// registers accumulate): (a) 8 lines x 48 columns, (b) and (c) 6 lines x 64 columns (one micro-kernel; (b)
+// broadcasts W[v, h..h+5] along a line of W instead of down a column; it took 0.9x the time of (b) with W packed
+// into strips, ad hoc). AVX2 and FMA, for CPUs without AVX-512 (AMD Zen 2 and Zen 3, say; 12 of the 16 ymm
+// registers accumulate): (a) 4 lines x 24 columns, (b) and (c) 6 lines x 16 columns, the same walk. H must be a
+// multiple of 16 and ld of 16; chunk_gemms_supported() says whether this CPU has either set (always false in a build
+// for another architecture than x86-64, see arch.h); where it has neither, or a chunk is wider than 128 rows,
+// fastalign/chunk_pass_fused.py's fused_chunks_usable sends the pass to BLAS calls instead.
 #include "fastalign.h"
 
 #include "arch.h"
 #include "chunk_amx.h"
 
 #ifdef FASTALIGN_X86_SIMD
-#include "chunk_tiles.h"
+#include "chunk_isa.h"
+#include "chunk_layout.h"
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <string>
 #include <vector>
 
 namespace {
+
+using fastalign_chunk::kBlockK;
+using fastalign_chunk::kStrip;
+using fastalign_chunk::Prefetch;
+using fastalign_chunk::prefetch_share;
+
+// chunk_tiles.h once per instruction set (see its header)
+namespace chunk_avx512 {
+using namespace fastalign_chunk;
+using namespace isa_avx512;
+#define FASTALIGN_ISA FASTALIGN_AVX512
+#include "chunk_tiles.h"
+#undef FASTALIGN_ISA
+}  // namespace chunk_avx512
+
+namespace chunk_avx2 {
+using namespace fastalign_chunk;
+using namespace isa_avx2;
+#define FASTALIGN_ISA FASTALIGN_AVX2
+#include "chunk_tiles.h"
+#undef FASTALIGN_ISA
+}  // namespace chunk_avx2
+
+// One instruction set's tiles, as the block loop calls them: registers' floats (lanes), (a)'s lines per tile, (b)'s
+// and (c)'s columns per tile
+struct ChunkTiles {
+  int64_t lanes, a_lines, tile_cols;
+  decltype(&chunk_avx2::weight_strip) weight_strip;
+  decltype(&chunk_avx2::logits_strip) logits_strip;
+  decltype(&chunk_avx2::p_strip) p_strip;
+  decltype(&chunk_avx2::exp_lines) exp_lines;
+  decltype(&chunk_avx2::block_stats) block_stats;
+};
+
+const ChunkTiles kAvx512Tiles = {isa_avx512::kLanes, isa_avx512::kALines, isa_avx512::kTileVecs * isa_avx512::kLanes,
+                                 &chunk_avx512::weight_strip, &chunk_avx512::logits_strip, &chunk_avx512::p_strip,
+                                 &chunk_avx512::exp_lines, &chunk_avx512::block_stats};
+const ChunkTiles kAvx2Tiles = {isa_avx2::kLanes, isa_avx2::kALines, isa_avx2::kTileVecs * isa_avx2::kLanes,
+                               &chunk_avx2::weight_strip, &chunk_avx2::logits_strip, &chunk_avx2::p_strip,
+                               &chunk_avx2::exp_lines, &chunk_avx2::block_stats};
+
+bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// set_chunk_avx512(False) runs the AVX2 tiles on a CPU with AVX-512 too (how tests check them there)
+std::atomic<bool>& avx512_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+bool avx512_active() { return avx512_enabled().load() && cpu_has_avx512(); }
 
 // [rows, H] -> [strips][rows][48], zeros past H (one pass: a narrow/copy per strip cost more than the copy)
 at::Tensor pack_strips(const at::Tensor& x) {
@@ -91,12 +146,15 @@ at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
   return out;
 }
 
-// Vocabulary lines per block: its W lines (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to (c); a
-// multiple of 24 (8 and 6, the AVX-512 tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would
-// leave 8 of each to AVX-512)
-int64_t block_lines(int64_t H, bool amx) {
-  const int64_t unit = amx ? 48 : 24;
-  return std::max<int64_t>(unit, std::min<int64_t>(192, (24576 / H) / unit * unit));
+// Vocabulary lines per block. AVX-512: its W lines (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to
+// (c); a multiple of 24 (8 and 6, the AVX-512 tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks
+// would leave 8 of each to AVX-512). AVX2: blocks of about 576 KB of W (144 lines at H=1024, 192 at H=512): (b)'s
+// narrower tiles load and store their P^T accumulators once per block, and longer blocks pay that less often. On a
+// 2-core AMD EPYC (Zen 3, 2026-12-07, ad hoc, one 64-row chunk at H=1024): 127 GFLOP/s with 24-line blocks,
+// 140-143 with 96-192, 116-121 with 288; at H=512, the whole step 1.19x the 3-GEMM floor with 48 lines, 1.13x with 192.
+int64_t block_lines(int64_t H, bool amx, bool wide) {
+  const int64_t unit = amx ? 48 : 24, bytes = wide ? 24576 : 147456;
+  return std::max<int64_t>(unit, std::min<int64_t>(192, (bytes / H) / unit * unit));
 }
 
 void check_operand(const c10::optional<at::Tensor>& t, int64_t rows, int64_t H, const char* name) {
@@ -119,9 +177,17 @@ void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType 
 
 }  // namespace
 
-bool chunk_gemms_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+bool chunk_gemms_supported() { return cpu_has_avx512() || cpu_has_avx2(); }
 
-bool chunk_amx_supported() { return chunk_gemms_supported() && fastalign_amx::supported(); }
+bool chunk_amx_supported() { return cpu_has_avx512() && fastalign_amx::supported(); }
+
+std::string chunk_gemms_isa() {
+  if (!chunk_gemms_supported()) return "";
+  if (!avx512_active()) return "avx2";
+  return chunk_amx_supported() && fastalign_amx::active() ? "avx512+amx" : "avx512";
+}
+
+bool set_chunk_avx512(bool enabled) { return avx512_enabled().exchange(enabled); }
 
 std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::optional<at::Tensor>& scaled_hidden,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& d_weight, bool first,
@@ -133,7 +199,8 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
                                      const c10::optional<at::Tensor>& bias_scale,
                                      const c10::optional<at::Tensor>& target_values) {
   TORCH_CHECK(chunk_gemms_supported(),
-              "fastalign._C.chunk_gemms_ needs a CPU with AVX-512F and AVX-512BW (chunk_gemms_supported())");
+              "fastalign._C.chunk_gemms_ needs a CPU with AVX-512F and AVX-512BW, or AVX2 and FMA "
+              "(chunk_gemms_supported())");
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                   weight.dim() == 2 && weight.size(1) > 0 && weight.size(1) % 16 == 0,
               "fastalign._C.chunk_gemms_: weight must be a contiguous fp32 [V, H] CPU tensor with H a positive "
@@ -177,8 +244,10 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   const int64_t Cn = do_logits ? next_hidden->size(0) : 0;
   // (a) on AMX where this CPU has it: [C, H] scaled_hidden split once into a B panel; each block's E' lines into a
   // per-thread A panel
-  const bool amx = do_weight && C > 0 && H % 32 == 0 && fastalign_amx::active();
-  const int64_t vb = block_lines(H, amx), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
+  const bool wide = avx512_active();
+  const ChunkTiles& T = wide ? kAvx512Tiles : kAvx2Tiles;
+  const bool amx = wide && do_weight && C > 0 && H % 32 == 0 && fastalign_amx::active();
+  const int64_t vb = block_lines(H, amx, wide), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
   const int64_t kts = (C + 31) / 32;  // AMX's K steps over the chunk's rows
   at::Tensor hs_packed = do_weight && !amx ? pack_strips(*scaled_hidden) : at::Tensor();
   at::Tensor hs_panel = amx ? at::empty({3, kts * 32 * H}, weight.options().dtype(at::kShort)) : at::Tensor();
@@ -226,7 +295,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     for (int64_t blk = first_block; blk < last_block; ++blk) {
       const int64_t v0 = blk * vb, m = std::min(vb, V - v0);
       if (do_exp) {  // logits -> E' (and d_bias) while the lines are on their way into the cache
-        exp_lines(E, ld, v0, m, C, shift, y, tv, f, db, first);
+        T.exp_lines(E, ld, v0, m, C, shift, y, tv, f, db, first);
       } else if (do_bias) {
         for (int64_t v = v0; v < v0 + m; ++v) {
           float dot = 0.0f;
@@ -239,21 +308,22 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
         fastalign_amx::split_rows(E + v0 * ld, ld, m_amx, C, e_parts);
         fastalign_amx::tile_gemm(e_parts, m_amx, hs_parts, H, C, dW + v0 * H, H, !first);
       }
-      if (do_weight && m_amx < m) {  // (a): lines of 8, all strips, then the next 8 (d_W streams line by line)
+      if (do_weight && m_amx < m) {  // (a): a tile's lines (8 or 4), all strips, then the next (d_W streams line by line)
         at::Tensor hs_rest;  // AMX's last lines (the vocabulary's end): strips of their own
         if (amx) hs_rest = pack_strips(*scaled_hidden);
         const float* hs_strips = amx ? hs_rest.data_ptr<float>() : hs;
-        for (int64_t i = m_amx; i < m; i += 8) {
-          const int mi = static_cast<int>(std::min<int64_t>(8, m - i));
+        const int64_t al = T.a_lines;
+        for (int64_t i = m_amx; i < m; i += al) {
+          const int mi = static_cast<int>(std::min<int64_t>(al, m - i));
           const float* e = E + (v0 + i) * ld;
           for (int64_t s = 0; s < strips; ++s) {
-            const int nv = static_cast<int>(std::min<int64_t>(kStrip, H - s * kStrip) / 16);
+            const int64_t cols = std::min<int64_t>(kStrip, H - s * kStrip);  // a multiple of 16: whole cache lines
             float* d = dW + (v0 + i) * H + s * kStrip;
-            if (v0 + i + 16 <= V)  // the next 8 lines' share of this strip: in L1 when their turn comes
-              for (int q = 0; q < 8; ++q)
-                for (int c = 0; c < nv; ++c)
-                  _mm_prefetch(reinterpret_cast<const char*>(d + (8 + q) * H + c * 16), _MM_HINT_T0);
-            weight_strip(mi, nv, e, ld, hs_strips + s * C * kStrip, C, d, H, first);
+            if (v0 + i + 2 * al <= V)  // the next tile's lines' share of this strip: in L1 when their turn comes
+              for (int64_t q = 0; q < al; ++q)
+                for (int64_t c = 0; c < cols; c += 16)
+                  _mm_prefetch(reinterpret_cast<const char*>(d + (al + q) * H + c), _MM_HINT_T0);
+            T.weight_strip(mi, cols, e, ld, hs_strips + s * C * kStrip, C, d, H, first);
           }
         }
       }
@@ -266,32 +336,33 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
       const int64_t dw_lines = std::max<int64_t>(0, std::min(vb, V - v0 - 2 * vb)) * H / 16;
       const float* dw_next = do_weight && !first && dw_lines > 0 ? dW + (v0 + 2 * vb) * H : nullptr;
       if (do_p) {  // (b), transposed: P^T[h, 0:C] += sum_v W_b[v, h] E_b[v, 0:C]
-        const int64_t calls = (H + 5) / 6 * ((C16 + 63) / 64);
+        const int64_t tc = T.tile_cols, calls = (H + 5) / 6 * ((C16 + tc - 1) / tc);
         int64_t call = 0;
         for (int64_t h0 = 0; h0 < H; h0 += 6)
-          for (int64_t r = 0; r < C16; r += 64, ++call)
-            p_strip(static_cast<int>(std::min<int64_t>(6, H - h0)), static_cast<int>(std::min<int64_t>(64, C16 - r) / 16),
-                    W + v0 * H + h0, H, E + v0 * ld + r, ld, m, P + h0 * ld + r, blk == first_block,
-                    prefetch_share(w_next, next_lines, do_logits ? nullptr : dw_next, dw_lines, call, calls));
+          for (int64_t r = 0; r < C16; r += tc, ++call)
+            T.p_strip(static_cast<int>(std::min<int64_t>(6, H - h0)),
+                      static_cast<int>(std::min<int64_t>(tc, C16 - r) / T.lanes), W + v0 * H + h0, H,
+                      E + v0 * ld + r, ld, m, P + h0 * ld + r, blk == first_block,
+                      prefetch_share(w_next, next_lines, do_logits ? nullptr : dw_next, dw_lines, call, calls));
         p_written[t] = 1;
       }
       if (do_logits) {  // (c): over E_b, now consumed; all ld columns (zeros past Cn), then the bias
-        const int64_t calls = (H + kBlockK - 1) / kBlockK * ((ld + 63) / 64) * ((m + 5) / 6);
+        const int64_t tc = T.tile_cols, calls = (H + kBlockK - 1) / kBlockK * ((ld + tc - 1) / tc) * ((m + 5) / 6);
         int64_t call = 0;
         for (int64_t k0 = 0; k0 < H; k0 += kBlockK) {
           const int64_t kc = std::min(kBlockK, H - k0);
-          for (int64_t r = 0; r < ld; r += 64) {
-            const int nv = static_cast<int>(std::min<int64_t>(64, ld - r) / 16);
+          for (int64_t r = 0; r < ld; r += tc) {
+            const int nv = static_cast<int>(std::min<int64_t>(tc, ld - r) / T.lanes);
             for (int64_t i = 0; i < m; i += 6, ++call)
-              logits_strip(static_cast<int>(std::min<int64_t>(6, m - i)), nv, W + (v0 + i) * H + k0, H, 1,
-                           ht + k0 * ld + r, ld, kc, a, E + (v0 + i) * ld + r, k0 == 0,
-                           prefetch_share(do_p ? nullptr : w_next, next_lines, dw_next, dw_lines, call, calls));
+              T.logits_strip(static_cast<int>(std::min<int64_t>(6, m - i)), nv, W + (v0 + i) * H + k0, H, 1,
+                             ht + k0 * ld + r, ld, kc, a, E + (v0 + i) * ld + r, k0 == 0,
+                             prefetch_share(do_p ? nullptr : w_next, next_lines, dw_next, dw_lines, call, calls));
           }
         }
         if (b != nullptr)
           for (int64_t v = v0; v < v0 + m; ++v)
             for (int64_t r = 0; r < Cn; ++r) E[v * ld + r] += b[v];
-        block_stats(E, ld, v0, m, Cn, mx, se);
+        T.block_stats(E, ld, v0, m, Cn, mx, se);
       }
     }
   });
@@ -339,6 +410,10 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
 bool chunk_gemms_supported() { return false; }
 
 bool chunk_amx_supported() { return false; }
+
+std::string chunk_gemms_isa() { return ""; }
+
+bool set_chunk_avx512(bool) { return false; }
 
 std::vector<at::Tensor> chunk_gemms_(at::Tensor&, int64_t, const c10::optional<at::Tensor>&, const at::Tensor&,
                                      const c10::optional<at::Tensor>&, bool, bool, const c10::optional<at::Tensor>&,

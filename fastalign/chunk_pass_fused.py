@@ -12,7 +12,8 @@ the target's term inside the GEMMs. The per-row arithmetic around each kernel ca
 
 Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32 (weight contiguous), there is no
 softcap, H is a positive multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as
-fast) and the CPU has AVX-512F and AVX-512BW (loss_rows_cpp.chunk_gemms_supported()).
+fast) and the CPU has AVX-512F and AVX-512BW, or AVX2 and FMA (loss_rows_cpp.chunk_gemms_supported(); the kernel's
+tiles exist for both, loss_rows_cpp.chunk_gemms_isa() says which run).
 
 On a CPU with AMX the kernel's d_W update runs on AMX tiles at fp32 accuracy (csrc/chunk_amx.h;
 loss_rows_cpp.set_chunk_amx(False) turns it off).

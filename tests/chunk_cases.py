@@ -7,7 +7,7 @@ import fastalign as fa
 from fastalign.backends import loss_rows_cpp
 
 needs_kernel = pytest.mark.skipif("cpp" not in fa.available_backends() or not loss_rows_cpp.chunk_gemms_supported(),
-                                  reason="chunk_gemms_ needs the C++ extension and an AVX-512F CPU")
+                                  reason="chunk_gemms_ needs the C++ extension and a CPU with AVX-512 or AVX2")
 D = torch.float64
 
 

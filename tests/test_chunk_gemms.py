@@ -25,15 +25,21 @@ def _case(v, h, c, cn, ld, seed=0):
     return weight, tile, scaled, nxt, d_w, bias
 
 
-@pytest.fixture(params=["amx", "avx512"])
+@pytest.fixture(params=["amx", "avx512", "avx2"])
 def products(request):
-    """Both paths of d_weight's update where this CPU has AMX (set_chunk_amx); elsewhere only AVX-512 runs."""
-    amx = request.param == "amx"
-    if amx and not loss_rows_cpp.chunk_amx_supported():
-        pytest.skip("this CPU or OS has no AMX (AMX-TILE, AMX-BF16, AVX512-BF16)")
-    saved = loss_rows_cpp.set_chunk_amx(amx)
-    yield request.param
-    loss_rows_cpp.set_chunk_amx(saved)
+    """Each set of tiles this CPU runs: AMX for d_weight's update (set_chunk_amx), the AVX-512 tiles, and the AVX2
+    tiles (set_chunk_avx512(False) runs them on a CPU with AVX-512 too)."""
+    isa = request.param
+    saved_wide = loss_rows_cpp.set_chunk_avx512(isa != "avx2")
+    saved_amx = loss_rows_cpp.set_chunk_amx(isa == "amx")
+    try:
+        running = loss_rows_cpp.chunk_gemms_isa()
+        if running != {"amx": "avx512+amx"}.get(isa, isa):
+            pytest.skip(f"this CPU or OS runs {running!r} tiles, not {isa}")
+        yield isa
+    finally:
+        loss_rows_cpp.set_chunk_amx(saved_amx)
+        loss_rows_cpp.set_chunk_avx512(saved_wide)
 
 
 def _e_prime(logits, shift, y, target_values=None):

@@ -87,7 +87,7 @@ def compile_all(cxx, sources, *extra, std="c++17", objects=None):
 # the functions of fastalign.h that each guarded file defines: its portable variant must define them too (a missing
 # stub compiles, and fails only when the module is imported)
 GUARDED = {"linear_logprobs_chunk.cpp": ("chunk_gemms_supported", "chunk_amx_supported", "set_chunk_amx",
-                                         "chunk_gemms_"),
+                                         "set_chunk_avx512", "chunk_gemms_isa", "chunk_gemms_"),
            "nn_count.cpp": ("nn_count", "nn_count_kernels")}
 
 

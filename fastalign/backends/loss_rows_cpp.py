@@ -54,7 +54,7 @@ def rows_dlogits_(tile, lse, shift, targets, coeff, opts):
                   1.0 / opts.temperature)
 
 
-# The GEMM work of a thin chunk in one pass over the vocabulary (fp32, AVX-512; see chunk_pass_fused.py and
+# The GEMM work of a thin chunk in one pass over the vocabulary (fp32, AVX-512 or AVX2; see chunk_pass_fused.py and
 # csrc/linear_logprobs_chunk.cpp). Returns (E'^T W [rows, H] when need_p else an empty [0, H], the next chunk's
 # logits' column max [Cn] and sum of exp(logit - max) [Cn]).
 @torch.library.custom_op("fastalign::cpp_chunk_gemms_", mutates_args=("tile", "d_weight", "d_bias"))
@@ -80,7 +80,8 @@ def _(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, b
 @torch.compiler.disable  # a plain Python answer: torch.compile need not (and cannot) trace the extension's call
 def chunk_gemms_supported():
     """Whether chunk_gemms_ and chunk_step_ run here: the extension is built with their current contract (an older
-    prebuilt one is not) and the CPU has AVX-512F and AVX-512BW."""
+    prebuilt one is not) and the CPU has AVX-512F and AVX-512BW, or AVX2 and FMA (chunk_gemms_isa() says which
+    tiles run)."""
     c = _ext.C
     return (c is not None and getattr(c, "chunk_gemms_version", 0) == 4 and hasattr(c, "chunk_gemms_supported")
             and bool(c.chunk_gemms_supported()))
@@ -103,6 +104,28 @@ def set_chunk_amx(enabled):
     if c is None or not hasattr(c, "set_chunk_amx"):
         return False
     return bool(c.set_chunk_amx(bool(enabled)))
+
+
+@torch.compiler.disable
+def set_chunk_avx512(enabled):
+    """Let chunk_gemms_ use its AVX-512 tiles where the CPU has them (on by default); off, its AVX2 tiles run (and
+    AMX does not: it comes with the AVX-512 tiles). Results differ between the two in rounding only. Returns the
+    previous setting (False without an extension that has the switch)."""
+    c = _ext.C
+    if c is None or not hasattr(c, "set_chunk_avx512"):
+        return False
+    return bool(c.set_chunk_avx512(bool(enabled)))
+
+
+@torch.compiler.disable
+def chunk_gemms_isa():
+    """The tiles chunk_gemms_ runs here now: "avx512+amx", "avx512", "avx2", or "" where it does not run."""
+    c = _ext.C
+    if not chunk_gemms_supported():
+        return ""
+    if not hasattr(c, "chunk_gemms_isa"):  # an extension from before the AVX2 tiles: AVX-512 only
+        return "avx512+amx" if chunk_amx_supported() else "avx512"
+    return str(c.chunk_gemms_isa())
 
 
 def chunk_gemms_(tile, rows, scaled_hidden, weight, d_weight, first, need_p, next_hidden, bias, alpha,
