@@ -385,3 +385,18 @@ def _nll_rows(hidden, weight, y, rows, kw):
     logp, carrier = run_grad_in_forward(hidden, weight, None, y, row_bounds(n, rows), lambda s, e, lp: -torch.ones(
         e - s, dtype=lp.dtype) / n, temperature=1.0, softcap=kw.get("softcap"), backend=kw["backend"])
     return -logp.sum() / n + carrier
+
+
+def test_info_and_the_switch_name_the_tiles_that_run():
+    """`fastalign info` names the thin-chunk tiles this CPU runs; set_chunk_avx512(False) makes them AVX2 wherever the
+    kernel runs at all (an AVX-512 CPU has AVX2 too), and the old setting comes back."""
+    from fastalign.cli.info import info_dict
+    isa = loss_rows_cpp.chunk_gemms_isa()
+    shown = info_dict()["cpu_thin_chunk_tiles"]
+    assert shown == isa if isa else shown.startswith("none")
+    saved = loss_rows_cpp.set_chunk_avx512(False)
+    try:
+        assert loss_rows_cpp.chunk_gemms_isa() == ("avx2" if isa else "")
+    finally:
+        loss_rows_cpp.set_chunk_avx512(saved)
+    assert loss_rows_cpp.chunk_gemms_isa() == isa

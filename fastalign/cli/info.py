@@ -60,7 +60,14 @@ def info_dict():
         "extension_error": _ext.ERROR,
         "backends": fastalign.available_backends(),
         "backend_status": {k: v for k, v in status.items() if k != "cpp"},
+        "cpu_thin_chunk_tiles": _thin_chunk_tiles(),
     }
+
+
+def _thin_chunk_tiles():
+    """Which tiles the fused thin-chunk pass (fp32, chunk_rows <= 128) runs on this CPU, or why none runs."""
+    from fastalign.backends import loss_rows_cpp
+    return loss_rows_cpp.chunk_gemms_isa() or "none (BLAS chunks): no C++ extension, or no AVX-512 nor AVX2+FMA"
 
 
 def model_check(args):
