@@ -392,7 +392,7 @@ def test_info_and_the_switch_name_the_tiles_that_run():
     kernel runs at all (an AVX-512 CPU has AVX2 too), and the old setting comes back."""
     from fastalign.cli.info import info_dict
     isa = loss_rows_cpp.chunk_gemms_isa()
-    shown = info_dict()["cpu_thin_chunk_tiles"]
+    shown = info_dict()["cpu_chunk_tiles"]
     assert shown == isa if isa else shown.startswith("none")
     saved = loss_rows_cpp.set_chunk_avx512(False)
     try:

@@ -60,7 +60,7 @@ def info_dict():
         "extension_error": _ext.ERROR,
         "backends": fastalign.available_backends(),
         "backend_status": {k: v for k, v in status.items() if k != "cpp"},
-        "cpu_thin_chunk_tiles": _thin_chunk_tiles(),
+        "cpu_chunk_tiles": _thin_chunk_tiles(),
     }
 
 
