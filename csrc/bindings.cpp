@@ -30,8 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("targets"), py::arg("logp"), py::arg("stats"), py::arg("start"), py::arg("stop"),
         py::arg("next_start"), py::arg("next_stop"), py::arg("coeff"), py::arg("d_weight"), py::arg("d_hidden"),
         py::arg("d_bias"), py::arg("first"));
-  m.def("chunk_gemms_supported", &chunk_gemms_supported, "whether this CPU runs chunk_gemms_ (AVX-512F and BW)",
-        no_gil());
+  m.def("chunk_gemms_supported", &chunk_gemms_supported,
+        "whether this CPU runs chunk_gemms_ (AVX-512F and BW, or AVX2 and FMA)", no_gil());
   m.def("chunk_amx_supported", &chunk_amx_supported,
         "whether this CPU and OS run chunk_gemms_'s d_weight update on AMX (AMX-TILE, AMX-BF16, AVX512-BF16)", no_gil());
   m.def("set_chunk_amx", &set_chunk_amx, "turn chunk_gemms_'s AMX path on or off (on by default); returns the old "

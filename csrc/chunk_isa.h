@@ -41,8 +41,12 @@ FASTALIGN_AVX512 FASTALIGN_VEC_INLINE float vsum(vec x) { return _mm512_reduce_a
 FASTALIGN_AVX512 FASTALIGN_VEC_INLINE __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
 }
-FASTALIGN_AVX512 FASTALIGN_VEC_INLINE vec vload_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
-FASTALIGN_AVX512 FASTALIGN_VEC_INLINE void vstore_n(float* p, int64_t n, vec x) { _mm512_mask_storeu_ps(p, lanes(n), x); }
+FASTALIGN_AVX512 FASTALIGN_VEC_INLINE vec vload_n(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(lanes(n), p);
+}
+FASTALIGN_AVX512 FASTALIGN_VEC_INLINE void vstore_n(float* p, int64_t n, vec x) {
+  _mm512_mask_storeu_ps(p, lanes(n), x);
+}
 }  // namespace isa_avx512
 
 namespace isa_avx2 {
@@ -61,7 +65,8 @@ FASTALIGN_AVX2 FASTALIGN_VEC_INLINE vec vexp(vec x) { return fastalign_rows::exp
 FASTALIGN_AVX2 FASTALIGN_VEC_INLINE float vsum(vec x) { return fastalign_rows::hsum8(x); }
 // The first n lanes as a maskload / maskstore mask (lane i on where i < n)
 FASTALIGN_AVX2 FASTALIGN_VEC_INLINE __m256i lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i count = _mm256_set1_epi32(static_cast<int>(n < 8 ? n : 8));
+  return _mm256_cmpgt_epi32(count, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 FASTALIGN_AVX2 FASTALIGN_VEC_INLINE vec vload_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, lanes(n)); }
 FASTALIGN_AVX2 FASTALIGN_VEC_INLINE void vstore_n(float* p, int64_t n, vec x) { _mm256_maskstore_ps(p, lanes(n), x); }

@@ -308,7 +308,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
         fastalign_amx::split_rows(E + v0 * ld, ld, m_amx, C, e_parts);
         fastalign_amx::tile_gemm(e_parts, m_amx, hs_parts, H, C, dW + v0 * H, H, !first);
       }
-      if (do_weight && m_amx < m) {  // (a): a tile's lines (8 or 4), all strips, then the next (d_W streams line by line)
+      if (do_weight && m_amx < m) {  // (a): a tile's lines (8 or 4), all strips, then the next (d_W line by line)
         at::Tensor hs_rest;  // AMX's last lines (the vocabulary's end): strips of their own
         if (amx) hs_rest = pack_strips(*scaled_hidden);
         const float* hs_strips = amx ? hs_rest.data_ptr<float>() : hs;
@@ -420,8 +420,8 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor&, int64_t, const c10::optional<a
                                      const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&,
                                      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                                      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "fastalign._C.chunk_gemms_ needs an x86-64 CPU with AVX-512F and AVX-512BW; this build has no "
-              "x86-64 kernels (chunk_gemms_supported() is false)");
+  TORCH_CHECK(false, "fastalign._C.chunk_gemms_ needs an x86-64 CPU with AVX-512F and AVX-512BW, or AVX2 and FMA; "
+              "this build has no x86-64 kernels (chunk_gemms_supported() is false)");
   return {};
 }
 // a stub whose signature drifted from fastalign.h's would be an overload, and this ambiguous: a compile error here
