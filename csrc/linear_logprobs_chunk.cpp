@@ -68,9 +68,9 @@ using fastalign_chunk::kStrip;
 using fastalign_chunk::Prefetch;
 using fastalign_chunk::prefetch_share;
 
-// chunk_tiles.h once per instruction set (see its header)
+// chunk_tiles.h once per instruction set (see its header; chunk_layout.h's names reach it through the
+// using-declarations above)
 namespace chunk_avx512 {
-using namespace fastalign_chunk;
 using namespace isa_avx512;
 #define FASTALIGN_ISA FASTALIGN_AVX512
 #include "chunk_tiles.h"
@@ -78,7 +78,6 @@ using namespace isa_avx512;
 }  // namespace chunk_avx512
 
 namespace chunk_avx2 {
-using namespace fastalign_chunk;
 using namespace isa_avx2;
 #define FASTALIGN_ISA FASTALIGN_AVX2
 #include "chunk_tiles.h"
@@ -103,16 +102,13 @@ const ChunkTiles kAvx2Tiles = {isa_avx2::kLanes, isa_avx2::kALines, isa_avx2::kT
                                &chunk_avx2::weight_strip, &chunk_avx2::logits_strip, &chunk_avx2::p_strip,
                                &chunk_avx2::exp_lines, &chunk_avx2::block_stats};
 
-bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-
 // set_chunk_avx512(False) runs the AVX2 tiles on a CPU with AVX-512 too (how tests check them there)
 std::atomic<bool>& avx512_enabled() {
   static std::atomic<bool> on{true};
   return on;
 }
 
-bool avx512_active() { return avx512_enabled().load() && cpu_has_avx512(); }
+bool avx512_active() { return avx512_enabled().load() && fastalign_rows::kHasAvx512; }
 
 // [rows, H] -> [strips][rows][48], zeros past H (one pass: a narrow/copy per strip cost more than the copy)
 at::Tensor pack_strips(const at::Tensor& x) {
@@ -177,14 +173,15 @@ void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType 
 
 }  // namespace
 
-bool chunk_gemms_supported() { return cpu_has_avx512() || cpu_has_avx2(); }
+// the CPU checks of row_math.h / col_math.h: AVX2 and FMA; AVX-512F and BW (on a CPU that has AVX2 too)
+bool chunk_gemms_supported() { return fastalign_rows::kHasAvx2; }
 
-bool chunk_amx_supported() { return cpu_has_avx512() && fastalign_amx::supported(); }
+bool chunk_amx_supported() { return fastalign_rows::kHasAvx512 && fastalign_amx::supported(); }
 
 std::string chunk_gemms_isa() {
   if (!chunk_gemms_supported()) return "";
   if (!avx512_active()) return "avx2";
-  return chunk_amx_supported() && fastalign_amx::active() ? "avx512+amx" : "avx512";
+  return fastalign_amx::active() ? "avx512+amx" : "avx512";
 }
 
 bool set_chunk_avx512(bool enabled) { return avx512_enabled().exchange(enabled); }
