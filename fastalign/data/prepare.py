@@ -13,6 +13,7 @@ def prepare_examples(data, kind, tokenizer, config, name="train_dataset"):
     truncation_mode from ``config`` (TRL's names; a config without the last two means no completion cap and
     "keep_start").
     """
+    row_kind = "sft" if kind == "sft" else "preference"
     try:
         rows = load_rows(data)
     except DataError as exc:
@@ -20,11 +21,11 @@ def prepare_examples(data, kind, tokenizer, config, name="train_dataset"):
         partial = getattr(exc, "partial_rows", None)
         if partial:  # the lines that could be read are checked too: every problem of the file in one report
             try:
-                validate_rows(partial, "sft" if kind == "sft" else "preference", name=name)
+                validate_rows(partial, row_kind, name=name)
             except DataError as found:
                 more = f"\n{found}"
         raise DataError(f"{name}: {exc}{more}") from None
-    rows = validate_rows(rows, "sft" if kind == "sft" else "preference", name=name)
+    rows = validate_rows(rows, row_kind, name=name)
     tok = tokenize_sft_rows if kind == "sft" else tokenize_preference_rows
     max_prompt_length = getattr(config, "resolved_max_prompt_length", getattr(config, "max_prompt_length", None))
     return tok(rows, tokenizer, getattr(config, "max_length", None), max_prompt_length,

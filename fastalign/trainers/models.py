@@ -1,7 +1,6 @@
 """Model plumbing the trainers share: unwrapping DDP/FSDP/peft, the step module DDP wraps."""
-import re
-
 import torch
+from torch.torch_version import TorchVersion
 
 from fastalign.integrations.hf import _unwrap, is_peft, strip_parallel  # noqa: F401 (re-exported)
 
@@ -75,13 +74,12 @@ def fsdp2_fully_shard(device):
     2.4 has no public ``torch.distributed.fsdp.fully_shard``; 2.6's fails on CPU in its first forward, calling
     ``Stream.record_event``, which CPU streams lack; 2.13 runs both)."""
     from fastalign.config import ConfigError
-    version = tuple(int(p) for p in re.findall(r"\d+", str(torch.__version__))[:2])
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
         raise ConfigError(f"fsdp=True needs FSDP2's torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch "
                           f"{torch.__version__}. Upgrade torch, or train with DDP (fsdp=False)") from None
-    if device.type == "cpu" and version < (2, 7):
+    if device.type == "cpu" and TorchVersion(torch.__version__) < (2, 7):
         raise ConfigError(f"fsdp=True on CPU fails with torch {torch.__version__} (its FSDP2 calls Stream.record_event, "
                           "which CPU streams lack); it runs with torch 2.13. Upgrade torch, or train with DDP "
                           "(fsdp=False)")
