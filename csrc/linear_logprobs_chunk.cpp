@@ -110,6 +110,13 @@ std::atomic<bool>& avx512_enabled() {
 
 bool avx512_active() { return avx512_enabled().load() && fastalign_rows::kHasAvx512; }
 
+// the CPU's vendor (block_lines)
+bool cpu_is_amd() {
+  __builtin_cpu_init();  // may run before libgcc's own constructor (as row_math.h's checks)
+  return __builtin_cpu_is("amd");
+}
+const bool kAmd = cpu_is_amd();
+
 // [rows, H] -> [strips][rows][48], zeros past H (one pass: a narrow/copy per strip cost more than the copy)
 at::Tensor pack_strips(const at::Tensor& x) {
   const int64_t rows = x.size(0), H = x.size(1), strips = (H + kStrip - 1) / kStrip;
@@ -142,14 +149,20 @@ at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
   return out;
 }
 
-// Vocabulary lines per block. AVX-512: its W lines (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to
-// (c); a multiple of 24 (8 and 6, the AVX-512 tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks
-// would leave 8 of each to AVX-512). AVX2: blocks of about 576 KB of W (144 lines at H=1024, 192 at H=512): (b)'s
-// narrower tiles load and store their P^T accumulators once per block, and longer blocks pay that less often. On a
-// 2-core AMD EPYC (Zen 3, 2026-12-07, ad hoc, one 64-row chunk at H=1024): 127 GFLOP/s with 24-line blocks,
-// 140-143 with 96-192, 116-121 with 288; at H=512, the whole step 1.19x the 3-GEMM floor with 48 lines, 1.13x with 192.
+// Vocabulary lines per block (lines = bytes / H, in multiples of the tiles' lines). AVX-512 on Intel: its W lines
+// (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to (c); a multiple of 24 (8 and 6, the AVX-512 tiles'
+// lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would leave 8 of each to AVX-512). AVX-512 on AMD
+// (Zen 4 runs 512-bit operations on 256-bit units): twice the lines, so that (b) loads and stores its P^T
+// accumulators half as often. On a 2-core AMD EPYC (Zen 4, 2026-12-07, ad hoc, the three parts of one chunk, two
+// threads, medians of 5 interleaved): 174 / 185 / 185 / 186 GFLOP/s with 24 / 48 / 72 / 96-line blocks at H=1024, 64
+// rows (170 / 179 at 32 rows, 178 / 183 at 128; 175 / 179 at H=512, 64 rows), and the whole step at N=2048 H=1024
+// 1.11x / 1.01x the 3-GEMM floor (bench, paired). AVX2: blocks of about 576 KB of W (144 lines at H=1024, 192 at
+// H=512): (b)'s narrower tiles load and store their P^T accumulators once per block, and longer blocks pay that less
+// often. On a 2-core AMD EPYC (Zen 3, 2026-12-07, ad hoc, one 64-row chunk at H=1024): 127 GFLOP/s with 24-line
+// blocks, 140-143 with 96-192, 116-121 with 288; at H=512, the whole step 1.19x the 3-GEMM floor with 48 lines, 1.13x
+// with 192. Neither the AMD choice on Intel nor the AVX2 choice on an Intel CPU without AVX-512 has been measured.
 int64_t block_lines(int64_t H, bool amx, bool wide) {
-  const int64_t unit = amx ? 48 : 24, bytes = wide ? 24576 : 147456;
+  const int64_t unit = amx ? 48 : 24, bytes = !wide ? 147456 : kAmd ? 49152 : 24576;
   return std::max<int64_t>(unit, std::min<int64_t>(192, (bytes / H) / unit * unit));
 }
 
