@@ -149,9 +149,10 @@ at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
   return out;
 }
 
-// Vocabulary lines per block (lines = bytes / H, in multiples of the tiles' lines). AVX-512 on Intel: its W lines
-// (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to (c); a multiple of 24 (8 and 6, the AVX-512 tiles'
-// lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would leave 8 of each to AVX-512). AVX-512 on AMD
+// Vocabulary lines per block: about `floats` floats of W (lines = floats / H), a multiple of the tiles' lines.
+// AVX-512 on Intel: its W lines (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to (c); a multiple of
+// 24 (8 and 6, the AVX-512 tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would leave 8 of each
+// to AVX-512). AVX-512 on AMD
 // (Zen 4 runs 512-bit operations on 256-bit units): twice the lines, so that (b) loads and stores its P^T
 // accumulators half as often. On a 2-core AMD EPYC (Zen 4, 2026-12-07, ad hoc, the three parts of one chunk, two
 // threads, medians of 5 interleaved): 174 / 185 / 185 / 186 GFLOP/s with 24 / 48 / 72 / 96-line blocks at H=1024, 64
@@ -160,10 +161,10 @@ at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
 // H=512): (b)'s narrower tiles load and store their P^T accumulators once per block, and longer blocks pay that less
 // often. On a 2-core AMD EPYC (Zen 3, 2026-12-07, ad hoc, one 64-row chunk at H=1024): 127 GFLOP/s with 24-line
 // blocks, 140-143 with 96-192, 116-121 with 288; at H=512, the whole step 1.19x the 3-GEMM floor with 48 lines, 1.13x
-// with 192. Neither the AMD choice on Intel nor the AVX2 choice on an Intel CPU without AVX-512 has been measured.
+// with 192. No Intel CPU was measured with AMD's AVX-512 blocks or with the AVX2 blocks.
 int64_t block_lines(int64_t H, bool amx, bool wide) {
-  const int64_t unit = amx ? 48 : 24, bytes = !wide ? 147456 : kAmd ? 49152 : 24576;
-  return std::max<int64_t>(unit, std::min<int64_t>(192, (bytes / H) / unit * unit));
+  const int64_t unit = amx ? 48 : 24, floats = !wide ? 147456 : kAmd ? 49152 : 24576;
+  return std::max<int64_t>(unit, std::min<int64_t>(192, (floats / H) / unit * unit));
 }
 
 void check_operand(const c10::optional<at::Tensor>& t, int64_t rows, int64_t H, const char* name) {
