@@ -110,13 +110,6 @@ std::atomic<bool>& avx512_enabled() {
 
 bool avx512_active() { return avx512_enabled().load() && fastalign_rows::kHasAvx512; }
 
-// the CPU's vendor (block_lines)
-bool cpu_is_amd() {
-  __builtin_cpu_init();  // may run before libgcc's own constructor (as row_math.h's checks)
-  return __builtin_cpu_is("amd");
-}
-const bool kAmd = cpu_is_amd();
-
 // [rows, H] -> [strips][rows][48], zeros past H (one pass: a narrow/copy per strip cost more than the copy)
 at::Tensor pack_strips(const at::Tensor& x) {
   const int64_t rows = x.size(0), H = x.size(1), strips = (H + kStrip - 1) / kStrip;
@@ -150,20 +143,24 @@ at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
 }
 
 // Vocabulary lines per block: about `floats` floats of W (lines = floats / H), a multiple of the tiles' lines.
-// AVX-512 on Intel: its W lines (about 96 KB; 192 KB with AMX at H=1024) stay in L2 from (b) to (c); a multiple of
-// 24 (8 and 6, the AVX-512 tiles' lines), and of 48 with AMX (its 16-line tiles; 24-line blocks would leave 8 of each
-// to AVX-512). AVX-512 on AMD
-// (Zen 4 runs 512-bit operations on 256-bit units): twice the lines, so that (b) loads and stores its P^T
-// accumulators half as often. On a 2-core AMD EPYC (Zen 4, 2026-12-07, ad hoc, the three parts of one chunk, two
-// threads, medians of 5 interleaved): 174 / 185 / 185 / 186 GFLOP/s with 24 / 48 / 72 / 96-line blocks at H=1024, 64
-// rows (170 / 179 at 32 rows, 178 / 183 at 128; 175 / 179 at H=512, 64 rows), and the whole step at N=2048 H=1024
-// 1.11x / 1.01x the 3-GEMM floor (bench, paired). AVX2: blocks of about 576 KB of W (144 lines at H=1024, 192 at
-// H=512): (b)'s narrower tiles load and store their P^T accumulators once per block, and longer blocks pay that less
-// often. On a 2-core AMD EPYC (Zen 3, 2026-12-07, ad hoc, one 64-row chunk at H=1024): 127 GFLOP/s with 24-line
-// blocks, 140-143 with 96-192, 116-121 with 288; at H=512, the whole step 1.19x the 3-GEMM floor with 48 lines, 1.13x
-// with 192. No Intel CPU was measured with AMD's AVX-512 blocks or with the AVX2 blocks.
+// AVX-512: about 192 KB of W (48 lines at H=1024, 96 at H=512), which stay in L2 from (b) to (c), a multiple of 24 (8
+// and 6, the AVX-512 tiles' lines); longer blocks let (b) load and store its P^T accumulators less often. With AMX
+// about 96 KB, a multiple of 48 (its 16-line tiles; 24-line blocks would leave 8 of each to AVX-512): 48 lines at
+// H=512 and at H=1024. Measured on two CPUs, two threads, one 64-row chunk's three parts (ad hoc, medians of interleaved rounds):
+// - AMD EPYC Zen 4 (2026-12-07): 174 / 185 / 185 / 186 GFLOP/s with 24 / 48 / 72 / 96-line blocks at H=1024 (170 /
+//   179 at 32 rows, 178 / 183 at 128; 175 / 179 at H=512), and the whole step at N=2048 H=1024 1.11x / 1.01x the
+//   3-GEMM floor with 24 / 48 lines (bench, paired).
+// - Intel Xeon with AMX, AMX off (2026-12-07, 12 rounds, paired): 48 and 72 lines took 0.976x and 0.986x the time of
+//   24 at H=1024; 48 and 96 took 0.992x and 0.984x at H=512. With AMX, 96 lines took 1.03x (H=512) and 1.30x
+//   (H=1024) the time of 48.
+// AVX2: blocks of about 576 KB of W (144 lines at H=1024, 192 at H=512): (b)'s narrower tiles load and store their
+// P^T accumulators once per block, and longer blocks pay that less often. On a 2-core AMD EPYC (Zen 3, 2026-12-07, ad
+// hoc, one 64-row chunk at H=1024): 127 GFLOP/s with 24-line blocks, 140-143 with 96-192, 116-121 with 288; at H=512,
+// the whole step 1.19x the 3-GEMM floor with 48 lines, 1.13x with 192. The Xeon above, AVX2 tiles (8 rounds, paired):
+// 48 / 96 / 192 lines took 0.975x / 0.957x / 1.044x the time of 144 at H=1024, and 96 took 0.979x that of 192 at
+// H=512: within its noise, so unchanged.
 int64_t block_lines(int64_t H, bool amx, bool wide) {
-  const int64_t unit = amx ? 48 : 24, floats = !wide ? 147456 : kAmd ? 49152 : 24576;
+  const int64_t unit = amx ? 48 : 24, floats = !wide ? 147456 : amx ? 24576 : 49152;
   return std::max<int64_t>(unit, std::min<int64_t>(192, (floats / H) / unit * unit));
 }
 
