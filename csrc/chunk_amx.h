@@ -12,10 +12,10 @@
 // One tile product does 16 x 16 x 32 multiply-adds: 3.1 TFLOP/s of bf16 per core here with the tiles in registers,
 // so six of them still outrun AVX-512's fp32 FMAs (236 GFLOP/s per core) where the operands come from L1 / L2. They
 // did for (a) (its A operand, a block's E' lines, is small; its B operand, the chunk's scaled hidden rows, is split
-// once per chunk). For (b) and (c), which read W, splitting W's block every chunk (even by truncation, shared by
-// both) and the tiles' traffic through L2 made them slower than AVX-512 (ad hoc, N=2048 H=1024 64 rows: 1.26x the
-// floor against 1.15x with AMX for (a) alone), so they stay on AVX-512. (b) alone on AMX, W_b packed into a VNNI panel
-// per block, was slower too: middle chunks 61.6 against 47.3 ms (ad hoc, 2026-12-07; see the README's CPU goal).
+// once per chunk), and they do for (c) (logits_gemm below), whose W lines are split as they are used. Splitting W's
+// block into panels first, for (b) and (c) together (ad hoc, N=2048 H=1024 64 rows: 1.26x the floor against 1.15x
+// with AMX for (a) alone) or for (b) alone (middle chunks 61.6 against 47.3 ms), was slower than AVX-512: (b) stays
+// on AVX-512 (2026-12-07; see the README's CPU goal).
 //
 // Layouts (bf16 as uint16_t), per part s:
 //   A panel (split_rows): per 16-row tile rt and 32-deep K step kt one contiguous 1 KB tile [16][32] at
@@ -35,6 +35,7 @@
 #define FASTALIGN_HAVE_AMX 0
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -151,9 +152,9 @@ FASTALIGN_AMX inline void split_rows(const float* src, int64_t ld_src, int64_t r
 }
 
 // src [rows_k, N] fp32 (lines of ld_src floats), N a multiple of 16 -> parts: a B panel of K = rows_k rounded up to
-// 32 (zeros past rows_k)
+// 32 (zeros past rows_k); k_halves: each K step's pairs are (k, k + 16) for k < 16, split_w_tile's order
 FASTALIGN_AMX inline void pack_b_rows(const float* src, int64_t ld_src, int64_t rows_k, int64_t N,
-                                      uint16_t* const parts[3]) {
+                                      uint16_t* const parts[3], bool k_halves = false) {
   const int64_t kts = (rows_k + 31) / 32;
   for (int s = 0; s < 3; ++s) std::memset(parts[s], 0, sizeof(uint16_t) * kts * 32 * N);
   alignas(32) uint16_t p[3][16];
@@ -162,7 +163,8 @@ FASTALIGN_AMX inline void pack_b_rows(const float* src, int64_t ld_src, int64_t 
       __m256i x[3];
       split16(_mm512_loadu_ps(src + k * ld_src + n), x[0], x[1], x[2]);
       for (int s = 0; s < 3; ++s) _mm256_store_si256(reinterpret_cast<__m256i*>(p[s]), x[s]);
-      const int64_t base = ((n / 16) * kts + k / 32) * 512 + ((k % 32) / 2) * 32 + k % 2;
+      const int64_t kk = k % 32, base = ((n / 16) * kts + k / 32) * 512 +
+                                        (k_halves ? (kk % 16) * 32 + kk / 16 : (kk / 2) * 32 + kk % 2);
       for (int64_t q = 0; q < 16; ++q)
         for (int s = 0; s < 3; ++s) parts[s][base + 2 * q] = p[s][q];
     }
@@ -224,6 +226,121 @@ FASTALIGN_AMX inline void tile_gemm(uint16_t* const a_parts[3], int64_t rows, ui
     }
 }
 
+// (c) on AMX: logits [rows, N] = W [rows, K] next_hidden^T [K, N]. W's block is not split into a panel of its own
+// (a pass that wrote 1.5x the block's bytes and read them back from L2: (c) took 27.7 ms per 64-row chunk at H=1024,
+// against 17.6 ms on AVX-512, ad hoc); each 16 lines x 32 K of it is split just before its products, into a 3 KB
+// buffer that stays in L1 (12 ms). The split truncates (x1 = x with its low 16 bits cleared, x2 the same of x - x1,
+// x3 = the rest, which has at most 8 significant bits: exact, like the rounded split, with bit operations only, and
+// each part's row of 32 bf16 packed by one ternary-logic operation per 16 floats). Its K order within a step: position
+// 2i holds k = i and 2i + 1 holds k = 16 + i; the B panel is packed in the same order (pack_b_rows, k_halves), and its
+// parts rounded. What is left out is below 2^-24 of |a b| (a3 b2, a2 b3 with |b2| <= 2^-9 |b|, |b3| <= 2^-17 |b|).
+// The accumulators are stored and summed in fp32 every 256 of K (kLogitsSegment K steps): summing all of K in AMX's
+// accumulators gave 5.0e-7 relative Frobenius error at H=4096 (torch.mm 3.5e-7, AVX-512's FMAs 2.3e-7); per segment
+// 1.6e-7 (ad hoc, N(0, 1) x 0.02 W against N(0, 1) rows, float64 reference).
+FASTALIGN_AMX inline void split_w_tile(const float* src, int64_t ld, uint16_t* dst) {
+  const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int r = 0; r < 16; ++r) {
+    __m512i lo = _mm512_castps_si512(_mm512_loadu_ps(src + r * ld));
+    __m512i hi = _mm512_castps_si512(_mm512_loadu_ps(src + r * ld + 16));
+    for (int s = 0; s < 3; ++s) {
+      // (hi & 0xFFFF0000) | (lo >> 16): each 32-bit lane holds lo's part (k = i) below hi's (k = 16 + i)
+      _mm512_store_si512(dst + s * 512 + r * 32, _mm512_ternarylogic_epi32(hi, hi16, _mm512_srli_epi32(lo, 16), 0xEA));
+      if (s == 2) break;
+      lo = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(lo), _mm512_castsi512_ps(_mm512_and_si512(lo, hi16))));
+      hi = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(hi), _mm512_castsi512_ps(_mm512_and_si512(hi, hi16))));
+    }
+  }
+}
+
+constexpr int64_t kLogitsSegment = 8;  // K steps of 32 summed in AMX's accumulators before they go to fp32
+
+// the six part products of K step kt into C tile Q (a literal: the tile intrinsics take tile numbers as immediates),
+// A's parts in tiles 4..6, B's loaded into tile 7 one part at a time
+#define FASTALIGN_PRODUCTS_Q(Q, ct)                               \
+  do {                                                            \
+    _tile_loadd(7, b_parts[0] + ((ct) * kts + kt) * 512, 64);    \
+    _tile_dpbf16ps(Q, 4, 7);                                      \
+    _tile_dpbf16ps(Q, 5, 7);                                      \
+    _tile_dpbf16ps(Q, 6, 7);                                      \
+    _tile_loadd(7, b_parts[1] + ((ct) * kts + kt) * 512, 64);    \
+    _tile_dpbf16ps(Q, 4, 7);                                      \
+    _tile_dpbf16ps(Q, 5, 7);                                      \
+    _tile_loadd(7, b_parts[2] + ((ct) * kts + kt) * 512, 64);    \
+    _tile_dpbf16ps(Q, 4, 7);                                      \
+  } while (0)
+
+// 16 lines of logits, NQ column tiles from q0: c [16, 16 NQ] = w [16, 32 kts] B; next: lines of the coming block to
+// prefetch into L2 alongside (the same K slice of each, or null)
+template <int NQ>
+FASTALIGN_AMX inline void logits_columns(const float* w, int64_t ldw, uint16_t* const b_parts[3], int64_t q0,
+                                         int64_t kts, float* c, int64_t ldc, const float* next, int next_lines,
+                                         uint16_t* buf, float* segment) {
+  for (int64_t k0 = 0; k0 < kts; k0 += kLogitsSegment) {
+    _tile_zero(0);
+    if (NQ > 1) _tile_zero(1);
+    if (NQ > 2) _tile_zero(2);
+    if (NQ > 3) _tile_zero(3);
+    for (int64_t kt = k0; kt < std::min(kts, k0 + kLogitsSegment); ++kt) {
+      uint16_t* parts = buf + (kt & 1) * 1536;  // two buffers: the next step's split need not wait for these loads
+      split_w_tile(w + kt * 32, ldw, parts);
+      for (int r = 0; r < next_lines; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * ldw + kt * 32), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * ldw + kt * 32 + 16), _MM_HINT_T1);
+      }
+      asm volatile("" : : : "memory");  // GCC's tileloadd has no memory clobber: the split's stores come first
+      _tile_loadd(4, parts, 64);
+      _tile_loadd(5, parts + 512, 64);
+      _tile_loadd(6, parts + 1024, 64);
+      FASTALIGN_PRODUCTS_Q(0, q0);
+      if (NQ > 1) FASTALIGN_PRODUCTS_Q(1, q0 + 1);
+      if (NQ > 2) FASTALIGN_PRODUCTS_Q(2, q0 + 2);
+      if (NQ > 3) FASTALIGN_PRODUCTS_Q(3, q0 + 3);
+    }
+    float* dst = k0 == 0 ? c + q0 * 16 : segment;  // the first segment straight into c, the others added to it
+    const int64_t ld_dst = k0 == 0 ? ldc : 64;
+    _tile_stored(0, dst, ld_dst * 4);
+    if (NQ > 1) _tile_stored(1, dst + 16, ld_dst * 4);
+    if (NQ > 2) _tile_stored(2, dst + 32, ld_dst * 4);
+    if (NQ > 3) _tile_stored(3, dst + 48, ld_dst * 4);
+    if (k0 > 0) {
+      asm volatile("" : : : "memory");
+      for (int r = 0; r < 16; ++r)
+        for (int q = 0; q < NQ; ++q) {
+          float* o = c + r * ldc + (q0 + q) * 16;
+          _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_load_ps(segment + r * 64 + q * 16)));
+        }
+    }
+  }
+}
+
+// c [rows, N] = w [rows, K] B [K, N]: w fp32 lines of ldw floats (rows a multiple of 16, K of 32), B a panel of
+// next_hidden^T (pack_b_rows with k_halves; N a multiple of 16), c lines of ldc floats. w_next: the coming block's
+// first line, next_rows of them, prefetched into L2 as this block's lines are split (null: none).
+FASTALIGN_AMX inline void logits_gemm(const float* w, int64_t ldw, int64_t rows, uint16_t* const b_parts[3], int64_t N,
+                                      int64_t K, float* c, int64_t ldc, const float* w_next, int64_t next_rows) {
+  asm volatile("" : : : "memory");
+  const int64_t kts = K / 32, nt = N / 16;
+  alignas(64) uint16_t buf[2 * 1536];
+  alignas(64) float segment[16 * 64];
+  for (int64_t rt = 0; rt < rows / 16; ++rt) {
+    const float* wr = w + rt * 16 * ldw;
+    float* cr = c + rt * 16 * ldc;
+    const float* nr = w_next != nullptr ? w_next + rt * 16 * ldw : nullptr;
+    // the coming block's lines at this row tile's place; the last row tile takes the rest of them
+    const int n_lines = nr == nullptr ? 0 : static_cast<int>(std::max<int64_t>(
+        0, rt + 1 < rows / 16 ? std::min<int64_t>(16, next_rows - rt * 16) : next_rows - rt * 16));
+    for (int64_t q0 = 0; q0 < nt; q0 += 4) {
+      const int64_t nq = std::min<int64_t>(4, nt - q0);
+      // the prefetches go with the first column group only
+      const int pl = q0 == 0 ? n_lines : 0;
+      if (nq == 4) logits_columns<4>(wr, ldw, b_parts, q0, kts, cr, ldc, nr, pl, buf, segment);
+      else if (nq == 3) logits_columns<3>(wr, ldw, b_parts, q0, kts, cr, ldc, nr, pl, buf, segment);
+      else if (nq == 2) logits_columns<2>(wr, ldw, b_parts, q0, kts, cr, ldc, nr, pl, buf, segment);
+      else logits_columns<1>(wr, ldw, b_parts, q0, kts, cr, ldc, nr, pl, buf, segment);
+    }
+  }
+}
+
 #else  // no AMX intrinsics in this compiler, or not Linux: the AVX-512 path runs; stubs that are never called
 
 inline bool supported() { return false; }
@@ -233,6 +350,8 @@ struct TileScope {
 inline void split_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3]) {}
 inline void pack_b_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3]) {}
 inline void tile_gemm(uint16_t* const[3], int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t, bool) {}
+inline void logits_gemm(const float*, int64_t, int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t, const float*,
+                        int64_t) {}
 
 #endif
 

@@ -2,8 +2,8 @@
 // chunk_step.cpp, which does the per-row arithmetic around it), fp32, in one pass over the vocabulary, for thin
 // chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each streams all of W or d_W from memory
 // again for only C rows of work (2-core Xeon, fp32, N=2048 H=1024 V=32000, 64
-// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.69x, this kernel 1.13x, 1.19x
-// without AMX; bench/results/linear_logprobs-goal-step-shuffled-cpu-2026-12-07.json).
+// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.67x, this kernel 1.05x, 1.22x
+// without AMX; see the README's CPU goal).
 //
 //   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None,
 //                first, need_p, next_hidden [Cn, H] | None, bias [V] | None, alpha,
@@ -33,7 +33,11 @@
 // Where the CPU has AMX (chunk_amx.h; set_chunk_amx turns it off), (a) runs on AMX tiles at fp32 accuracy (each
 // fp32 value split into three bf16 parts, six part products): the block's E' lines are split into a small panel,
 // scaled_hidden once per chunk, and d_W's 16 x 16 tiles are loaded, added to and stored by the tile unit (blocks are
-// then a multiple of 48 lines). (a) alone took 0.8x its AVX-512 time (ad hoc, one 64-row chunk, H=1024).
+// then a multiple of 48 lines). (a) alone took 0.8x its AVX-512 time (ad hoc, one 64-row chunk, H=1024). (c) runs on
+// AMX too (when H is a multiple of 32): next_hidden^T split once per call into a B panel, W's lines split 16 x 32 at a
+// time just before their products (chunk_amx.h, logits_gemm). One 64-row chunk's three parts took 0.92x-0.93x the
+// time with it (ad hoc, H=1024, two threads, 8 interleaved rounds, paired, this split and a rounded one; 0.89x at
+// H=512 with the rounded one).
 //
 // Register tiles (chunk_tiles.h, compiled once per instruction set against chunk_isa.h). AVX-512 (24 of the 32 zmm
 // registers accumulate): (a) 8 lines x 48 columns, (b) and (c) 6 lines x 64 columns (one micro-kernel; (b)
@@ -255,7 +259,9 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   const bool wide = avx512_active();
   const ChunkTiles& T = wide ? kAvx512Tiles : kAvx2Tiles;
   const bool amx = wide && do_weight && C > 0 && H % 32 == 0 && fastalign_amx::active();
-  const int64_t vb = block_lines(H, amx, wide), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
+  // (c) on AMX too: next_hidden^T split once per call into a B panel, W's lines as they are used (chunk_amx.h)
+  const bool amx_c = wide && do_logits && H % 32 == 0 && fastalign_amx::active();
+  const int64_t vb = block_lines(H, amx || amx_c, wide), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
   const int64_t kts = (C + 31) / 32;  // AMX's K steps over the chunk's rows
   at::Tensor hs_packed = do_weight && !amx ? pack_strips(*scaled_hidden) : at::Tensor();
   at::Tensor hs_panel = amx ? at::empty({3, kts * 32 * H}, weight.options().dtype(at::kShort)) : at::Tensor();
@@ -271,6 +277,19 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     });
   }
   at::Tensor hn_t = do_logits ? transposed_padded(*next_hidden, ld) : at::Tensor();
+  const int64_t kth = H / 32;  // AMX's K steps over H ((c))
+  at::Tensor hn_panel = amx_c ? at::empty({3, kth * 32 * ld}, weight.options().dtype(at::kShort)) : at::Tensor();
+  uint16_t* hn_parts[3] = {nullptr, nullptr, nullptr};
+  if (amx_c) {
+    uint16_t* panel = reinterpret_cast<uint16_t*>(hn_panel.data_ptr<int16_t>());
+    for (int s = 0; s < 3; ++s) hn_parts[s] = panel + s * kth * 32 * ld;
+    const float* src = hn_t.data_ptr<float>();
+    at::parallel_for(0, ld / 16, 1, [&](int64_t t0, int64_t t1) {
+      uint16_t* parts[3];
+      for (int s = 0; s < 3; ++s) parts[s] = hn_parts[s] + t0 * kth * 512;
+      fastalign_amx::pack_b_rows(src + t0 * 16, ld, H, (t1 - t0) * 16, parts, true);
+    });
+  }
   // per thread: P^T [H, ld] partial sums; running max / sum of exp of the next chunk's logits [ld]
   // (each thread's first block writes its P^T, no zero fill; a thread with no block is left out of the sum)
   at::Tensor p_parts = do_p ? at::empty({threads, H, ld}, weight.options()) : at::Tensor();
@@ -299,7 +318,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     uint16_t* e_parts[3] = {nullptr, nullptr, nullptr};
     if (amx)
       for (int s = 0; s < 3; ++s) e_parts[s] = e_split.data() + s * vb * kts * 32;
-    const fastalign_amx::TileScope tiles(amx);
+    const fastalign_amx::TileScope tiles(amx || amx_c);
     for (int64_t blk = first_block; blk < last_block; ++blk) {
       const int64_t v0 = blk * vb, m = std::min(vb, V - v0);
       if (do_exp) {  // logits -> E' (and d_bias) while the lines are on their way into the cache
@@ -351,17 +370,26 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
             T.p_strip(static_cast<int>(std::min<int64_t>(6, H - h0)),
                       static_cast<int>(std::min<int64_t>(tc, C16 - r) / T.lanes), W + v0 * H + h0, H,
                       E + v0 * ld + r, ld, m, P + h0 * ld + r, blk == first_block,
-                      prefetch_share(w_next, next_lines, do_logits ? nullptr : dw_next, dw_lines, call, calls));
+                      prefetch_share(w_next, next_lines, do_logits && !amx_c ? nullptr : dw_next, dw_lines, call,
+                                     calls));
         p_written[t] = 1;
       }
       if (do_logits) {  // (c): over E_b, now consumed; all ld columns (zeros past Cn), then the bias
+        const int64_t m_c = amx_c ? m / 16 * 16 : 0;  // (c)'s lines on AMX, the rest (the vocabulary's end) below
+        if (m_c > 0) {  // with the next block's W lines on their way into L2 where (b) did not bring them
+          fastalign_amx::logits_gemm(W + v0 * H, H, m_c, hn_parts, ld, H, E + v0 * ld, ld, do_p ? nullptr : w_next,
+                                     do_p ? 0 : next_lines * 16 / H);
+          if (a != 1.0f)
+            for (int64_t v = v0; v < v0 + m_c; ++v)
+              for (int64_t r = 0; r < ld; ++r) E[v * ld + r] *= a;
+        }
         const int64_t tc = T.tile_cols, calls = (H + kBlockK - 1) / kBlockK * ((ld + tc - 1) / tc) * ((m + 5) / 6);
         int64_t call = 0;
         for (int64_t k0 = 0; k0 < H; k0 += kBlockK) {
           const int64_t kc = std::min(kBlockK, H - k0);
           for (int64_t r = 0; r < ld; r += tc) {
             const int nv = static_cast<int>(std::min<int64_t>(tc, ld - r) / T.lanes);
-            for (int64_t i = 0; i < m; i += 6, ++call)
+            for (int64_t i = m_c; i < m; i += 6, ++call)
               T.logits_strip(static_cast<int>(std::min<int64_t>(6, m - i)), nv, W + (v0 + i) * H + k0, H, 1,
                              ht + k0 * ld + r, ld, kc, a, E + (v0 + i) * ld + r, k0 == 0,
                              prefetch_share(do_p ? nullptr : w_next, next_lines, dw_next, dw_lines, call, calls));
