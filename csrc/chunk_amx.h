@@ -25,10 +25,11 @@
 #pragma once
 
 // AMX intrinsics: gcc >= 11, clang >= 12; the tile state's permission: Linux (arch_prctl). Elsewhere the AVX-512 path
-// runs and the functions below are stubs that are never called (supported() is false).
+// runs and the functions below are stubs that are never called (supported() is false). FASTALIGN_NO_AMX builds that
+// variant here (tests/test_portable_build.py).
 #include "arch.h"
 
-#if defined(FASTALIGN_X86_SIMD) && defined(__linux__) && \
+#if defined(FASTALIGN_X86_SIMD) && defined(__linux__) && !defined(FASTALIGN_NO_AMX) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define FASTALIGN_HAVE_AMX 1
 #else
@@ -348,7 +349,7 @@ struct TileScope {
   explicit TileScope(bool) {}
 };
 inline void split_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3]) {}
-inline void pack_b_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3]) {}
+inline void pack_b_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3], bool = false) {}
 inline void tile_gemm(uint16_t* const[3], int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t, bool) {}
 inline void logits_gemm(const float*, int64_t, int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t, const float*,
                         int64_t) {}

@@ -107,6 +107,14 @@ def test_portable_variant_compiles_and_defines_every_declared_function(host_comp
 
 
 @pytest.mark.slow
+def test_x86_variant_without_amx_compiles(host_compiler):
+    """Where the compiler has no AMX intrinsics or the OS is not Linux, chunk_amx.h's stubs stand in for its
+    functions: the kernel must still compile against them (a stub whose signature lagged behind once broke it)."""
+    source = os.path.join(ROOT, "csrc", "linear_logprobs_chunk.cpp")
+    assert compile_all(HOST_CXX, [source], "-DFASTALIGN_NO_AMX", std="c++20") == {}
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which(CROSS_CXX) is None, reason=f"no aarch64 cross compiler ({CROSS_CXX})")
 def test_every_source_compiles_for_aarch64():
     assert compile_all(CROSS_CXX, SOURCES, "-fopenmp") == {}
