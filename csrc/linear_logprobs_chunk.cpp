@@ -1,9 +1,9 @@
 // The GEMM work of one chunk of the gradient-in-forward loss path (fastalign/chunk_pass_fused.py, through
 // chunk_step.cpp, which does the per-row arithmetic around it), fp32, in one pass over the vocabulary, for thin
 // chunks (C <= 128 rows), where three BLAS calls per chunk lose speed: each streams all of W or d_W from memory
-// again for only C rows of work (2-core Xeon, fp32, N=2048 H=1024 V=32000, 64
-// rows, forward+backward of the NLL against the three unchunked GEMMs: BLAS chunks 1.67x, this kernel 1.05x, 1.22x
-// without AMX; see the README's CPU goal).
+// again for only C rows of work (2-core Xeon with AMX, fp32, N=2048 H=1024 V=32000, 64 rows, forward+backward of the
+// NLL against the three unchunked GEMMs: BLAS chunks 1.64x, this kernel 0.99x, 1.21x without AMX;
+// bench/results/linear_logprobs-goal-amxc-cpu-2026-12-07.json).
 //
 //   chunk_gemms_(tile [V, ld] (the whole buffer), rows C, scaled_hidden [C, H] | None, d_weight [V, H] | None,
 //                first, need_p, next_hidden [Cn, H] | None, bias [V] | None, alpha,
