@@ -89,8 +89,9 @@ def chunk_gemms_supported():
 
 @torch.compiler.disable
 def chunk_amx_supported():
-    """Whether chunk_gemms_ adds to d_weight on AMX here (Intel Sapphire Rapids or later, and an OS that grants the
-    tile state): fp32 products as six bf16 part products, at fp32's accuracy (csrc/chunk_amx.h)."""
+    """Whether chunk_gemms_ adds to d_weight and computes the next chunk's logits on AMX here (Intel Sapphire Rapids
+    or later, and an OS that grants the tile state): fp32 products as six bf16 part products, at fp32's accuracy
+    (csrc/chunk_amx.h)."""
     c = _ext.C
     return chunk_gemms_supported() and hasattr(c, "chunk_amx_supported") and bool(c.chunk_amx_supported())
 
