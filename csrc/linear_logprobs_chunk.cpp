@@ -308,7 +308,9 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
       }
       if (do_logits) {  // (c): over E_b, now consumed; all ld columns (zeros past Cn), then the bias
         const int64_t m_c = amx_c ? m / 16 * 16 : 0;  // (c)'s lines on AMX, the rest (the vocabulary's end) below
-        if (m_c > 0) {  // with the next block's W lines on their way into L2 where (b) did not bring them
+        // with the next block's W lines on their way into L2 where (b) did not bring them (d_W's two blocks ahead are
+        // not prefetched on this path without (b): a call with d_W but no P, where no hidden state needs a gradient)
+        if (m_c > 0) {
           fastalign_amx::logits_gemm(W + v0 * H, H, m_c, hn_parts, ld, H, E + v0 * ld, ld, do_p ? nullptr : w_next,
                                      do_p ? 0 : next_lines * 16 / H);
           if (a != 1.0f)

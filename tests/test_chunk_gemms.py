@@ -61,6 +61,7 @@ def _e_prime(logits, shift, y, target_values=None):
     (400, 32, 70, 80, 80),    # tiles of 64 columns and a last one of 16; AMX: 3 K steps, a last block of 16 lines
     (700, 96, 45, 40, 48),    # AMX: blocks of 192 lines, the last 124 (112 on AMX, 12 on AVX-512), 6 column tiles
     (500, 64, 32, 40, 48),    # AMX: K an exact step, the last block 116 lines (112 on AMX)
+    (500, 288, 37, 127, 128),  # AMX (c): 8 column tiles (a second group of 4), K in two segments (256 + 32)
 ])
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("entry", ["E'", "logits", "logits, target values"])
