@@ -234,8 +234,8 @@ FASTALIGN_AMX inline void tile_gemm(uint16_t* const a_parts[3], int64_t rows, ui
 // x3 = the rest, which has at most 8 significant bits: exact, like the rounded split, with bit operations only, and
 // each part's row of 32 bf16 packed by one ternary-logic operation per 16 floats). Its K order within a step: position
 // 2i holds k = i and 2i + 1 holds k = 16 + i; the B panel is packed in the same order (pack_b_rows, k_halves), and its
-// parts rounded. What is left out is below 2^-23 of |a b| (a3 b2 + a2 b3 + a3 b3, with |a2| < 2^-7 |a|, |a3| < 2^-15 |a|,
-// |b2| <= 2^-8 |b|, |b3| <= 2^-17 |b|; a search over every fp32 mantissa found 2^-23.44 at most).
+// parts rounded. What is left out is below 2^-23 of |a b| (a3 b2 + a2 b3 + a3 b3, with |a2| < 2^-7 |a|,
+// |a3| < 2^-15 |a|, |b2| <= 2^-8 |b|, |b3| <= 2^-17 |b|; a search over every fp32 mantissa found 2^-23.44 at most).
 // The accumulators are stored and summed in fp32 every 256 of K (kLogitsSegment K steps): summing all of K in AMX's
 // accumulators gave 5.0e-7 relative Frobenius error at H=4096 (torch.mm 3.5e-7, AVX-512's FMAs 2.3e-7); per segment
 // 1.6e-7 (ad hoc, N(0, 1) x 0.02 W against N(0, 1) rows, float64 reference).
@@ -354,8 +354,8 @@ struct TileScope {
 inline void split_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3]) {}
 inline void pack_b_rows(const float*, int64_t, int64_t, int64_t, uint16_t* const[3], bool = false) {}
 inline void tile_gemm(uint16_t* const[3], int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t, bool) {}
-inline void logits_gemm(const float*, int64_t, int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t, const float*,
-                        int64_t) {}
+inline void logits_gemm(const float*, int64_t, int64_t, uint16_t* const[3], int64_t, int64_t, float*, int64_t,
+                        const float*, int64_t) {}
 
 #endif
 

@@ -49,8 +49,9 @@ inline at::Tensor transposed_padded(const at::Tensor& x, int64_t ld) {
 // Vocabulary lines per block: about `floats` floats of W (lines = floats / H), a multiple of the tiles' lines.
 // AVX-512: about 192 KB of W (48 lines at H=1024, 96 at H=512), which stay in L2 from (b) to (c), a multiple of 24 (8
 // and 6, the AVX-512 tiles' lines); longer blocks let (b) load and store its P^T accumulators less often. With AMX
-// about 96 KB, a multiple of 48 (its 16-line tiles; 24-line blocks would leave 8 of each to AVX-512): 48 lines at
-// H=512 and at H=1024. Measured on two CPUs, two threads, one 64-row chunk's three parts (ad hoc, medians of interleaved rounds):
+// (for (a) or (c)) about 96 KB, a multiple of 48 (its 16-line tiles; 24-line blocks would leave 8 of each to
+// AVX-512): 48 lines at H=512 and at H=1024. Measured on two CPUs, two threads, one 64-row chunk's three parts (ad
+// hoc, medians of interleaved rounds):
 // - AMD EPYC Zen 4 (2026-12-07): 174 / 185 / 185 / 186 GFLOP/s with 24 / 48 / 72 / 96-line blocks at H=1024 (170 /
 //   179 at 32 rows, 178 / 183 at 128; 175 / 179 at H=512), and the whole step at N=2048 H=1024 1.11x / 1.01x the
 //   3-GEMM floor with 24 / 48 lines (bench, paired).

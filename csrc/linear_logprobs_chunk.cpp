@@ -209,10 +209,11 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
   // per-thread A panel
   const bool wide = avx512_active();
   const ChunkTiles& T = wide ? kAvx512Tiles : kAvx2Tiles;
-  const bool amx = wide && do_weight && C > 0 && H % 32 == 0 && fastalign_amx::active();
-  // (c) on AMX too: next_hidden^T split once per call into a B panel, W's lines as they are used (chunk_amx.h)
-  const bool amx_c = wide && do_logits && H % 32 == 0 && fastalign_amx::active();
-  const int64_t vb = block_lines(H, amx || amx_c, wide), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
+  // (c) on AMX too: next_hidden^T split once per call into a B panel, W's lines as they are used (chunk_amx.h).
+  // One condition for both, AMX's switch read once.
+  const bool amx_here = wide && H % 32 == 0 && fastalign_amx::active();
+  const bool amx = amx_here && do_weight && C > 0, amx_c = amx_here && do_logits, any_amx = amx || amx_c;
+  const int64_t vb = block_lines(H, any_amx, wide), blocks = (V + vb - 1) / vb, threads = at::get_num_threads();
   const int64_t kts = (C + 31) / 32;  // AMX's K steps over the chunk's rows
   at::Tensor hs_packed = do_weight && !amx ? pack_strips(*scaled_hidden) : at::Tensor();
   AmxPanel hs_panel;
@@ -250,7 +251,7 @@ std::vector<at::Tensor> chunk_gemms_(at::Tensor& tile, int64_t rows, const c10::
     uint16_t* e_parts[3] = {nullptr, nullptr, nullptr};
     if (amx)
       for (int s = 0; s < 3; ++s) e_parts[s] = e_split.data() + s * vb * kts * 32;
-    const fastalign_amx::TileScope tiles(amx || amx_c);
+    const fastalign_amx::TileScope tiles(any_amx);
     for (int64_t blk = first_block; blk < last_block; ++blk) {
       const int64_t v0 = blk * vb, m = std::min(vb, V - v0);
       if (do_exp) {  // logits -> E' (and d_bias) while the lines are on their way into the cache
