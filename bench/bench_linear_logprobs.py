@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastalign as fa  # noqa: E402
-from bench.common import (JsonlStream, add_common_args, dryrun, environment, interleaved_medians,  # noqa: E402
-                          interleaved_times, markdown_table, medians_of, paired_ratio, publish,
-                          write_results)
+from bench.common import (JsonlStream, add_common_args, add_cpu_isa_arg, dryrun, environment,  # noqa: E402
+                          interleaved_medians, interleaved_times, markdown_table, medians_of, paired_ratio, publish,
+                          rerun_with_cpu_isa, write_results)
 from bench.linear_logprobs_variants import Ctx, variants  # noqa: E402
 from fastalign.profiling import PeakMemory  # noqa: E402
 
@@ -263,6 +263,7 @@ def build_parser():
                    help="instead: grad_filter_eps on cpp, speed-up and gradient error on a peaked distribution")
     p.add_argument("--only", help="comma-separated substrings: run only the variants whose name holds one "
                                    "(naive always runs: it is the baseline)")
+    add_cpu_isa_arg(p)
     add_common_args(p)
     return p
 
@@ -305,6 +306,8 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.cpu_isa:
+        rerun_with_cpu_isa(args.cpu_isa, __file__, sys.argv[1:] if argv is None else argv)
     if args.grad_filter:
         env = environment()
         stream = JsonlStream(args.jsonl, "linear_logprobs-grad-filter", env)

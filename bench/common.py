@@ -56,6 +56,37 @@ def cpu_model():
     return out
 
 
+# --cpu-isa: what makes every library in the process run a narrower instruction set than the CPU has (each reads its
+# variable once, when it loads): fastalign's extension, MKL's GEMMs (the floor), ATen's vectorized kernels and oneDNN.
+# A CPU with AVX-512 then runs what a CPU with AVX2 alone (an AMD Zen 3, say) runs, with its own caches and clocks:
+# a stand-in for the other CPU's ratios, not a measurement of it.
+CPU_ISA_ENV = {
+    "avx2": {"FASTALIGN_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512": {"FASTALIGN_CPU_ISA": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ATEN_CPU_CAPABILITY": "avx512",
+               "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+}
+
+
+def add_cpu_isa_arg(parser):
+    parser.add_argument("--cpu-isa", choices=list(CPU_ISA_ENV),
+                        help="run as a CPU without the wider sets would (avx2: no AVX-512, no AMX; avx512: no AMX): "
+                             "fastalign's extension, MKL (the floor), ATen and oneDNN alike; the script runs itself "
+                             "again with " + ", ".join(CPU_ISA_ENV["avx2"]) + " set")
+    return parser
+
+
+def rerun_with_cpu_isa(isa, script, argv):
+    """Replace this process by ``script argv`` with isa's variables set (CPU_ISA_ENV), unless they are set already.
+    Returns only when nothing needed changing."""
+    want = CPU_ISA_ENV[isa]
+    if all(os.environ.get(k) == v for k, v in want.items()):
+        return
+    print(f"--cpu-isa {isa}: running again with " + " ".join(f"{k}={v}" for k, v in want.items()), file=sys.stderr,
+          flush=True)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv], {**os.environ, **want})
+
+
 def git_commit():
     """HEAD of the checkout the bench runs from (None outside git), '+dirty' when tracked files changed."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -96,6 +127,8 @@ def environment():
     env["git_commit"] = git_commit()
     env["peers"] = peer_versions()
     env["dryrun"] = dryrun()
+    env["cpu_isa_env"] = {k: os.environ[k] for k in CPU_ISA_ENV["avx2"] if k in os.environ}
+    env["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if env["cuda_available"]:
         env["cuda"] = torch.version.cuda
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)

@@ -9,3 +9,20 @@
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(FASTALIGN_PORTABLE_ONLY)
 #define FASTALIGN_X86_SIMD 1
 #endif
+
+#ifdef FASTALIGN_X86_SIMD
+#include <cstdlib>
+#include <cstring>
+
+// FASTALIGN_CPU_ISA caps the instruction sets the run-time dispatch picks, read when the extension loads: "avx2" runs a
+// CPU with AVX-512 as one without it (no AVX-512, no AMX: an AMD Zen 3, say), "avx512" as one without AMX; unset (or
+// "native") picks the widest the CPU has. fastalign/_ext.py refuses other values before loading. A cap, not a wish:
+// it never turns on what the CPU lacks.
+inline int cpu_isa_cap() {  // 2: AVX2, 3: AVX-512, 4: no cap
+  const char* v = std::getenv("FASTALIGN_CPU_ISA");
+  if (v == nullptr) return 4;
+  if (std::strcmp(v, "avx2") == 0) return 2;
+  if (std::strcmp(v, "avx512") == 0) return 3;
+  return 4;
+}
+#endif

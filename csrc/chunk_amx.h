@@ -78,7 +78,7 @@ inline bool cpu_has_amx_bf16() {
 // Whether this CPU and OS can run the AMX path: AMX-TILE, AMX-BF16 and AVX512-BF16, and the kernel's permission (a
 // kernel without AMX support refuses it).
 inline bool supported() {
-  static const bool ok = cpu_has_amx_bf16() && request_tile_state();
+  static const bool ok = cpu_isa_cap() >= 4 && cpu_has_amx_bf16() && request_tile_state();
   return ok;
 }
 

@@ -113,7 +113,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void col_exp_acc_avx512(float
 
 inline bool cpu_has_avx512() {
   __builtin_cpu_init();
-  return kHasAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return kHasAvx2 && cpu_isa_cap() >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 static const bool kHasAvx512 = cpu_has_avx512();
 #endif

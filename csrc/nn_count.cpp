@@ -148,7 +148,7 @@ std::vector<Kernel> supported_kernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const Tile avx2_tile{micro_tile_avx2, Avx2Tile::R, 2 * Avx2Tile::W};
   const Tile fma128_tile{micro_tile_fma128, SseTile::R, 2 * SseTile::W};
-  if (avx2 && __builtin_cpu_supports("avx512f"))
+  if (avx2 && cpu_isa_cap() >= 3 && __builtin_cpu_supports("avx512f"))
     out.push_back({"avx512", {micro_tile_avx512, Avx512Tile::R, 2 * Avx512Tile::W}, avx2_tile, fma128_tile});
   if (avx2) out.push_back({"avx2", avx2_tile, avx2_tile, fma128_tile});
 #endif

@@ -13,7 +13,10 @@ was obtained ("prebuilt": ``fastalign._C`` built at install time; "jit": compile
 
 Environment: ``FASTALIGN_NO_EXT=1`` disables the extension (torch backend on CPU); ``FASTALIGN_NO_JIT=1``
 disables step 2; ``FASTALIGN_CACHE_DIR`` overrides the cache folder (default ``$XDG_CACHE_HOME/fastalign``
-or ``~/.cache/fastalign``).
+or ``~/.cache/fastalign``); ``FASTALIGN_CPU_ISA=avx2`` (or ``avx512``) caps the instruction sets the extension picks
+at run time, read when it loads: a CPU with AVX-512 then runs the AVX2 code a CPU without it runs (``avx512``: no
+AMX). ``bench/bench_linear_logprobs.py --cpu-isa avx2`` sets it, with torch's own caps, to measure the AVX2 path
+against an AVX2 floor on an AVX-512 machine.
 """
 import glob
 import hashlib
@@ -137,7 +140,20 @@ def jit_build(verbose=False):
         return module, getattr(module, "__file__", so_path)
 
 
+CPU_ISA_CAPS = ("avx2", "avx512", "native")
+
+
+def check_cpu_isa_cap():
+    """FASTALIGN_CPU_ISA's value, checked before the extension reads it (which ignores what it does not know)."""
+    cap = os.environ.get("FASTALIGN_CPU_ISA")
+    if cap not in (None, "") and cap not in CPU_ISA_CAPS:
+        raise ValueError(f"FASTALIGN_CPU_ISA={cap!r}: expected one of {', '.join(CPU_ISA_CAPS)} (or unset), the "
+                         f"widest instruction set the C++ extension may use")
+    return cap or "native"
+
+
 def _resolve():
+    check_cpu_isa_cap()
     if os.environ.get("FASTALIGN_NO_EXT", "0") == "1":
         return {"C": None, "ERROR": "disabled by FASTALIGN_NO_EXT=1", "SOURCE": None, "PATH": None}
     try:

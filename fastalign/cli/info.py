@@ -61,6 +61,7 @@ def info_dict():
         "backends": fastalign.available_backends(),
         "backend_status": {k: v for k, v in status.items() if k != "cpp"},
         "cpu_chunk_tiles": _thin_chunk_tiles(),
+        "cpu_isa_cap": _ext.check_cpu_isa_cap(),
     }
 
 
