@@ -15,7 +15,7 @@ Environment: ``FASTALIGN_NO_EXT=1`` disables the extension (torch backend on CPU
 disables step 2; ``FASTALIGN_CACHE_DIR`` overrides the cache folder (default ``$XDG_CACHE_HOME/fastalign``
 or ``~/.cache/fastalign``); ``FASTALIGN_CPU_ISA=avx2`` (or ``avx512``) caps the instruction sets the extension picks
 at run time, read when it loads: a CPU with AVX-512 then runs the AVX2 code a CPU without it runs (``avx512``: no
-AMX). ``bench/bench_linear_logprobs.py --cpu-isa avx2`` sets it, with torch's own caps, to measure the AVX2 path
+AMX). ``bench/bench_linear_logprobs.py --cpu-isa avx2`` sets it, with MKL's and oneDNN's caps, to measure the AVX2 path
 against an AVX2 floor on an AVX-512 machine.
 """
 import glob
