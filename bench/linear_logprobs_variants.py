@@ -68,7 +68,7 @@ def _fastalign_loss(ctx):
                 fn = (lambda r: lambda h, w, t: fa.fused_linear_nll_loss(h, w, t, softcap=ctx.softcap, backend="cpp",
                                                                          reduction="sum", chunk_rows=r))(r)
                 out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r}", fn, -1))
-                if r <= chunk_pass_fused.FUSED_CHUNK_MAX_ROWS and _fused_pass_runs(ctx):  # and BLAS's, for scale
+                if _fused_pass_runs(ctx) and r <= chunk_pass_fused.fused_chunk_max_rows():  # and BLAS's, for scale
                     out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r} BLAS chunks", _blas_chunks(fn), -1))
                     if _amx_runs():  # and with AVX-512 alone, for what AMX's d_weight update brings
                         out.append((f"fastalign NLL[cpp] grad-in-fwd chunk_rows={r} no AMX", _without_amx(fn), -1))

@@ -45,8 +45,8 @@
 // into strips, ad hoc). AVX2 and FMA, for CPUs without AVX-512 (AMD Zen 2 and Zen 3, say; 12 of the 16 ymm
 // registers accumulate): (a) 4 lines x 24 columns, (b) and (c) 6 lines x 16 columns, the same walk. H must be a
 // multiple of 16 and ld of 16; chunk_gemms_supported() says whether this CPU has either set (always false in a build
-// for another architecture than x86-64, see arch.h); where it has neither, or a chunk is wider than 128 rows,
-// fastalign/chunk_pass_fused.py's fused_chunks_usable sends the pass to BLAS calls instead.
+// for another architecture than x86-64, see arch.h); where it has neither, or a chunk is wider than 128 rows (64 with
+// AVX2), fastalign/chunk_pass_fused.py's fused_chunks_usable sends the pass to BLAS calls instead.
 #include "fastalign.h"
 
 #include "arch.h"

@@ -11,9 +11,10 @@ the target's term inside the GEMMs. The per-row arithmetic around each kernel ca
 (csrc/chunk_step.cpp, op ``chunk_step_``, whose header has the formula).
 
 Used by _chunk_pass when the plan's backend is cpp, inputs and weight are fp32 (weight contiguous), there is no
-softcap, H is a positive multiple of 16, no chunk has more than FUSED_CHUNK_MAX_ROWS rows (above that BLAS is as
-fast) and the CPU has AVX-512F and AVX-512BW, or AVX2 and FMA (loss_rows_cpp.chunk_gemms_supported(); the kernel's
-tiles exist for both, loss_rows_cpp.chunk_gemms_isa() says which run).
+softcap, H is a positive multiple of 16, no chunk has more than fused_chunk_max_rows() rows (above that BLAS is as
+fast: 128 rows, 64 where the AVX2 tiles run) and the CPU has AVX-512F and AVX-512BW, or AVX2 and FMA
+(loss_rows_cpp.chunk_gemms_supported(); the kernel's tiles exist for both, loss_rows_cpp.chunk_gemms_isa() says which
+run).
 
 On a CPU with AMX the kernel's d_W update runs on AMX tiles at fp32 accuracy (csrc/chunk_amx.h;
 loss_rows_cpp.set_chunk_amx(False) turns it off).
@@ -30,17 +31,31 @@ from fastalign.chunk_pass import padded_buffer
 # hoc, before the row statistics moved into the kernel); at 112 rows the fused pass took 0.93x / 0.86x BLAS
 # chunks' time, at 64 rows 0.79x / 0.71x (the file above).
 FUSED_CHUNK_MAX_ROWS = 128
+# With the AVX2 tiles the fused pass's time per row does not fall as chunks widen, and BLAS's does: on the Xeon run as
+# an AVX2 CPU (bench --cpu-isa avx2, 2026-12-08, fp32, forward+backward vs the AVX2 floor, 5 rounds; fused / BLAS
+# chunks) N=1024 H=512: 64 rows 1.27x / 1.39x, 80 rows 1.33x / 1.29x, 96 rows 1.31x / 1.20x; N=2048 H=1024: 64 rows
+# 1.44x / 1.44x, 96 rows 1.40x / 1.27x, 128 rows 1.45x / 1.21x. On an AMD Zen 3 (AVX2) 64 rows took 1.19x / 1.30x
+# and 1.31x / 1.44x (README, "The CPU goal"). So the AVX2 tiles take chunks of up to 64 rows.
+FUSED_CHUNK_MAX_ROWS_AVX2 = 64
+
+
+def fused_chunk_max_rows():
+    """The widest chunk the fused pass takes on this CPU now (0 where it does not run)."""
+    from fastalign.backends.loss_rows_cpp import chunk_gemms_isa
+    isa = chunk_gemms_isa()
+    if not isa:
+        return 0
+    return min(FUSED_CHUNK_MAX_ROWS, FUSED_CHUNK_MAX_ROWS_AVX2) if isa == "avx2" else FUSED_CHUNK_MAX_ROWS
 
 
 def fused_chunks_usable(hidden, weight, plan):
     """Whether fused_chunk_pass runs this plan (see the module docstring)."""
     if not (plan.backend == "cpp" and plan.softcap is None and hidden.device.type == "cpu"
             and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous()
-            and weight.shape[1] > 0 and weight.shape[1] % 16 == 0
-            and plan.bounds and max(e - s for s, e in plan.bounds) <= FUSED_CHUNK_MAX_ROWS):
+            and weight.shape[1] > 0 and weight.shape[1] % 16 == 0 and plan.bounds):
         return False
     from fastalign.backends.loss_rows_cpp import chunk_gemms_supported
-    return chunk_gemms_supported()
+    return chunk_gemms_supported() and max(e - s for s, e in plan.bounds) <= fused_chunk_max_rows()
 
 
 def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):

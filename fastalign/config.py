@@ -137,7 +137,8 @@ class TrainConfig:
                               ("auto", "on", "off"))
     loss_chunk_rows: Optional[int] = _f(None, "rows per chunk of the gradient-in-forward loss (None: 16M logits per "
                                         "chunk, 512 rows at V=32000); fewer rows use less memory and more time "
-                                        "(fp32 on an AVX-512 or AVX2 CPU: <= 128 rows take the fused thin-chunk pass)")
+                                        "(fp32 on an AVX-512 CPU: <= 128 rows take the fused thin-chunk pass; "
+                                        "AVX2: <= 64)")
 
     def __post_init__(self):
         if self.report_to is None:  # transformers' None: no trackers; the metrics file stays (read_metrics needs it)

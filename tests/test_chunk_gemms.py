@@ -272,8 +272,9 @@ def _reference_nll(h, w, y, b, temperature):
 @needs_kernel
 @pytest.mark.usefixtures("products")
 @pytest.mark.parametrize("h", [48, 64])  # 64: AMX's d_weight update (H a multiple of 32), the last 5 lines on AVX-512
-@pytest.mark.parametrize("with_bias, temperature, chunk_rows", [(False, 1.0, 16), (True, 0.7, 23), (True, 1.0, 128)])
+@pytest.mark.parametrize("with_bias, temperature, chunk_rows", [(False, 1.0, 16), (True, 0.7, 23), (True, 1.0, None)])
 def test_nll_loss_through_the_fused_pass_matches_float64(kernel_calls, with_bias, temperature, chunk_rows, h):
+    chunk_rows = chunk_rows or chunk_pass_fused.fused_chunk_max_rows()  # None: the widest these tiles take
     g = torch.Generator().manual_seed(1)
     n, v = 101, 389
     h64, w64 = torch.randn(n, h, generator=g, dtype=D), torch.randn(v, h, generator=g, dtype=D) * 0.3
@@ -428,3 +429,31 @@ def test_info_and_the_switch_name_the_tiles_that_run():
     finally:
         loss_rows_cpp.set_chunk_avx512(saved)
     assert loss_rows_cpp.chunk_gemms_isa() == isa
+
+
+@needs_kernel
+def test_avx2_tiles_take_chunks_of_at_most_64_rows(kernel_calls):
+    """With the AVX2 tiles the fused pass takes chunks of up to FUSED_CHUNK_MAX_ROWS_AVX2 rows, wider ones go to BLAS
+    chunks (faster there, chunk_pass_fused's comment); the AVX-512 tiles take up to FUSED_CHUNK_MAX_ROWS. The result
+    is the same either way."""
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(200, 32, generator=g), torch.randn(120, 32, generator=g) * 0.3
+    y = torch.randint(0, 120, (200,), generator=g)
+    narrow, wide = chunk_pass_fused.FUSED_CHUNK_MAX_ROWS_AVX2, chunk_pass_fused.FUSED_CHUNK_MAX_ROWS_AVX2 + 16
+    saved = loss_rows_cpp.set_chunk_avx512(False)
+    try:
+        assert chunk_pass_fused.fused_chunk_max_rows() == narrow
+        got_narrow = grads(lambda a, b: _nll_rows(a, b, y, narrow, {"backend": "cpp"}), hidden, weight)
+        assert kernel_calls and max(e - s for s, e in kernel_calls) == narrow
+        kernel_calls.clear()
+        got_wide = grads(lambda a, b: _nll_rows(a, b, y, wide, {"backend": "cpp"}), hidden, weight)
+        assert not kernel_calls
+    finally:
+        loss_rows_cpp.set_chunk_avx512(saved)
+    if loss_rows_cpp.chunk_gemms_isa() != "avx2":  # this CPU has AVX-512: its tiles take the wider chunks
+        assert chunk_pass_fused.fused_chunk_max_rows() == chunk_pass_fused.FUSED_CHUNK_MAX_ROWS
+        grads(lambda a, b: _nll_rows(a, b, y, wide, {"backend": "cpp"}), hidden, weight)
+        assert kernel_calls and max(e - s for s, e in kernel_calls) == wide
+    want = grads(lambda a, b: _nll_rows(a.double(), b.double(), y, wide, {"backend": "torch"}), hidden, weight)
+    assert_grads_close(got_narrow, want, tol=2e-5)
+    assert_grads_close(got_wide, want, tol=2e-5)

@@ -66,7 +66,8 @@ def info_dict():
 
 
 def _thin_chunk_tiles():
-    """Which tiles the fused thin-chunk pass (fp32, chunk_rows <= 128) runs on this CPU, or why none runs."""
+    """Which tiles the fused thin-chunk pass (fp32, chunk_rows <= 128; 64 with AVX2) runs on this CPU, or why none
+    runs."""
     from fastalign.backends import loss_rows_cpp
     return loss_rows_cpp.chunk_gemms_isa() or "none (BLAS chunks): no C++ extension, or no AVX-512 nor AVX2+FMA"
 
