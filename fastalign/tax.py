@@ -169,11 +169,13 @@ def alignment_tax(pre, post, tokenizer, align_data, general_data, *, grid=None, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     align_rows, general_rows = check_tax_data(align_data, general_data)
+    fit_rows = None
     if hma_groups is not None:  # a bad K (or more groups than blocks) or unusable fit data: before any evaluation
         from fastalign.hma_fit import _encode_rows
         hma_layer_groups(post, hma_groups)
-        if fit_data is not None:
-            _encode_rows(fit_data, tokenizer, max_length, max_prompt_length)
+        # tokenized once here, not again at each grid point's fit
+        fit_rows = [{"input_ids": ids, "labels": labels} for ids, labels in _encode_rows(
+            fit_data if fit_data is not None else align_rows, tokenizer, max_length, max_prompt_length)]
     pairs = _pair_examples(align_rows, tokenizer, max_length, max_prompt_length)
     pre.eval()
     post.eval()
@@ -193,7 +195,7 @@ def alignment_tax(pre, post, tokenizer, align_data, general_data, *, grid=None, 
         model = average_models(pre, post, weight_on_pre=a).eval()
         rows.append({"method": "average", "weight_on_pre": a, **measure(model)})
         if hma_groups and 0.0 < a < 1.0:
-            ratios = fit_hma_ratios(pre, post, fit_data if fit_data is not None else align_rows, weight_on_pre=a,
+            ratios = fit_hma_ratios(pre, post, fit_rows, weight_on_pre=a,
                                     groups=hma_groups, steps=fit_steps, lr=fit_lr, tokenizer=tokenizer,
                                     max_length=max_length, max_prompt_length=max_prompt_length, progress=False)
             model = hma(pre, post, weight_on_pre=a, groups=hma_groups, ratios=ratios).eval()

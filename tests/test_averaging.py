@@ -348,3 +348,25 @@ def test_tax_table_and_plot_show_the_reward_model_score_when_there_is_one(tmp_pa
     pytest.importorskip("matplotlib")
     assert os.path.isfile(plot_tax({"rows": [dict(row, reward_model_score=1.0)]}, str(tmp_path / "t.png"),
                                    y="reward_model_score"))
+
+
+def test_tax_tokenizes_the_fit_data_once_whatever_the_grid(pair, monkeypatch):
+    """alignment_tax with HMA fits ratios at every interior grid point on the same fit data: tokenized once, up
+    front (where its errors surface before any evaluation), not again per fit."""
+    from fastalign import data as fa_data
+    from fastalign.tax import alignment_tax
+    pre, post, tok = pair
+    fit = [{"prompt": f"FIT{i}:", "chosen": " yes", "rejected": " no"} for i in range(2)]
+    prefs = [{"prompt": f"Q{i}:", "chosen": " yes", "rejected": " no"} for i in range(2)]
+    text = [{"text": "the cat sat."}]
+    real, fit_calls = fa_data.tokenize_pair, []
+
+    def counting(tokenizer, prompt, answer, *args, **kw):
+        if str(prompt).startswith("FIT"):
+            fit_calls.append(prompt)
+        return real(tokenizer, prompt, answer, *args, **kw)
+    monkeypatch.setattr(fa_data, "tokenize_pair", counting)
+    result = alignment_tax(pre, post, tok, prefs, text, grid=[0, 0.3, 0.6, 1], hma_groups=2, fit_data=fit,
+                           fit_steps=1, progress=False)
+    assert [r["weight_on_pre"] for r in result["rows"] if r["method"] == "hma"] == [0.3, 0.6]
+    assert sorted(fit_calls) == ["FIT0:", "FIT1:"]
