@@ -39,13 +39,16 @@ FUSED_CHUNK_MAX_ROWS = 128
 FUSED_CHUNK_MAX_ROWS_AVX2 = 64
 
 
+def _max_rows(isa):
+    # min: a lowered FUSED_CHUNK_MAX_ROWS (the bench's BLAS-chunks rows set it to 0) holds for the AVX2 tiles too
+    return min(FUSED_CHUNK_MAX_ROWS, FUSED_CHUNK_MAX_ROWS_AVX2) if isa == "avx2" else FUSED_CHUNK_MAX_ROWS
+
+
 def fused_chunk_max_rows():
     """The widest chunk the fused pass takes on this CPU now (0 where it does not run)."""
     from fastalign.backends.loss_rows_cpp import chunk_gemms_isa
     isa = chunk_gemms_isa()
-    if not isa:
-        return 0
-    return min(FUSED_CHUNK_MAX_ROWS, FUSED_CHUNK_MAX_ROWS_AVX2) if isa == "avx2" else FUSED_CHUNK_MAX_ROWS
+    return _max_rows(isa) if isa else 0
 
 
 def fused_chunks_usable(hidden, weight, plan):
@@ -54,8 +57,9 @@ def fused_chunks_usable(hidden, weight, plan):
             and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous()
             and weight.shape[1] > 0 and weight.shape[1] % 16 == 0 and plan.bounds):
         return False
-    from fastalign.backends.loss_rows_cpp import chunk_gemms_supported
-    return chunk_gemms_supported() and max(e - s for s, e in plan.bounds) <= fused_chunk_max_rows()
+    from fastalign.backends.loss_rows_cpp import chunk_gemms_isa
+    isa = chunk_gemms_isa()  # "" where the kernel does not run (chunk_gemms_supported() is false)
+    return bool(isa) and max(e - s for s, e in plan.bounds) <= _max_rows(isa)
 
 
 def fused_chunk_pass(hidden, weight, bias, targets, plan, need_h, need_w, need_b):

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from fastalign import _ext
-from fastalign.backends import loss_rows_cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = ("import json; from fastalign import _ext; from fastalign.backends import loss_rows_cpp as L; "
@@ -55,7 +54,7 @@ def test_unknown_cap_is_refused_before_the_extension_loads(monkeypatch):
 
 
 def test_bench_cpu_isa_runs_the_script_again_with_every_cap(monkeypatch):
-    sys.path.insert(0, ROOT)
+    monkeypatch.syspath_prepend(ROOT)
     from bench import common
     calls = []
     monkeypatch.setattr(common.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
@@ -67,8 +66,8 @@ def test_bench_cpu_isa_runs_the_script_again_with_every_cap(monkeypatch):
     assert argv[2:] == ["--cpu-isa", "avx2", "--repeats", "3"]
     assert {k: env[k] for k in common.CPU_ISA_ENV["avx2"]} == {
         "FASTALIGN_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert not set(common.CPU_ISA_ENV["avx2"]) & set(os.environ)  # only the new process gets them
     for k, v in common.CPU_ISA_ENV["avx2"].items():  # already set: no second run
         monkeypatch.setenv(k, v)
     common.rerun_with_cpu_isa("avx2", "bench/bench_linear_logprobs.py", [])
     assert len(calls) == 1
-    assert loss_rows_cpp.chunk_gemms_isa() is not None  # the current process is left as it was
